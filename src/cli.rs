@@ -1,0 +1,45 @@
+//! Command-line commands.
+
+mod sql;
+mod write;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Rivulet: an embedded time-series database with continuous queries.
+#[derive(Debug, Parser)]
+#[command(name = "rivulet", version, about)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Import a line protocol file (or `-` for stdin) into a data directory.
+    Write(write::WriteArgs),
+    /// Run a SQL query against a data directory and print the result.
+    Sql(sql::SqlArgs),
+}
+
+/// Options shared by commands that open a data directory.
+#[derive(Debug, clap::Args)]
+struct DataDirArgs {
+    /// The data directory.
+    #[arg(long, env = "RIVULET_DATA_DIR", default_value = "./rivulet-data")]
+    data_dir: PathBuf,
+    /// The database.
+    #[arg(long, env = "RIVULET_DB", default_value = "main")]
+    db: String,
+}
+
+/// A command's failure, printed as `error: …` with a non-zero exit.
+pub(crate) type CliResult = Result<(), Box<dyn std::error::Error>>;
+
+pub(crate) fn run(cli: Cli) -> CliResult {
+    match cli.command {
+        Command::Write(args) => write::run(args),
+        Command::Sql(args) => sql::run(args),
+    }
+}

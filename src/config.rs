@@ -1,0 +1,81 @@
+//! Configuration of a [`Db`](crate::Db): one struct, every default documented.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::clock::{Clock, SystemClock};
+use crate::storage::wal::IoFaults;
+
+/// When a write is acknowledged relative to its WAL record reaching the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// A write returns only after its WAL record is fsynced (concurrent writers share one fsync).
+    /// The default.
+    #[default]
+    Sync,
+    /// A write returns once its record is written to the OS; a background thread fsyncs at this
+    /// interval. A machine crash can lose the last interval; a process crash loses nothing.
+    Interval(Duration),
+    /// Never fsync (tests and benchmarks). A process crash loses nothing the OS received.
+    None,
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+
+    /// `sync`, `none`, or `interval:<ms>` (e.g. `interval:100`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "sync" => Ok(Durability::Sync),
+            "none" => Ok(Durability::None),
+            _ => match s.strip_prefix("interval:").map(str::parse::<u64>) {
+                Some(Ok(ms)) if ms > 0 => Ok(Durability::Interval(Duration::from_millis(ms))),
+                _ => Err(format!(
+                    "unknown durability '{s}': expected sync, none or interval:<milliseconds>"
+                )),
+            },
+        }
+    }
+}
+
+/// Everything [`Db::open_with`](crate::Db::open_with) needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The data directory; `None` keeps everything in memory (no WAL, nothing survives close).
+    /// Default: `None`.
+    pub data_dir: Option<PathBuf>,
+    /// WAL durability. Default: [`Durability::Sync`].
+    pub durability: Durability,
+    /// A WAL segment is closed and a new one started past this size. Default: 64 MiB.
+    pub wal_segment_bytes: u64,
+    /// The database a query's unqualified table names refer to. Default: `main`.
+    pub default_database: String,
+    /// Stamps points written without a timestamp. Default: the system clock.
+    pub clock: Arc<dyn Clock>,
+    /// Test hook that fails WAL appends or fsyncs. Default: none.
+    pub io_faults: Option<Arc<dyn IoFaults>>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: None,
+            durability: Durability::Sync,
+            wal_segment_bytes: 64 << 20,
+            default_database: "main".to_string(),
+            clock: Arc::new(SystemClock),
+            io_faults: None,
+        }
+    }
+}
+
+impl Config {
+    /// The defaults, stored in `dir`.
+    pub fn with_dir(dir: impl Into<PathBuf>) -> Config {
+        Config {
+            data_dir: Some(dir.into()),
+            ..Config::default()
+        }
+    }
+}

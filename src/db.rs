@@ -1,0 +1,529 @@
+//! [`Db`]: the embedded database handle — open, write, query, close.
+//!
+//! Write path (details in docs/architecture.md):
+//! 1. parse (no lock);
+//! 2. under the write lock: validate against the catalog and build per-table chunks, take the
+//!    next sequence, append the WAL record, publish new schema, enqueue the chunks;
+//! 3. outside the lock: group commit fsyncs and applies the chunks in sequence order;
+//! 4. return the sequence.
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
+
+use arrow::array::RecordBatch;
+use datafusion::execution::SendableRecordBatchStream;
+use parking_lot::Mutex;
+
+use crate::config::{Config, Durability};
+use crate::error::Error;
+use crate::ingest::WriteError;
+use crate::ingest::line_protocol::{self, LineError, ParseOptions, Precision};
+use crate::ingest::prepare::{
+    ImportCheck, PreparedWrite, check_lines, prepare_batch, prepare_lines,
+};
+use crate::query::QueryEngine;
+use crate::storage::catalog::{Catalog, check_database_name};
+use crate::storage::commit::{CommitQueue, PendingApply};
+use crate::storage::wal::{self, ReplayReport, WalError, WalWriter};
+
+/// How a line protocol write is interpreted.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteOptions {
+    /// Unit of the timestamps. Default: nanoseconds.
+    pub precision: Precision,
+    /// Apply the good lines and report the bad ones, instead of rejecting the whole write.
+    /// Default: false (a write is atomic).
+    pub accept_partial: bool,
+    /// Line number of the first line, for error messages about chunks of a larger file.
+    /// Default: 1.
+    pub first_line: usize,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        WriteOptions {
+            precision: Precision::Nanosecond,
+            accept_partial: false,
+            first_line: 1,
+        }
+    }
+}
+
+impl WriteOptions {
+    /// Defaults with the given precision.
+    pub fn precision(precision: Precision) -> WriteOptions {
+        WriteOptions {
+            precision,
+            ..WriteOptions::default()
+        }
+    }
+}
+
+/// What a successful write did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteReceipt {
+    /// The write's sequence number (for a write that stored nothing, the latest sequence).
+    pub seq: u64,
+    /// Rows stored.
+    pub rows: usize,
+    /// Lines rejected in accept-partial mode (at most 1000 are listed).
+    pub rejected: Vec<LineError>,
+    /// How many lines were rejected in all.
+    pub rejected_total: usize,
+}
+
+struct Writer {
+    wal: Option<WalWriter>,
+    next_seq: u64,
+}
+
+pub(crate) struct DbInner {
+    pub(crate) config: Config,
+    pub(crate) catalog: Catalog,
+    writer: Mutex<Writer>,
+    commit: CommitQueue,
+    pub(crate) query: QueryEngine,
+    closed: AtomicBool,
+    syncer: Mutex<
+        Option<(
+            JoinHandle<()>,
+            Arc<(parking_lot::Mutex<bool>, parking_lot::Condvar)>,
+        )>,
+    >,
+    replay: ReplayReport,
+    /// Holds the data directory's lock for the life of the handle.
+    _dir_lock: Option<File>,
+}
+
+/// An open Rivulet database: a directory (or memory) holding any number of named databases.
+///
+/// `Db` is a cheap handle: clones share the same database. Writes are synchronous (they block
+/// until durable, per [`Durability`]); queries are async (DataFusion).
+///
+/// ```
+/// # tokio_test_block_on(async {
+/// use rivulet::{Db, Precision};
+///
+/// let db = Db::open_in_memory()?;
+/// db.write_lines("main", "cpu,host=a usage=0.5 1700000000", Precision::Second)?;
+/// let batches = db.sql("SELECT host, usage FROM cpu").await?;
+/// assert_eq!(batches[0].num_rows(), 1);
+/// # Ok::<(), rivulet::Error>(())
+/// # }).unwrap();
+/// # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
+/// #     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Db {
+    inner: Arc<DbInner>,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db")
+            .field("data_dir", &self.inner.config.data_dir)
+            .finish()
+    }
+}
+
+impl Db {
+    /// Opens (or creates) the database in directory `path` with default settings.
+    pub fn open(path: impl AsRef<Path>) -> Result<Db, Error> {
+        Db::open_with(Config::with_dir(path.as_ref()))
+    }
+
+    /// An in-memory database: nothing is written to disk and nothing survives `close`.
+    pub fn open_in_memory() -> Result<Db, Error> {
+        Db::open_with(Config::default())
+    }
+
+    /// Opens a database with explicit settings: takes the directory lock, loads the catalog,
+    /// replays the WAL (cutting off a torn tail) and starts a new WAL segment.
+    pub fn open_with(config: Config) -> Result<Db, Error> {
+        check_database_name(&config.default_database).map_err(Error::Config)?;
+        let (sled, dir_lock, wal_dir) = match &config.data_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
+                let lock_path = dir.join("LOCK");
+                let lock = File::options()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&lock_path)
+                    .map_err(|e| Error::io("opening", &lock_path, e))?;
+                if lock.try_lock().is_err() {
+                    return Err(Error::Locked(dir.clone()));
+                }
+                let wal_dir = dir.join("wal");
+                std::fs::create_dir_all(&wal_dir)
+                    .map_err(|e| Error::io("creating", &wal_dir, e))?;
+                let sled = sled::Config::new()
+                    .path(dir.join("catalog"))
+                    .open()
+                    .map_err(crate::storage::catalog::CatalogError::from)?;
+                (sled, Some(lock), Some(wal_dir))
+            }
+            None => {
+                let sled = sled::Config::new()
+                    .temporary(true)
+                    .open()
+                    .map_err(crate::storage::catalog::CatalogError::from)?;
+                (sled, None, None)
+            }
+        };
+        let catalog = Catalog::load(sled)?;
+
+        // Replay the WAL into the buffers.
+        let mut replay = ReplayReport::default();
+        if let Some(wal_dir) = &wal_dir {
+            replay = wal::replay(wal_dir, |payload| replay_record(&catalog, payload))?;
+            if let Some((path, offset, reason)) = &replay.truncated_tail {
+                tracing::warn!(
+                    path = %path.display(), offset, reason,
+                    "WAL ended in a torn or corrupt record (a crash mid-write); it was cut off"
+                );
+            }
+        }
+        let next_seq = replay
+            .last_seq
+            .map_or(1, |s| s + 1)
+            .max(catalog.stored_next_seq()?)
+            .max(1);
+        let wal = wal_dir
+            .as_ref()
+            .map(|dir| WalWriter::new(dir, config.wal_segment_bytes, config.io_faults.clone()));
+        let commit = CommitQueue::new(next_seq - 1, config.durability, config.io_faults.clone());
+        let inner = Arc::new_cyclic(|weak: &Weak<DbInner>| DbInner {
+            query: QueryEngine::new(weak.clone(), &config.default_database),
+            config,
+            catalog,
+            writer: Mutex::new(Writer { wal, next_seq }),
+            commit,
+            closed: AtomicBool::new(false),
+            syncer: Mutex::new(None),
+            replay,
+            _dir_lock: dir_lock,
+        });
+        if let Durability::Interval(every) = inner.config.durability {
+            start_syncer(&inner, every);
+        }
+        Ok(Db { inner })
+    }
+
+    /// What WAL replay found when this database was opened.
+    pub fn replay_report(&self) -> &ReplayReport {
+        &self.inner.replay
+    }
+
+    /// Writes InfluxDB line protocol into database `db` (created on first write). Atomic: if any
+    /// line is bad, nothing is written and every bad line is reported.
+    pub fn write_lines(
+        &self,
+        db: &str,
+        lines: &str,
+        precision: Precision,
+    ) -> Result<WriteReceipt, Error> {
+        self.write_lines_with(db, lines, &WriteOptions::precision(precision))
+    }
+
+    /// Writes line protocol with explicit options (e.g. accept-partial mode).
+    pub fn write_lines_with(
+        &self,
+        db: &str,
+        lines: &str,
+        options: &WriteOptions,
+    ) -> Result<WriteReceipt, Error> {
+        check_database_name(db).map_err(WriteError::InvalidDatabase)?;
+        let parsed = line_protocol::parse(
+            lines,
+            ParseOptions {
+                precision: options.precision,
+                first_line: options.first_line,
+            },
+        );
+        if !options.accept_partial && !parsed.errors.is_empty() {
+            return Err(WriteError::Rejected {
+                db: db.to_string(),
+                total: parsed.errors.len(),
+                errors: parsed.errors,
+            }
+            .into());
+        }
+        let now = self.inner.config.clock.now_ns();
+        let accept_partial = options.accept_partial;
+        self.inner
+            .write(|catalog| prepare_lines(catalog, db, &parsed, now, accept_partial))
+    }
+
+    /// Checks line protocol without writing it: syntax, and types against the catalog plus the
+    /// columns that earlier calls with the same `state` introduced. `rivulet write` runs this
+    /// over a whole file before writing any of it, so a bad line anywhere leaves the data as it
+    /// was.
+    pub fn check_lines(
+        &self,
+        db: &str,
+        lines: &str,
+        options: &WriteOptions,
+        state: &mut ImportCheck,
+    ) -> Result<Vec<LineError>, Error> {
+        check_database_name(db).map_err(WriteError::InvalidDatabase)?;
+        let parsed = line_protocol::parse(
+            lines,
+            ParseOptions {
+                precision: options.precision,
+                first_line: options.first_line,
+            },
+        );
+        Ok(check_lines(&self.inner.catalog, db, &parsed, state))
+    }
+
+    /// Writes an Arrow batch into `table` of database `db`. See the column mapping in
+    /// the crate docs: `time` (timestamp), dictionary-encoded strings = tags, the rest fields.
+    pub fn write_batch(
+        &self,
+        db: &str,
+        table: &str,
+        batch: &RecordBatch,
+    ) -> Result<WriteReceipt, Error> {
+        self.inner.write_batch(db, table, batch)
+    }
+
+    /// Runs a SQL query against the default database and collects the result.
+    ///
+    /// Tables of other databases are reachable as `db.table`. `INSERT INTO` writes through the
+    /// normal write path; DDL is refused.
+    pub async fn sql(&self, query: &str) -> Result<Vec<RecordBatch>, Error> {
+        let db = self.inner.config.default_database.clone();
+        self.sql_in(&db, query).await
+    }
+
+    /// Runs a SQL query with `db` as the default database.
+    pub async fn sql_in(&self, db: &str, query: &str) -> Result<Vec<RecordBatch>, Error> {
+        let df = self.inner.query.plan(db, query).await?;
+        Ok(df.collect().await?)
+    }
+
+    /// Runs a SQL query and returns its result as a stream of batches, produced as they are
+    /// computed. Dropping the stream cancels the query.
+    pub async fn sql_stream(
+        &self,
+        db: &str,
+        query: &str,
+    ) -> Result<SendableRecordBatchStream, Error> {
+        let df = self.inner.query.plan(db, query).await?;
+        Ok(df.execute_stream().await?)
+    }
+
+    /// Names of the databases.
+    pub fn databases(&self) -> Vec<String> {
+        self.inner
+            .catalog
+            .databases()
+            .iter()
+            .map(|d| d.name.to_string())
+            .collect()
+    }
+
+    /// Sequence of the latest write visible to queries.
+    pub fn last_seq(&self) -> u64 {
+        self.inner.commit.applied_seq()
+    }
+
+    /// Makes every acknowledged write durable (an fsync in `interval`/`none` modes) and flushes
+    /// the catalog.
+    pub fn flush(&self) -> Result<(), Error> {
+        self.inner.flush()
+    }
+
+    /// Flushes everything and closes the database. Later calls on any clone fail.
+    pub fn close(self) -> Result<(), Error> {
+        self.inner.shutdown()
+    }
+}
+
+fn start_syncer(inner: &Arc<DbInner>, every: std::time::Duration) {
+    let stop = Arc::new((parking_lot::Mutex::new(false), parking_lot::Condvar::new()));
+    let weak = Arc::downgrade(inner);
+    let stop2 = stop.clone();
+    let handle = std::thread::Builder::new()
+        .name("rivulet-wal-sync".to_string())
+        .spawn(move || {
+            loop {
+                {
+                    let mut stopped = stop2.0.lock();
+                    if !*stopped {
+                        stop2.1.wait_for(&mut stopped, every);
+                    }
+                    if *stopped {
+                        return;
+                    }
+                }
+                let Some(inner) = weak.upgrade() else { return };
+                if let Err(e) = inner.commit.sync_now() {
+                    tracing::error!(error = %e, "interval WAL fsync failed");
+                    return;
+                }
+            }
+        });
+    match handle {
+        Ok(h) => *inner.syncer.lock() = Some((h, stop)),
+        Err(e) => tracing::error!(error = %e, "could not start the WAL sync thread"),
+    }
+}
+
+/// Applies one replayed WAL record: re-creates missing catalog entries and fills the buffers.
+fn replay_record(catalog: &Catalog, payload: &[u8]) -> Result<u64, WalError> {
+    let record = wal::decode_write(payload)?;
+    let seq = record.seq;
+    let fail = |reason: String| WalError::Record {
+        seq,
+        op: "replayed",
+        reason,
+    };
+    for (table, batch) in &record.tables {
+        let prepared =
+            prepare_batch(catalog, &record.db, table, batch).map_err(|e| fail(e.to_string()))?;
+        let chunks = publish(catalog, prepared, seq).map_err(|e| fail(e.to_string()))?;
+        for (table, chunk) in chunks {
+            table.buffer.write().push(chunk);
+        }
+    }
+    Ok(seq)
+}
+
+type SequencedChunks = Vec<(
+    Arc<crate::storage::table::Table>,
+    Arc<crate::storage::buffer::Chunk>,
+)>;
+
+/// Publishes a prepared write's catalog changes and stamps its chunks with `seq`.
+fn publish(
+    catalog: &Catalog,
+    prepared: PreparedWrite,
+    seq: u64,
+) -> Result<SequencedChunks, WriteError> {
+    let db = match prepared.db {
+        Some(db) => db,
+        None => catalog.ensure_database(&prepared.db_name)?,
+    };
+    let mut out = Vec::with_capacity(prepared.tables.len());
+    for t in prepared.tables {
+        if t.is_new || !t.new_columns.is_empty() {
+            t.table
+                .set_schema(t.table.schema().with_columns(&t.new_columns));
+            catalog.save_table(&db, &t.table)?;
+        }
+        let mut chunk = t.chunk;
+        chunk.seq = seq;
+        out.push((t.table, Arc::new(chunk)));
+    }
+    Ok(out)
+}
+
+impl DbInner {
+    pub(crate) fn write_batch(
+        &self,
+        db: &str,
+        table: &str,
+        batch: &RecordBatch,
+    ) -> Result<WriteReceipt, Error> {
+        check_database_name(db).map_err(WriteError::InvalidDatabase)?;
+        self.write(|catalog| prepare_batch(catalog, db, table, batch))
+    }
+
+    /// The write path: prepare under the write lock, log, publish, then wait for group commit.
+    fn write(
+        &self,
+        prepare: impl FnOnce(&Catalog) -> Result<PreparedWrite, WriteError>,
+    ) -> Result<WriteReceipt, Error> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        self.commit.check().map_err(WriteError::from)?;
+        let mut w = self.writer.lock();
+        let prepared = prepare(&self.catalog)?;
+        let rows = prepared.rows;
+        let rejected = prepared.rejected.clone();
+        let rejected_total = prepared.rejected_total;
+        if prepared.tables.is_empty() {
+            return Ok(WriteReceipt {
+                seq: w.next_seq - 1,
+                rows: 0,
+                rejected,
+                rejected_total,
+            });
+        }
+        let seq = w.next_seq;
+        if let Some(wal) = &mut w.wal {
+            let tables: Vec<(&str, &RecordBatch)> = prepared
+                .tables
+                .iter()
+                .map(|t| (t.table.name.as_ref(), &t.chunk.batch))
+                .collect();
+            let db_name = prepared.db_name.clone();
+            if let Err(e) = wal.append(seq, |buf| wal::encode_write(seq, &db_name, &tables, buf)) {
+                if matches!(e, WalError::Io { .. }) {
+                    self.commit.poison(e.to_string());
+                }
+                return Err(WriteError::from(e).into());
+            }
+        }
+        w.next_seq += 1;
+        let chunks = match publish(&self.catalog, prepared, seq) {
+            Ok(c) => c,
+            Err(e) => {
+                // The record is in the WAL but the catalog could not take it: stop here, and
+                // let a reopen replay it.
+                self.commit.poison(e.to_string());
+                return Err(e.into());
+            }
+        };
+        self.commit
+            .enqueue(PendingApply { seq, chunks }, w.wal.as_ref());
+        drop(w);
+        self.commit.wait(seq).map_err(WriteError::from)?;
+        Ok(WriteReceipt {
+            seq,
+            rows,
+            rejected,
+            rejected_total,
+        })
+    }
+
+    fn flush(&self) -> Result<(), Error> {
+        let w = self.writer.lock();
+        if w.wal.is_some() {
+            self.commit.sync_now().map_err(WriteError::from)?;
+        }
+        self.catalog.store_next_seq(w.next_seq)?;
+        self.catalog.flush()?;
+        Ok(())
+    }
+
+    fn shutdown(&self) -> Result<(), Error> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        if let Some((handle, stop)) = self.syncer.lock().take() {
+            *stop.0.lock() = true;
+            stop.1.notify_all();
+            // The sync thread may itself drop the last handle; it must not join itself.
+            if handle.thread().id() != std::thread::current().id() {
+                let _ = handle.join();
+            }
+        }
+        self.flush()
+    }
+}
+
+impl Drop for DbInner {
+    fn drop(&mut self) {
+        if let Err(e) = self.shutdown() {
+            tracing::error!(error = %e, "closing the database on drop failed");
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! SQL over Rivulet tables with DataFusion.
+//!
+//! Every database is a DataFusion schema of the catalog `rivulet`; every table is a
+//! [`TableProvider`](datafusion::catalog::TableProvider) reading the table's buffer with
+//! projection and time-range pushdown. A session is cloned from one template per query, with the
+//! requested database as its default schema. Identifiers are case-sensitive (no normalization),
+//! like line protocol names and InfluxDB 3.
+
+mod catalog;
+mod insert;
+mod table;
+
+use std::sync::{Arc, Weak};
+
+use datafusion::dataframe::DataFrame;
+use datafusion::error::DataFusionError;
+use datafusion::execution::SessionStateBuilder;
+use datafusion::execution::context::{SQLOptions, SessionContext};
+use datafusion::execution::session_state::SessionState;
+use datafusion::prelude::SessionConfig;
+
+use crate::db::DbInner;
+
+/// The DataFusion catalog name under which databases appear as schemas.
+pub(crate) const CATALOG_NAME: &str = "rivulet";
+
+/// Plans and runs SQL for one [`Db`](crate::Db).
+pub(crate) struct QueryEngine {
+    template: SessionState,
+}
+
+impl QueryEngine {
+    pub(crate) fn new(db: Weak<DbInner>, default_database: &str) -> QueryEngine {
+        let mut config = SessionConfig::new()
+            .with_default_catalog_and_schema(CATALOG_NAME, default_database)
+            .with_create_default_catalog_and_schema(false)
+            .with_information_schema(true);
+        config.options_mut().sql_parser.enable_ident_normalization = false;
+        let template = SessionStateBuilder::new()
+            .with_config(config)
+            .with_default_features()
+            .build();
+        let ctx = SessionContext::new_with_state(template);
+        ctx.register_catalog(CATALOG_NAME, Arc::new(catalog::RivuletCatalog::new(db)));
+        QueryEngine {
+            template: ctx.state(),
+        }
+    }
+
+    /// Plans `sql` with `db` as the default database. DML (`INSERT`) is allowed; DDL and
+    /// session statements are refused.
+    pub(crate) async fn plan(&self, db: &str, sql: &str) -> Result<DataFrame, DataFusionError> {
+        let mut state = self.template.clone();
+        state.config_mut().options_mut().catalog.default_schema = db.to_string();
+        let ctx = SessionContext::new_with_state(state);
+        let options = SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_statements(false)
+            .with_allow_dml(true);
+        ctx.sql_with_options(sql, options).await
+    }
+}

@@ -1,0 +1,82 @@
+//! DataFusion catalog adapters: the `rivulet` catalog lists databases; each database's schema
+//! lists its tables. Both read the live catalog, so tables created by writes appear at once.
+
+use std::sync::{Arc, Weak};
+
+use async_trait::async_trait;
+use datafusion::catalog::{CatalogProvider, SchemaProvider, TableProvider};
+use datafusion::error::{DataFusionError, Result};
+
+use super::table::BufferTableProvider;
+use crate::db::DbInner;
+
+fn upgrade(db: &Weak<DbInner>) -> Result<Arc<DbInner>> {
+    db.upgrade()
+        .ok_or_else(|| DataFusionError::Execution("the database is closed".to_string()))
+}
+
+/// All databases of a [`Db`](crate::Db).
+#[derive(Debug)]
+pub(crate) struct RivuletCatalog {
+    db: Weak<DbInner>,
+}
+
+impl RivuletCatalog {
+    pub(crate) fn new(db: Weak<DbInner>) -> RivuletCatalog {
+        RivuletCatalog { db }
+    }
+}
+
+impl CatalogProvider for RivuletCatalog {
+    fn schema_names(&self) -> Vec<String> {
+        match self.db.upgrade() {
+            Some(db) => db
+                .catalog
+                .databases()
+                .iter()
+                .map(|d| d.name.to_string())
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
+    fn schema(&self, name: &str) -> Option<Arc<dyn SchemaProvider>> {
+        // Unknown databases are empty schemas, so `SELECT` on a fresh database says "table not
+        // found" rather than "schema not found".
+        Some(Arc::new(DatabaseSchema {
+            db: self.db.clone(),
+            name: name.to_string(),
+        }))
+    }
+}
+
+/// The tables of one database.
+#[derive(Debug)]
+struct DatabaseSchema {
+    db: Weak<DbInner>,
+    name: String,
+}
+
+#[async_trait]
+impl SchemaProvider for DatabaseSchema {
+    fn table_names(&self) -> Vec<String> {
+        self.db
+            .upgrade()
+            .and_then(|db| db.catalog.database(&self.name))
+            .map(|d| d.tables().iter().map(|t| t.name.to_string()).collect())
+            .unwrap_or_default()
+    }
+
+    async fn table(&self, name: &str) -> Result<Option<Arc<dyn TableProvider>>> {
+        let db = upgrade(&self.db)?;
+        Ok(db.catalog.table(&self.name, name).map(|table| {
+            Arc::new(BufferTableProvider::new(self.db.clone(), table)) as Arc<dyn TableProvider>
+        }))
+    }
+
+    fn table_exist(&self, name: &str) -> bool {
+        self.db
+            .upgrade()
+            .is_some_and(|db| db.catalog.table(&self.name, name).is_some())
+    }
+}

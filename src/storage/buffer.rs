@@ -1,0 +1,222 @@
+//! The mutable buffer: each table's recent rows as immutable Arrow chunks, one per write.
+//!
+//! A chunk holds only the columns its write carried; readers project it onto the table schema,
+//! filling absent columns with nulls. Chunks are kept in sequence order, so "later write wins"
+//! is "later row wins". When a chunk may overwrite earlier points (its series saw that time
+//! before), the next reader merges the chunks into one deduplicated chunk and installs it in
+//! place of the ones it merged, so the work is done once, not per query.
+
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, RecordBatch, RecordBatchOptions, UInt32Array, new_null_array};
+use arrow::compute::{concat_batches, take};
+use arrow::datatypes::{Field, Schema, SchemaRef};
+use arrow::error::ArrowError;
+
+use super::catalog::{ColumnKind, TIME_COLUMN, TableSchema};
+
+/// The rows of one write to one table.
+#[derive(Debug)]
+pub(crate) struct Chunk {
+    /// Sequence of the write (for a merged chunk, the newest write it holds).
+    pub seq: u64,
+    /// `time` plus the columns the write carried.
+    pub batch: RecordBatch,
+    /// Series id of each row.
+    pub series: Arc<[u32]>,
+    /// Smallest time in the chunk.
+    pub min_time: i64,
+    /// Largest time in the chunk.
+    pub max_time: i64,
+    /// Some row may overwrite an earlier point (same series and time).
+    pub overlaps: bool,
+}
+
+impl Chunk {
+    /// Number of rows.
+    pub(crate) fn rows(&self) -> usize {
+        self.batch.num_rows()
+    }
+
+    /// Projects the chunk onto `columns` of `schema` (by name), with nulls for absent columns.
+    pub(crate) fn project(
+        &self,
+        schema: &TableSchema,
+        columns: &[usize],
+        out_schema: &SchemaRef,
+    ) -> Result<RecordBatch, ArrowError> {
+        let rows = self.rows();
+        let arrays: Vec<ArrayRef> = columns
+            .iter()
+            .map(|&i| {
+                let def = &schema.columns()[i];
+                match self.batch.column_by_name(&def.name) {
+                    Some(a) => a.clone(),
+                    None => new_null_array(&def.kind.data_type(), rows),
+                }
+            })
+            .collect();
+        RecordBatch::try_new_with_options(
+            out_schema.clone(),
+            arrays,
+            &RecordBatchOptions::new().with_row_count(Some(rows)),
+        )
+    }
+}
+
+/// The raw nanosecond values of a batch's `time` column.
+pub(crate) fn time_values(batch: &RecordBatch) -> Result<&[i64], ArrowError> {
+    let col = batch
+        .column_by_name(TIME_COLUMN)
+        .ok_or_else(|| ArrowError::SchemaError("chunk has no time column".to_string()))?;
+    col.as_any()
+        .downcast_ref::<arrow::array::TimestampNanosecondArray>()
+        .map(|a| a.values().as_ref())
+        .ok_or_else(|| ArrowError::SchemaError("time column is not Timestamp(ns)".to_string()))
+}
+
+/// A table's unpersisted rows.
+#[derive(Debug, Default)]
+pub(crate) struct TableBuffer {
+    chunks: Vec<Arc<Chunk>>,
+}
+
+/// What a reader took from a buffer.
+#[derive(Debug, Clone)]
+pub(crate) struct BufferSnapshot {
+    /// Chunks in sequence order.
+    pub chunks: Vec<Arc<Chunk>>,
+}
+
+impl BufferSnapshot {
+    /// True when some chunk may hold overwritten points.
+    pub(crate) fn needs_dedup(&self) -> bool {
+        self.chunks.iter().any(|c| c.overlaps) && !self.chunks.is_empty()
+    }
+}
+
+impl TableBuffer {
+    /// Appends the chunk of a committed write. Commits arrive in sequence order.
+    pub(crate) fn push(&mut self, chunk: Arc<Chunk>) {
+        debug_assert!(self.chunks.last().is_none_or(|c| c.seq <= chunk.seq));
+        self.chunks.push(chunk);
+    }
+
+    /// The chunks as they are now.
+    pub(crate) fn snapshot(&self) -> BufferSnapshot {
+        BufferSnapshot {
+            chunks: self.chunks.clone(),
+        }
+    }
+
+    /// Replaces the first `merged_from.len()` chunks by `merged` if they are still the ones the
+    /// merge read (a concurrent merge may have replaced them first). Chunks appended since stay.
+    pub(crate) fn install_merged(
+        &mut self,
+        merged_from: &[Arc<Chunk>],
+        merged: Arc<Chunk>,
+    ) -> bool {
+        let n = merged_from.len();
+        if self.chunks.len() < n
+            || !self.chunks[..n]
+                .iter()
+                .zip(merged_from)
+                .all(|(a, b)| Arc::ptr_eq(a, b))
+        {
+            return false;
+        }
+        self.chunks.splice(..n, [merged]);
+        true
+    }
+}
+
+/// Merges `chunks` (in sequence order) into one chunk without duplicate points: per series and
+/// time, each field takes its value from the newest row that has one ("last write wins, per
+/// field"), as InfluxDB does. The result is sorted by (series id, time).
+pub(crate) fn merge_chunks(
+    schema: &TableSchema,
+    chunks: &[Arc<Chunk>],
+) -> Result<Chunk, ArrowError> {
+    let all: Vec<usize> = (0..schema.columns().len()).collect();
+    let full: SchemaRef = schema.arrow().clone();
+    let mut batches = Vec::with_capacity(chunks.len());
+    let mut series: Vec<u32> = Vec::with_capacity(chunks.iter().map(|c| c.rows()).sum());
+    for chunk in chunks {
+        batches.push(chunk.project(schema, &all, &full)?);
+        series.extend_from_slice(&chunk.series);
+    }
+    let batch = concat_batches(&full, &batches)?;
+    drop(batches);
+    let times = time_values(&batch)?.to_vec();
+
+    // Sort positions by (series, time, position): position order is write order.
+    let mut order: Vec<u32> = (0..batch.num_rows() as u32).collect();
+    order.sort_unstable_by_key(|&i| (series[i as usize], times[i as usize], i));
+
+    // Group boundaries: runs of equal (series, time).
+    let mut groups: Vec<(u32, u32)> = Vec::with_capacity(order.len()); // (start, end) in `order`
+    let mut start = 0usize;
+    for i in 1..=order.len() {
+        let end_of_group = i == order.len() || {
+            let (a, b) = (order[i - 1] as usize, order[i] as usize);
+            series[a] != series[b] || times[a] != times[b]
+        };
+        if end_of_group {
+            groups.push((start as u32, i as u32));
+            start = i;
+        }
+    }
+
+    // Rows to take for identity columns (time, tags): the last row of each group.
+    let last_rows =
+        UInt32Array::from_iter_values(groups.iter().map(|&(_, e)| order[e as usize - 1]));
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(full.fields().len());
+    for (col_idx, def) in schema.columns().iter().enumerate() {
+        let array = batch.column(col_idx);
+        let indices = match def.kind {
+            ColumnKind::Field(_) if array.null_count() > 0 => {
+                UInt32Array::from_iter_values(groups.iter().map(|&(s, e)| {
+                    let rows = &order[s as usize..e as usize];
+                    rows.iter()
+                        .rev()
+                        .copied()
+                        .find(|&r| array.is_valid(r as usize))
+                        .unwrap_or(rows[rows.len() - 1])
+                }))
+            }
+            _ => last_rows.clone(),
+        };
+        columns.push(take(array.as_ref(), &indices, None)?);
+    }
+    let merged_series: Arc<[u32]> = last_rows
+        .values()
+        .iter()
+        .map(|&r| series[r as usize])
+        .collect();
+    let merged = RecordBatch::try_new(full, columns)?;
+    let (min_time, max_time) = min_max(time_values(&merged)?);
+    Ok(Chunk {
+        seq: chunks.last().map_or(0, |c| c.seq),
+        batch: merged,
+        series: merged_series,
+        min_time,
+        max_time,
+        overlaps: false,
+    })
+}
+
+/// Smallest and largest value (i64::MAX, i64::MIN for an empty slice).
+pub(crate) fn min_max(values: &[i64]) -> (i64, i64) {
+    values
+        .iter()
+        .fold((i64::MAX, i64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)))
+}
+
+/// The Arrow schema for `columns` of `schema`.
+pub(crate) fn projected_schema(schema: &TableSchema, columns: &[usize]) -> SchemaRef {
+    let fields: Vec<Field> = columns
+        .iter()
+        .map(|&i| schema.arrow().field(i).clone())
+        .collect();
+    Arc::new(Schema::new(fields))
+}

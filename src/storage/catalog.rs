@@ -1,0 +1,478 @@
+//! The catalog: databases, tables and their columns, persisted in sled.
+//!
+//! The in-memory catalog is the one queries and writes read; sled is its durable copy. Catalog
+//! writes are not fsynced on their own: every WAL record carries the schema of the rows it holds
+//! (Arrow IPC), so replay re-creates any database, table or column sled lost in a crash. sled is
+//! flushed before anything that would make the WAL unable to do so (close, and later WAL
+//! truncation).
+//!
+//! Keys (all UTF-8, values JSON): `meta/format` → format version; `meta/next_seq` → the next
+//! write sequence as of the last clean close; `db/<name>` → [`DatabaseRecord`];
+//! `table/<db id:016x>/<name>` → [`TableRecord`]. Names are never file-system paths.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use parking_lot::RwLock;
+use serde::{Deserialize, Serialize};
+
+use super::table::Table;
+
+/// The catalog format version this build writes and reads.
+pub(crate) const CATALOG_FORMAT_VERSION: u32 = 1;
+
+/// Longest table, tag or field name, in bytes.
+pub(crate) const MAX_NAME_BYTES: usize = 512;
+
+/// The name of the timestamp column every table has.
+pub(crate) const TIME_COLUMN: &str = "time";
+
+/// The Arrow type of the `time` column.
+pub(crate) fn time_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()))
+}
+
+/// The Arrow type of tag columns.
+pub(crate) fn tag_type() -> DataType {
+    DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8))
+}
+
+/// Errors of the catalog.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    /// sled failed.
+    #[error("catalog storage error: {0}")]
+    Sled(#[from] sled::Error),
+    /// A stored record could not be decoded.
+    #[error("catalog record '{key}' is corrupt: {reason}")]
+    Corrupt {
+        /// The sled key.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The catalog was written by an incompatible version.
+    #[error(
+        "catalog format version {found} is not supported (this build reads version {expected})"
+    )]
+    Version {
+        /// Version found on disk.
+        found: u32,
+        /// Version this build supports.
+        expected: u32,
+    },
+}
+
+/// The type of a field column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FieldType {
+    /// `Float64`.
+    Float,
+    /// `Int64` (line protocol `i` suffix).
+    Integer,
+    /// `UInt64` (line protocol `u` suffix).
+    UInteger,
+    /// `Utf8`.
+    String,
+    /// `Boolean`.
+    Boolean,
+}
+
+impl FieldType {
+    /// The Arrow type the field is stored as.
+    pub fn data_type(self) -> DataType {
+        match self {
+            FieldType::Float => DataType::Float64,
+            FieldType::Integer => DataType::Int64,
+            FieldType::UInteger => DataType::UInt64,
+            FieldType::String => DataType::Utf8,
+            FieldType::Boolean => DataType::Boolean,
+        }
+    }
+
+    /// The field type for an Arrow type, if it is one.
+    pub fn from_data_type(dt: &DataType) -> Option<FieldType> {
+        match dt {
+            DataType::Float64 => Some(FieldType::Float),
+            DataType::Int64 => Some(FieldType::Integer),
+            DataType::UInt64 => Some(FieldType::UInteger),
+            DataType::Utf8 => Some(FieldType::String),
+            DataType::Boolean => Some(FieldType::Boolean),
+            _ => None,
+        }
+    }
+
+    /// The name users see in errors.
+    pub fn name(self) -> &'static str {
+        match self {
+            FieldType::Float => "float",
+            FieldType::Integer => "integer",
+            FieldType::UInteger => "unsigned integer",
+            FieldType::String => "string",
+            FieldType::Boolean => "boolean",
+        }
+    }
+}
+
+/// What a column is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ColumnKind {
+    /// The `time` column.
+    Time,
+    /// A tag: part of the series identity, dictionary-encoded string.
+    Tag,
+    /// A field of the given type.
+    Field(FieldType),
+}
+
+impl ColumnKind {
+    /// The Arrow type of a column of this kind.
+    pub fn data_type(self) -> DataType {
+        match self {
+            ColumnKind::Time => time_type(),
+            ColumnKind::Tag => tag_type(),
+            ColumnKind::Field(t) => t.data_type(),
+        }
+    }
+
+    /// The name users see in errors.
+    pub fn describe(self) -> String {
+        match self {
+            ColumnKind::Time => "the time column".to_string(),
+            ColumnKind::Tag => "a tag".to_string(),
+            ColumnKind::Field(t) => format!("a {} field", t.name()),
+        }
+    }
+}
+
+/// One column of a table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct ColumnDef {
+    /// Column name.
+    pub name: Arc<str>,
+    /// Time, tag or field (with type).
+    pub kind: ColumnKind,
+}
+
+/// A table's schema: its columns sorted by name (as InfluxDB 3 shows them) and the Arrow schema.
+#[derive(Debug)]
+pub(crate) struct TableSchema {
+    columns: Vec<ColumnDef>,
+    by_name: HashMap<Arc<str>, usize>,
+    arrow: SchemaRef,
+}
+
+impl TableSchema {
+    /// Builds a schema; `time` is always present.
+    pub(crate) fn new(mut columns: Vec<ColumnDef>) -> TableSchema {
+        if !columns.iter().any(|c| c.kind == ColumnKind::Time) {
+            columns.push(ColumnDef {
+                name: TIME_COLUMN.into(),
+                kind: ColumnKind::Time,
+            });
+        }
+        columns.sort_by(|a, b| a.name.cmp(&b.name));
+        let by_name = columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.name.clone(), i))
+            .collect();
+        let fields: Vec<Field> = columns
+            .iter()
+            .map(|c| {
+                Field::new(
+                    c.name.as_ref(),
+                    c.kind.data_type(),
+                    c.kind != ColumnKind::Time,
+                )
+            })
+            .collect();
+        TableSchema {
+            columns,
+            by_name,
+            arrow: Arc::new(Schema::new(fields)),
+        }
+    }
+
+    /// Columns sorted by name.
+    pub(crate) fn columns(&self) -> &[ColumnDef] {
+        &self.columns
+    }
+
+    /// The column called `name`.
+    pub(crate) fn column(&self, name: &str) -> Option<&ColumnDef> {
+        self.by_name.get(name).map(|&i| &self.columns[i])
+    }
+
+    /// The Arrow schema queries see.
+    pub(crate) fn arrow(&self) -> &SchemaRef {
+        &self.arrow
+    }
+
+    /// A new schema with `added` columns appended.
+    pub(crate) fn with_columns(&self, added: &[ColumnDef]) -> TableSchema {
+        let mut cols = self.columns.clone();
+        cols.extend(added.iter().cloned());
+        TableSchema::new(cols)
+    }
+}
+
+/// Stored form of a database.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct DatabaseRecord {
+    /// Stable id, used in storage paths and keys.
+    pub id: u64,
+    /// Name.
+    pub name: String,
+}
+
+/// Stored form of a table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct TableRecord {
+    /// Stable id, used in storage paths and keys.
+    pub id: u64,
+    /// Name.
+    pub name: String,
+    /// Columns (any order).
+    pub columns: Vec<ColumnDef>,
+}
+
+/// A database: a namespace of tables.
+#[derive(Debug)]
+pub(crate) struct Database {
+    /// Stable id.
+    pub id: u64,
+    /// Name.
+    pub name: Arc<str>,
+    tables: RwLock<BTreeMap<Arc<str>, Arc<Table>>>,
+}
+
+impl Database {
+    /// The table called `name`.
+    pub(crate) fn table(&self, name: &str) -> Option<Arc<Table>> {
+        self.tables.read().get(name).cloned()
+    }
+
+    /// All tables, sorted by name.
+    pub(crate) fn tables(&self) -> Vec<Arc<Table>> {
+        self.tables.read().values().cloned().collect()
+    }
+}
+
+/// The catalog of databases and tables.
+pub(crate) struct Catalog {
+    sled: sled::Db,
+    tree: sled::Tree,
+    databases: RwLock<BTreeMap<Arc<str>, Arc<Database>>>,
+    next_id: AtomicU64,
+}
+
+impl std::fmt::Debug for Catalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Catalog")
+            .field(
+                "databases",
+                &self.databases.read().keys().collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+fn corrupt(key: &[u8], reason: impl ToString) -> CatalogError {
+    CatalogError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+impl Catalog {
+    /// Loads the catalog from `sled`.
+    pub(crate) fn load(sled: sled::Db) -> Result<Catalog, CatalogError> {
+        let tree = sled.open_tree("catalog")?;
+        match tree.get("meta/format")? {
+            None => {
+                tree.insert("meta/format", CATALOG_FORMAT_VERSION.to_string().as_bytes())?;
+            }
+            Some(v) => {
+                let found: u32 = std::str::from_utf8(&v)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| corrupt(b"meta/format", "not a number"))?;
+                if found != CATALOG_FORMAT_VERSION {
+                    return Err(CatalogError::Version {
+                        found,
+                        expected: CATALOG_FORMAT_VERSION,
+                    });
+                }
+            }
+        }
+        let mut max_id = 0;
+        let mut databases = BTreeMap::new();
+        let mut by_id = HashMap::new();
+        for item in tree.scan_prefix("db/") {
+            let (key, value) = item?;
+            let rec: DatabaseRecord =
+                serde_json::from_slice(&value).map_err(|e| corrupt(&key, e))?;
+            max_id = max_id.max(rec.id);
+            let db = Arc::new(Database {
+                id: rec.id,
+                name: rec.name.as_str().into(),
+                tables: RwLock::new(BTreeMap::new()),
+            });
+            by_id.insert(rec.id, db.clone());
+            databases.insert(db.name.clone(), db);
+        }
+        for item in tree.scan_prefix("table/") {
+            let (key, value) = item?;
+            let rec: TableRecord = serde_json::from_slice(&value).map_err(|e| corrupt(&key, e))?;
+            let db_id = std::str::from_utf8(&key)
+                .ok()
+                .and_then(|k| k.split('/').nth(1))
+                .and_then(|id| u64::from_str_radix(id, 16).ok())
+                .ok_or_else(|| corrupt(&key, "bad key"))?;
+            let db = by_id
+                .get(&db_id)
+                .ok_or_else(|| corrupt(&key, format!("unknown database id {db_id}")))?;
+            max_id = max_id.max(rec.id);
+            let table = Arc::new(Table::new(
+                rec.id,
+                db.name.clone(),
+                rec.name.as_str().into(),
+                TableSchema::new(rec.columns),
+            ));
+            db.tables.write().insert(table.name.clone(), table);
+        }
+        Ok(Catalog {
+            sled,
+            tree,
+            databases: RwLock::new(databases),
+            next_id: AtomicU64::new(max_id + 1),
+        })
+    }
+
+    /// The database called `name`.
+    pub(crate) fn database(&self, name: &str) -> Option<Arc<Database>> {
+        self.databases.read().get(name).cloned()
+    }
+
+    /// All databases, sorted by name.
+    pub(crate) fn databases(&self) -> Vec<Arc<Database>> {
+        self.databases.read().values().cloned().collect()
+    }
+
+    /// The table `name` of database `db`.
+    pub(crate) fn table(&self, db: &str, name: &str) -> Option<Arc<Table>> {
+        self.database(db)?.table(name)
+    }
+
+    /// A fresh id for a database or table.
+    pub(crate) fn allocate_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Creates database `name` unless it exists; returns it.
+    pub(crate) fn ensure_database(&self, name: &str) -> Result<Arc<Database>, CatalogError> {
+        if let Some(db) = self.database(name) {
+            return Ok(db);
+        }
+        let mut dbs = self.databases.write();
+        if let Some(db) = dbs.get(name) {
+            return Ok(db.clone());
+        }
+        let rec = DatabaseRecord {
+            id: self.allocate_id(),
+            name: name.to_string(),
+        };
+        let value = serde_json::to_vec(&rec).map_err(|e| corrupt(name.as_bytes(), e))?;
+        self.tree.insert(format!("db/{name}"), value)?;
+        let db = Arc::new(Database {
+            id: rec.id,
+            name: name.into(),
+            tables: RwLock::new(BTreeMap::new()),
+        });
+        dbs.insert(db.name.clone(), db.clone());
+        Ok(db)
+    }
+
+    /// Registers a new table, or stores an existing table's changed schema. The caller (the
+    /// single writer) has already published `table`'s schema.
+    pub(crate) fn save_table(&self, db: &Database, table: &Arc<Table>) -> Result<(), CatalogError> {
+        let schema = table.schema();
+        let rec = TableRecord {
+            id: table.id,
+            name: table.name.to_string(),
+            columns: schema.columns().to_vec(),
+        };
+        let key = format!("table/{:016x}/{}", db.id, table.name);
+        let value = serde_json::to_vec(&rec).map_err(|e| corrupt(key.as_bytes(), e))?;
+        self.tree.insert(key, value)?;
+        db.tables
+            .write()
+            .entry(table.name.clone())
+            .or_insert_with(|| table.clone());
+        Ok(())
+    }
+
+    /// The next write sequence recorded at the last clean close (0 when never recorded).
+    pub(crate) fn stored_next_seq(&self) -> Result<u64, CatalogError> {
+        match self.tree.get("meta/next_seq")? {
+            None => Ok(0),
+            Some(v) => std::str::from_utf8(&v)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| corrupt(b"meta/next_seq", "not a number")),
+        }
+    }
+
+    /// Records the next write sequence, so sequences continue after the WAL is truncated.
+    pub(crate) fn store_next_seq(&self, seq: u64) -> Result<(), CatalogError> {
+        self.tree
+            .insert("meta/next_seq", seq.to_string().as_bytes())?;
+        Ok(())
+    }
+
+    /// Makes everything written to the catalog durable.
+    pub(crate) fn flush(&self) -> Result<(), CatalogError> {
+        self.sled.flush()?;
+        Ok(())
+    }
+}
+
+/// Why a table, tag or field name is not allowed, if it is not.
+pub(crate) fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("the name is empty".to_string());
+    }
+    if name.len() > MAX_NAME_BYTES {
+        return Err(format!(
+            "the name is {} bytes long; the limit is {MAX_NAME_BYTES}",
+            name.len()
+        ));
+    }
+    if let Some(c) = name.chars().find(|c| c.is_control()) {
+        return Err(format!("the name contains the control character {c:?}"));
+    }
+    Ok(())
+}
+
+/// Why a database name is not allowed, if it is not: 1–64 letters, digits, `_` or `-`.
+pub(crate) fn check_database_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 64 {
+        return Err(format!(
+            "database name '{name}' must be 1 to 64 characters long"
+        ));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(format!(
+            "database name '{name}' may only contain letters, digits, '_' and '-'"
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,159 @@
+//! Group commit: makes appended WAL records durable and applies them to the buffers, in order.
+//!
+//! Writers append their record under the write lock and enqueue it here. Then each waits until
+//! its sequence is applied. One waiter at a time becomes the leader: it takes every queued
+//! record, issues one fsync that covers them all (durability `sync`), applies them to the table
+//! buffers in sequence order, and wakes the others. Many concurrent writers therefore share one
+//! fsync, and a reader never sees a write that is not durable, nor a later write without an
+//! earlier one.
+//!
+//! A failed fsync poisons the queue: the failed writes and all later ones get an error, and the
+//! database must be reopened (replay then decides what is durable). Never retry-and-ack.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex};
+
+use super::buffer::Chunk;
+use super::table::Table;
+use super::wal::{IoFaults, WalError, WalWriter};
+use crate::config::Durability;
+
+/// A sequenced write waiting to become visible.
+pub(crate) struct PendingApply {
+    pub(crate) seq: u64,
+    pub(crate) chunks: Vec<(Arc<Table>, Arc<Chunk>)>,
+}
+
+struct State {
+    queue: VecDeque<PendingApply>,
+    leader: bool,
+    /// Every write up to this sequence is durable (per the durability mode) and visible.
+    applied_seq: u64,
+    poisoned: Option<String>,
+    sync_target: Option<(Arc<File>, PathBuf)>,
+}
+
+/// The commit queue of one database directory.
+pub(crate) struct CommitQueue {
+    state: Mutex<State>,
+    wake: Condvar,
+    durability: Durability,
+    faults: Option<Arc<dyn IoFaults>>,
+}
+
+impl CommitQueue {
+    pub(crate) fn new(
+        applied_seq: u64,
+        durability: Durability,
+        faults: Option<Arc<dyn IoFaults>>,
+    ) -> CommitQueue {
+        CommitQueue {
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                leader: false,
+                applied_seq,
+                poisoned: None,
+                sync_target: None,
+            }),
+            wake: Condvar::new(),
+            durability,
+            faults,
+        }
+    }
+
+    /// Fails if an earlier I/O failure poisoned the log.
+    pub(crate) fn check(&self) -> Result<(), WalError> {
+        match &self.state.lock().poisoned {
+            Some(reason) => Err(WalError::Poisoned(reason.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Marks the log unusable after an append failed part-way.
+    pub(crate) fn poison(&self, reason: String) {
+        let mut st = self.state.lock();
+        st.poisoned.get_or_insert(reason);
+        self.wake.notify_all();
+    }
+
+    /// Sequence up to which every write is visible.
+    pub(crate) fn applied_seq(&self) -> u64 {
+        self.state.lock().applied_seq
+    }
+
+    /// Queues an appended record. Called under the write lock, so the queue is in sequence order.
+    pub(crate) fn enqueue(&self, item: PendingApply, wal: Option<&WalWriter>) {
+        let mut st = self.state.lock();
+        if let Some(target) = wal.and_then(WalWriter::sync_target) {
+            st.sync_target = Some(target);
+        }
+        st.queue.push_back(item);
+    }
+
+    /// Waits until write `seq` is durable and visible.
+    pub(crate) fn wait(&self, seq: u64) -> Result<(), WalError> {
+        let mut st = self.state.lock();
+        loop {
+            if st.applied_seq >= seq {
+                return Ok(());
+            }
+            if let Some(reason) = &st.poisoned {
+                return Err(WalError::Poisoned(reason.clone()));
+            }
+            if st.leader {
+                self.wake.wait(&mut st);
+                continue;
+            }
+            st.leader = true;
+            let batch: Vec<PendingApply> = st.queue.drain(..).collect();
+            let target = st.sync_target.clone();
+            drop(st);
+
+            let synced = match (self.durability, &target) {
+                (Durability::Sync, Some((file, path))) => {
+                    WalWriter::sync(self.faults.as_ref(), file, path)
+                }
+                _ => Ok(()),
+            };
+            let last = batch.last().map(|p| p.seq);
+            if synced.is_ok() {
+                for item in batch {
+                    for (table, chunk) in item.chunks {
+                        table.buffer.write().push(chunk);
+                    }
+                }
+            }
+
+            st = self.state.lock();
+            st.leader = false;
+            match synced {
+                Ok(()) => {
+                    if let Some(last) = last {
+                        st.applied_seq = st.applied_seq.max(last);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "WAL fsync failed; refusing further writes");
+                    st.poisoned.get_or_insert(e.to_string());
+                }
+            }
+            self.wake.notify_all();
+        }
+    }
+
+    /// Fsyncs the current segment (durability `interval`, and on close).
+    pub(crate) fn sync_now(&self) -> Result<(), WalError> {
+        let target = self.state.lock().sync_target.clone();
+        if let Some((file, path)) = target
+            && let Err(e) = WalWriter::sync(self.faults.as_ref(), &file, &path)
+        {
+            self.poison(e.to_string());
+            return Err(e);
+        }
+        Ok(())
+    }
+}

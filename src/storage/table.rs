@@ -1,0 +1,120 @@
+//! A table: its schema, its series index and its mutable buffer.
+//!
+//! Three locks, each short and never held across `.await`:
+//! - `schema`: replaced whole (copy-on-write `Arc`) when a write adds columns;
+//! - `series`: only the writer (under the single write lock) touches it;
+//! - `buffer`: appended to by the commit step, snapshotted by queries.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+
+use super::buffer::TableBuffer;
+use super::catalog::TableSchema;
+
+/// A table of a database.
+#[derive(Debug)]
+pub(crate) struct Table {
+    /// Stable id (storage never uses the name).
+    pub id: u64,
+    /// The database it belongs to.
+    pub db: Arc<str>,
+    /// The table (measurement) name.
+    pub name: Arc<str>,
+    schema: RwLock<Arc<TableSchema>>,
+    /// Series identities, used to detect overwrites cheaply.
+    pub(crate) series: Mutex<SeriesIndex>,
+    /// Rows not yet persisted.
+    pub(crate) buffer: RwLock<TableBuffer>,
+}
+
+impl Table {
+    /// A table with the given schema and an empty buffer.
+    pub(crate) fn new(id: u64, db: Arc<str>, name: Arc<str>, schema: TableSchema) -> Table {
+        Table {
+            id,
+            db,
+            name,
+            schema: RwLock::new(Arc::new(schema)),
+            series: Mutex::new(SeriesIndex::default()),
+            buffer: RwLock::new(TableBuffer::default()),
+        }
+    }
+
+    /// The current schema.
+    pub(crate) fn schema(&self) -> Arc<TableSchema> {
+        self.schema.read().clone()
+    }
+
+    /// Replaces the schema (the writer adds columns).
+    pub(crate) fn set_schema(&self, schema: TableSchema) {
+        *self.schema.write() = Arc::new(schema);
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, ahash::RandomState>;
+
+/// Maps a series (the table's tag set) to a dense id, and remembers each series' latest time.
+///
+/// A point whose time is not after its series' latest time may overwrite an earlier point, so
+/// the chunk holding it is marked for deduplication; in-order ingest never pays for it.
+#[derive(Debug, Default)]
+pub(crate) struct SeriesIndex {
+    /// Tag section exactly as a line protocol client wrote it → id (no unescaping, no sorting).
+    raw: FastMap<Box<[u8]>, u32>,
+    /// Canonical key (tags sorted by name, length-prefixed) → id.
+    canonical: FastMap<Box<[u8]>, u32>,
+    /// Latest time seen per series id.
+    max_time: Vec<i64>,
+}
+
+impl SeriesIndex {
+    /// The id of the series whose line protocol tag section is `raw`; `canonical` writes the
+    /// canonical key into the buffer it is given when `raw` has not been seen before.
+    pub(crate) fn id_for_raw(&mut self, raw: &str, canonical: impl FnOnce(&mut Vec<u8>)) -> u32 {
+        if let Some(&id) = self.raw.get(raw.as_bytes()) {
+            return id;
+        }
+        let mut key = Vec::with_capacity(raw.len() + 16);
+        canonical(&mut key);
+        let id = self.id_for_canonical(&key);
+        self.raw.insert(raw.as_bytes().into(), id);
+        id
+    }
+
+    /// The id of the series with canonical key `key` (see [`canonical_key`]).
+    pub(crate) fn id_for_canonical(&mut self, key: &[u8]) -> u32 {
+        if let Some(&id) = self.canonical.get(key) {
+            return id;
+        }
+        let id = self.max_time.len() as u32;
+        self.canonical.insert(key.into(), id);
+        self.max_time.push(i64::MIN);
+        id
+    }
+
+    /// Records a point of series `id` at `time`; true when it may overwrite an earlier point.
+    #[inline]
+    pub(crate) fn observe(&mut self, id: u32, time: i64) -> bool {
+        let slot = &mut self.max_time[id as usize];
+        if time > *slot {
+            *slot = time;
+            false
+        } else {
+            true
+        }
+    }
+}
+
+/// Writes the canonical series key for `tags` (any order) into `out`: tags sorted by name, each
+/// name and value length-prefixed, so no byte in a value can make two tag sets collide.
+pub(crate) fn canonical_key<'t>(tags: &mut [(&'t str, &'t str)], out: &mut Vec<u8>) {
+    tags.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    for (k, v) in tags.iter() {
+        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        out.extend_from_slice(v.as_bytes());
+    }
+}

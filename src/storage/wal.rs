@@ -1,0 +1,466 @@
+//! The write-ahead log: segmented, append-only files of checksummed records.
+//!
+//! A segment file is `wal/<first sequence, 20 digits>.wal`: a 16-byte header (`RIVWAL` magic,
+//! format version) then records `[payload length: u32 LE][crc32 of payload: u32 LE][payload]`.
+//! A payload starts with the write's sequence (u64 LE) and a kind byte; a write record then holds
+//! the database name and, per table, its name and the rows as an Arrow IPC stream (so the WAL
+//! carries the schema of what it holds). Byte layouts: docs/file-format.md.
+//!
+//! Replay reads segments in order and stops at the first record that is torn (shorter than its
+//! length) or fails its checksum: in the last segment that is a crash's torn tail, which replay
+//! truncates away and reports; anywhere else it is corruption and opening fails.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::ipc::reader::StreamReader;
+use arrow::ipc::writer::StreamWriter;
+
+/// Magic bytes at the start of every segment.
+pub(crate) const WAL_MAGIC: &[u8; 6] = b"RIVWAL";
+/// The segment format version this build writes and reads.
+pub(crate) const WAL_FORMAT_VERSION: u16 = 1;
+const HEADER_LEN: u64 = 16;
+const RECORD_HEADER_LEN: usize = 8;
+/// Records larger than this are treated as corrupt (a torn length field).
+const MAX_RECORD_BYTES: u32 = 1 << 30;
+const KIND_WRITE: u8 = 1;
+
+/// Errors of the WAL.
+#[derive(Debug, thiserror::Error)]
+pub enum WalError {
+    /// An I/O operation failed.
+    #[error("WAL {op} failed for {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A segment other than the last is damaged: replaying past it would lose data silently.
+    #[error("WAL segment {path} is corrupt at byte {offset}: {reason}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// Offset of the bad record.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A previous WAL write or fsync failed; the log cannot promise durability any more.
+    #[error("the WAL stopped accepting writes after an I/O failure ({0}); reopen the database")]
+    Poisoned(String),
+    /// A record's contents could not be encoded or decoded.
+    #[error("WAL record {seq} could not be {op}: {reason}")]
+    Record {
+        /// The sequence of the record.
+        seq: u64,
+        /// "encoded" or "decoded".
+        op: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> WalError + 'a {
+    move |source| WalError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A hook that lets tests fail WAL I/O at chosen points.
+pub trait IoFaults: Send + Sync + std::fmt::Debug {
+    /// Called before each WAL append; an error fails that append.
+    fn before_append(&self) -> io::Result<()> {
+        Ok(())
+    }
+    /// Called before each WAL fsync; an error fails that fsync.
+    fn before_sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A decoded write record.
+#[derive(Debug)]
+pub(crate) struct WriteRecord {
+    pub(crate) seq: u64,
+    pub(crate) db: String,
+    pub(crate) tables: Vec<(String, RecordBatch)>,
+}
+
+/// Encodes a write record's payload.
+pub(crate) fn encode_write(
+    seq: u64,
+    db: &str,
+    tables: &[(&str, &RecordBatch)],
+    out: &mut Vec<u8>,
+) -> Result<(), WalError> {
+    let fail = |reason: String| WalError::Record {
+        seq,
+        op: "encoded",
+        reason,
+    };
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.push(KIND_WRITE);
+    put_bytes(out, db.as_bytes());
+    out.extend_from_slice(&(tables.len() as u32).to_le_bytes());
+    for (name, batch) in tables {
+        put_bytes(out, name.as_bytes());
+        let len_at = out.len();
+        out.extend_from_slice(&0u32.to_le_bytes());
+        let start = out.len();
+        {
+            let mut writer = StreamWriter::try_new(&mut *out, &batch.schema())
+                .map_err(|e| fail(e.to_string()))?;
+            writer.write(batch).map_err(|e| fail(e.to_string()))?;
+            writer.finish().map_err(|e| fail(e.to_string()))?;
+        }
+        let len = (out.len() - start) as u32;
+        out[len_at..len_at + 4].copy_from_slice(&len.to_le_bytes());
+    }
+    Ok(())
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.pos.checked_add(n)?;
+        let s = self.buf.get(self.pos..end)?;
+        self.pos = end;
+        Some(s)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_le_bytes)
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.take(8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    }
+    fn bytes(&mut self) -> Option<&'a [u8]> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+}
+
+/// Decodes a payload written by [`encode_write`].
+pub(crate) fn decode_write(payload: &[u8]) -> Result<WriteRecord, WalError> {
+    let mut c = Cursor {
+        buf: payload,
+        pos: 0,
+    };
+    let seq = c.u64().unwrap_or(0);
+    let fail = |reason: &str| WalError::Record {
+        seq,
+        op: "decoded",
+        reason: reason.to_string(),
+    };
+    let kind = c.take(1).ok_or_else(|| fail("truncated"))?[0];
+    if kind != KIND_WRITE {
+        return Err(fail(&format!("unknown record kind {kind}")));
+    }
+    let db = c.bytes().ok_or_else(|| fail("truncated database name"))?;
+    let db = std::str::from_utf8(db).map_err(|_| fail("database name is not UTF-8"))?;
+    let n = c.u32().ok_or_else(|| fail("truncated"))?;
+    let mut tables = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let name = c.bytes().ok_or_else(|| fail("truncated table name"))?;
+        let name = std::str::from_utf8(name).map_err(|_| fail("table name is not UTF-8"))?;
+        let ipc = c.bytes().ok_or_else(|| fail("truncated table rows"))?;
+        let reader = StreamReader::try_new(ipc, None).map_err(|e| fail(&e.to_string()))?;
+        for batch in reader {
+            let batch = batch.map_err(|e| fail(&e.to_string()))?;
+            tables.push((name.to_string(), batch));
+        }
+    }
+    Ok(WriteRecord {
+        seq,
+        db: db.to_string(),
+        tables,
+    })
+}
+
+/// Name of the segment whose first record has sequence `seq`.
+fn segment_name(seq: u64) -> String {
+    format!("{seq:020}.wal")
+}
+
+/// Lists segment files in sequence order.
+pub(crate) fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, WalError> {
+    let mut out = Vec::new();
+    let entries = std::fs::read_dir(dir).map_err(io_err("listing", dir))?;
+    for entry in entries {
+        let entry = entry.map_err(io_err("listing", dir))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(seq) = name
+            .strip_suffix(".wal")
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            out.push((seq, entry.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// What replay found.
+#[derive(Debug, Default, Clone)]
+pub struct ReplayReport {
+    /// Segments read.
+    pub segments: usize,
+    /// Records replayed.
+    pub records: u64,
+    /// Highest sequence replayed.
+    pub last_seq: Option<u64>,
+    /// A torn or corrupt tail was cut off: (file, offset, reason).
+    pub truncated_tail: Option<(PathBuf, u64, String)>,
+}
+
+/// Replays every record in `dir`, calling `apply(payload)` in order.
+pub(crate) fn replay(
+    dir: &Path,
+    mut apply: impl FnMut(&[u8]) -> Result<u64, WalError>,
+) -> Result<ReplayReport, WalError> {
+    let segments = list_segments(dir)?;
+    let mut report = ReplayReport::default();
+    let count = segments.len();
+    for (i, (_, path)) in segments.iter().enumerate() {
+        let is_last = i + 1 == count;
+        report.segments += 1;
+        let mut data = Vec::new();
+        File::open(path)
+            .and_then(|mut f| f.read_to_end(&mut data))
+            .map_err(io_err("reading", path))?;
+        let mut pos = match check_header(&data) {
+            Ok(()) => HEADER_LEN as usize,
+            Err(reason) => {
+                if is_last && data.len() < HEADER_LEN as usize {
+                    // A crash right after creating the file: nothing in it was acknowledged.
+                    truncate_tail(path, 0)?;
+                    std::fs::remove_file(path).map_err(io_err("removing", path))?;
+                    report.truncated_tail = Some((path.clone(), 0, reason));
+                    continue;
+                }
+                return Err(WalError::Corrupt {
+                    path: path.clone(),
+                    offset: 0,
+                    reason,
+                });
+            }
+        };
+        while pos < data.len() {
+            let bad = |reason: String| (pos as u64, reason);
+            let result = (|| {
+                let header = data
+                    .get(pos..pos + RECORD_HEADER_LEN)
+                    .ok_or_else(|| bad("torn record header".to_string()))?;
+                let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+                let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+                if len > MAX_RECORD_BYTES {
+                    return Err(bad(format!("record length {len} is implausible")));
+                }
+                let start = pos + RECORD_HEADER_LEN;
+                let payload = data
+                    .get(start..start + len as usize)
+                    .ok_or_else(|| bad("torn record".to_string()))?;
+                if crc32fast::hash(payload) != crc {
+                    return Err(bad("checksum mismatch".to_string()));
+                }
+                Ok(payload)
+            })();
+            match result {
+                Ok(payload) => {
+                    let seq = apply(payload)?;
+                    report.records += 1;
+                    report.last_seq = Some(seq);
+                    pos += RECORD_HEADER_LEN + payload.len();
+                }
+                Err((offset, reason)) if is_last => {
+                    truncate_tail(path, offset)?;
+                    report.truncated_tail = Some((path.clone(), offset, reason));
+                    break;
+                }
+                Err((offset, reason)) => {
+                    return Err(WalError::Corrupt {
+                        path: path.clone(),
+                        offset,
+                        reason,
+                    });
+                }
+            }
+        }
+    }
+    Ok(report)
+}
+
+fn check_header(data: &[u8]) -> Result<(), String> {
+    if data.len() < HEADER_LEN as usize {
+        return Err("segment header is torn".to_string());
+    }
+    if &data[..6] != WAL_MAGIC {
+        return Err("not a Rivulet WAL segment (bad magic)".to_string());
+    }
+    let version = u16::from_le_bytes([data[6], data[7]]);
+    if version != WAL_FORMAT_VERSION {
+        return Err(format!(
+            "WAL format version {version} is not supported (this build reads version {WAL_FORMAT_VERSION})"
+        ));
+    }
+    Ok(())
+}
+
+fn truncate_tail(path: &Path, len: u64) -> Result<(), WalError> {
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io_err("opening", path))?;
+    f.set_len(len).map_err(io_err("truncating", path))?;
+    f.sync_all().map_err(io_err("syncing", path))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), WalError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("syncing directory", dir))
+}
+
+/// The appending end of the log. Owned by the single writer (behind the write lock).
+///
+/// The first segment is created lazily by the first append, so opening a database to read it
+/// leaves no empty segment behind.
+#[derive(Debug)]
+pub(crate) struct WalWriter {
+    dir: PathBuf,
+    current: Option<(PathBuf, Arc<File>)>,
+    len: u64,
+    max_segment_bytes: u64,
+    faults: Option<Arc<dyn IoFaults>>,
+    buf: Vec<u8>,
+}
+
+impl WalWriter {
+    pub(crate) fn new(
+        dir: &Path,
+        max_segment_bytes: u64,
+        faults: Option<Arc<dyn IoFaults>>,
+    ) -> WalWriter {
+        WalWriter {
+            dir: dir.to_path_buf(),
+            current: None,
+            len: 0,
+            max_segment_bytes,
+            faults,
+            buf: Vec::new(),
+        }
+    }
+
+    /// The file an fsync must cover for everything appended so far (None before any append).
+    pub(crate) fn sync_target(&self) -> Option<(Arc<File>, PathBuf)> {
+        self.current
+            .as_ref()
+            .map(|(path, file)| (file.clone(), path.clone()))
+    }
+
+    /// Appends one record. If it fails, the file may hold part of it: the caller poisons the log.
+    /// Starts a new segment first when there is none or the current one is full (fsyncing it).
+    pub(crate) fn append(
+        &mut self,
+        seq: u64,
+        encode: impl FnOnce(&mut Vec<u8>) -> Result<(), WalError>,
+    ) -> Result<(), WalError> {
+        self.buf.clear();
+        self.buf.extend_from_slice(&[0u8; RECORD_HEADER_LEN]);
+        encode(&mut self.buf)?;
+        let payload_len = self.buf.len() - RECORD_HEADER_LEN;
+        if payload_len > MAX_RECORD_BYTES as usize {
+            return Err(WalError::Record {
+                seq,
+                op: "encoded",
+                reason: format!(
+                    "the write is {payload_len} bytes; one write may be at most {MAX_RECORD_BYTES} bytes"
+                ),
+            });
+        }
+        let crc = crc32fast::hash(&self.buf[RECORD_HEADER_LEN..]);
+        self.buf[..4].copy_from_slice(&(payload_len as u32).to_le_bytes());
+        self.buf[4..8].copy_from_slice(&crc.to_le_bytes());
+
+        let rotate = match &self.current {
+            None => true,
+            Some((path, file)) if self.len >= self.max_segment_bytes => {
+                file.sync_data().map_err(io_err("fsync", path))?;
+                true
+            }
+            Some(_) => false,
+        };
+        if rotate {
+            self.current = Some(new_segment(&self.dir, seq)?);
+            self.len = HEADER_LEN;
+        }
+        let Some((path, file)) = &self.current else {
+            return Err(WalError::Poisoned("no WAL segment".to_string()));
+        };
+        if let Some(f) = &self.faults {
+            f.before_append().map_err(io_err("append", path))?;
+        }
+        (&**file)
+            .write_all(&self.buf)
+            .map_err(io_err("append", path))?;
+        self.len += self.buf.len() as u64;
+        if self.buf.capacity() > 64 << 20 {
+            self.buf = Vec::new();
+        }
+        Ok(())
+    }
+
+    /// Fsyncs `file` (a target from [`WalWriter::sync_target`]), through the fault hook.
+    pub(crate) fn sync(
+        faults: Option<&Arc<dyn IoFaults>>,
+        file: &File,
+        path: &Path,
+    ) -> Result<(), WalError> {
+        if let Some(f) = faults {
+            f.before_sync().map_err(io_err("fsync", path))?;
+        }
+        file.sync_data().map_err(io_err("fsync", path))
+    }
+}
+
+fn new_segment(dir: &Path, seq: u64) -> Result<(PathBuf, Arc<File>), WalError> {
+    let path = dir.join(segment_name(seq));
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&path)
+        .map_err(io_err("creating", &path))?;
+    let mut header = [0u8; HEADER_LEN as usize];
+    header[..6].copy_from_slice(WAL_MAGIC);
+    header[6..8].copy_from_slice(&WAL_FORMAT_VERSION.to_le_bytes());
+    file.write_all(&header)
+        .map_err(io_err("writing header", &path))?;
+    file.sync_all().map_err(io_err("fsync", &path))?;
+    file.seek(SeekFrom::End(0))
+        .map_err(io_err("seeking", &path))?;
+    sync_dir(dir)?;
+    Ok((path, Arc::new(file)))
+}
