@@ -79,6 +79,11 @@ struct Columns<'s> {
 impl Columns<'_> {
     /// The kind of column `name` for a value of `want`, adding the column if it is new.
     fn resolve(&mut self, name: &str, want: ColumnKind) -> Result<ColumnKind, String> {
+        if name == TIME_COLUMN {
+            return Err(format!(
+                "'{TIME_COLUMN}' is reserved for the timestamp and cannot be a tag or field name"
+            ));
+        }
         let have = self
             .schema
             .column(name)
@@ -88,11 +93,6 @@ impl Columns<'_> {
             Some(kind) if kind == want => Ok(kind),
             Some(kind) => Err(self.conflict(name, kind, want)),
             None => {
-                if name == TIME_COLUMN {
-                    return Err(format!(
-                        "'{TIME_COLUMN}' is reserved for the timestamp and cannot be a tag or field name"
-                    ));
-                }
                 check_name(name).map_err(|e| format!("invalid column name '{name}': {e}"))?;
                 let name: Arc<str> = name.into();
                 self.added_by_name.insert(name.clone(), self.added.len());
