@@ -17,7 +17,8 @@ pub enum Durability {
     /// A write returns once its record is written to the OS; a background thread fsyncs at this
     /// interval. A machine crash can lose the last interval; a process crash loses nothing.
     Interval(Duration),
-    /// Never fsync (tests and benchmarks). A process crash loses nothing the OS received.
+    /// Writes never wait for an fsync (tests and benchmarks); segment files are still synced
+    /// when they are started, rotated and on close. A process crash loses nothing the OS received.
     None,
 }
 

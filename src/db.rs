@@ -75,6 +75,9 @@ pub struct WriteReceipt {
     pub rejected_total: usize,
 }
 
+/// Tells the interval-sync thread to stop.
+type StopSignal = (parking_lot::Mutex<bool>, parking_lot::Condvar);
+
 struct Writer {
     wal: Option<WalWriter>,
     next_seq: u64,
@@ -87,12 +90,7 @@ pub(crate) struct DbInner {
     commit: CommitQueue,
     pub(crate) query: QueryEngine,
     closed: AtomicBool,
-    syncer: Mutex<
-        Option<(
-            JoinHandle<()>,
-            Arc<(parking_lot::Mutex<bool>, parking_lot::Condvar)>,
-        )>,
-    >,
+    syncer: Mutex<Option<(JoinHandle<()>, Arc<StopSignal>)>>,
     replay: ReplayReport,
     /// Holds the data directory's lock for the life of the handle.
     _dir_lock: Option<File>,
@@ -136,7 +134,7 @@ impl Db {
         Db::open_with(Config::with_dir(path.as_ref()))
     }
 
-    /// An in-memory database: nothing is written to disk and nothing survives `close`.
+    /// An in-memory database: no data directory, no WAL, nothing survives `close`.
     pub fn open_in_memory() -> Result<Db, Error> {
         Db::open_with(Config::default())
     }
@@ -145,6 +143,11 @@ impl Db {
     /// replays the WAL (cutting off a torn tail) and starts a new WAL segment.
     pub fn open_with(config: Config) -> Result<Db, Error> {
         check_database_name(&config.default_database).map_err(Error::Config)?;
+        if config.durability == Durability::Interval(std::time::Duration::ZERO) {
+            return Err(Error::Config(
+                "the interval of interval durability must be above zero".to_string(),
+            ));
+        }
         let (sled, dir_lock, wal_dir) = match &config.data_dir {
             Some(dir) => {
                 std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
@@ -155,16 +158,19 @@ impl Db {
                     .write(true)
                     .open(&lock_path)
                     .map_err(|e| Error::io("opening", &lock_path, e))?;
-                if lock.try_lock().is_err() {
-                    return Err(Error::Locked(dir.clone()));
+                match lock.try_lock() {
+                    Ok(()) => {}
+                    Err(std::fs::TryLockError::WouldBlock) => {
+                        return Err(Error::Locked(dir.clone()));
+                    }
+                    Err(std::fs::TryLockError::Error(e)) => {
+                        return Err(Error::io("locking", &lock_path, e));
+                    }
                 }
                 let wal_dir = dir.join("wal");
                 std::fs::create_dir_all(&wal_dir)
                     .map_err(|e| Error::io("creating", &wal_dir, e))?;
-                let sled = sled::Config::new()
-                    .path(dir.join("catalog"))
-                    .open()
-                    .map_err(crate::storage::catalog::CatalogError::from)?;
+                let sled = open_sled(&dir.join("catalog"))?;
                 (sled, Some(lock), Some(wal_dir))
             }
             None => {
@@ -248,7 +254,7 @@ impl Db {
         if !options.accept_partial && !parsed.errors.is_empty() {
             return Err(WriteError::Rejected {
                 db: db.to_string(),
-                total: parsed.errors.len(),
+                total: parsed.error_count,
                 errors: parsed.errors,
             }
             .into());
@@ -270,6 +276,7 @@ impl Db {
         options: &WriteOptions,
         state: &mut ImportCheck,
     ) -> Result<Vec<LineError>, Error> {
+        self.inner.check_open()?;
         check_database_name(db).map_err(WriteError::InvalidDatabase)?;
         let parsed = line_protocol::parse(
             lines,
@@ -303,7 +310,16 @@ impl Db {
 
     /// Runs a SQL query with `db` as the default database.
     pub async fn sql_in(&self, db: &str, query: &str) -> Result<Vec<RecordBatch>, Error> {
-        let df = self.inner.query.plan(db, query).await?;
+        self.inner.check_open()?;
+        let df = self.inner.query.plan(db, query, true).await?;
+        Ok(df.collect().await?)
+    }
+
+    /// Runs a read-only query (no `INSERT`, no DDL, no `COPY`) with `db` as the default
+    /// database: what an untrusted caller, such as the HTTP query endpoint, may run.
+    pub async fn query(&self, db: &str, query: &str) -> Result<Vec<RecordBatch>, Error> {
+        self.inner.check_open()?;
+        let df = self.inner.query.plan(db, query, false).await?;
         Ok(df.collect().await?)
     }
 
@@ -314,7 +330,8 @@ impl Db {
         db: &str,
         query: &str,
     ) -> Result<SendableRecordBatchStream, Error> {
-        let df = self.inner.query.plan(db, query).await?;
+        self.inner.check_open()?;
+        let df = self.inner.query.plan(db, query, true).await?;
         Ok(df.execute_stream().await?)
     }
 
@@ -339,14 +356,36 @@ impl Db {
         self.inner.flush()
     }
 
-    /// Flushes everything and closes the database. Later calls on any clone fail.
+    /// Flushes everything and closes the database. Later writes and queries on any clone fail
+    /// with [`Error::Closed`].
     pub fn close(self) -> Result<(), Error> {
         self.inner.shutdown()
     }
 }
 
+/// Opens the catalog's sled database. Our own `LOCK` file already excludes other processes, so
+/// a busy sled lock can only be a previous handle of this process whose background threads are
+/// still letting go of it (sled releases its lock asynchronously): retry for a moment.
+fn open_sled(path: &Path) -> Result<sled::Db, Error> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        // No periodic flusher: the WAL makes catalog changes durable, and close flushes.
+        match sled::Config::new().path(path).flush_every_ms(None).open() {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => return Err(crate::storage::catalog::CatalogError::from(e).into()),
+        }
+    }
+}
+
 fn start_syncer(inner: &Arc<DbInner>, every: std::time::Duration) {
-    let stop = Arc::new((parking_lot::Mutex::new(false), parking_lot::Condvar::new()));
+    let stop: Arc<StopSignal> =
+        Arc::new((parking_lot::Mutex::new(false), parking_lot::Condvar::new()));
     let weak = Arc::downgrade(inner);
     let stop2 = stop.clone();
     let handle = std::thread::Builder::new()
@@ -440,11 +479,10 @@ impl DbInner {
         &self,
         prepare: impl FnOnce(&Catalog) -> Result<PreparedWrite, WriteError>,
     ) -> Result<WriteReceipt, Error> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(Error::Closed);
-        }
-        self.commit.check().map_err(WriteError::from)?;
+        self.check_open()?;
         let mut w = self.writer.lock();
+        // Checked under the lock: a failed append must stop every later writer.
+        self.commit.check().map_err(WriteError::from)?;
         let prepared = prepare(&self.catalog)?;
         let rows = prepared.rows;
         let rejected = prepared.rejected.clone();
@@ -494,8 +532,22 @@ impl DbInner {
         })
     }
 
+    fn check_open(&self) -> Result<(), Error> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        Ok(())
+    }
+
+    /// Every write up to this sequence is applied to all its tables.
+    pub(crate) fn visible_seq(&self) -> u64 {
+        self.commit.applied_seq()
+    }
+
     fn flush(&self) -> Result<(), Error> {
         let w = self.writer.lock();
+        // After a failed fsync nothing may be reported durable again (no retry-and-ack).
+        self.commit.check().map_err(WriteError::from)?;
         if w.wal.is_some() {
             self.commit.sync_now().map_err(WriteError::from)?;
         }

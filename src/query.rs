@@ -17,6 +17,7 @@ use datafusion::error::DataFusionError;
 use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::context::{SQLOptions, SessionContext};
 use datafusion::execution::session_state::SessionState;
+use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionConfig;
 
 use crate::db::DbInner;
@@ -47,16 +48,28 @@ impl QueryEngine {
         }
     }
 
-    /// Plans `sql` with `db` as the default database. DML (`INSERT`) is allowed; DDL and
-    /// session statements are refused.
-    pub(crate) async fn plan(&self, db: &str, sql: &str) -> Result<DataFrame, DataFusionError> {
+    /// Plans `sql` with `db` as the default database. DDL, session statements and `COPY` are
+    /// refused; DML (`INSERT`) only when `allow_dml`.
+    pub(crate) async fn plan(
+        &self,
+        db: &str,
+        sql: &str,
+        allow_dml: bool,
+    ) -> Result<DataFrame, DataFusionError> {
         let mut state = self.template.clone();
         state.config_mut().options_mut().catalog.default_schema = db.to_string();
         let ctx = SessionContext::new_with_state(state);
         let options = SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_statements(false)
-            .with_allow_dml(true);
-        ctx.sql_with_options(sql, options).await
+            .with_allow_dml(allow_dml);
+        let df = ctx.sql_with_options(sql, options).await?;
+        // DataFusion counts `COPY … TO 'file'` as DML; it would write arbitrary files.
+        if let LogicalPlan::Copy(_) = df.logical_plan() {
+            return Err(DataFusionError::Plan(
+                "COPY is not allowed: query results are returned, not written to files".to_string(),
+            ));
+        }
+        Ok(df)
     }
 }

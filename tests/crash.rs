@@ -166,7 +166,10 @@ fn kill_during_ingest_loses_no_acknowledged_write() {
         let acks = run_round(dir.path(), round * 1_000_000, kill_after, round % 3 != 2);
         let mut seqs_this_round = std::collections::BTreeSet::new();
         for (batch, seq) in acks {
-            assert!(seqs_this_round.insert(seq), "sequence {seq} acknowledged twice");
+            assert!(
+                seqs_this_round.insert(seq),
+                "sequence {seq} acknowledged twice"
+            );
             assert!(
                 seq > max_seq,
                 "round {round}: sequence {seq} does not continue after {max_seq}"
@@ -188,14 +191,21 @@ fn kill_during_ingest_loses_no_acknowledged_write() {
             assert_eq!(sum, (*batch * ROWS as u64) as f64, "batch {batch} values");
         }
         for (key, (n, _)) in &present {
-            assert_eq!(*n, ROWS as i64, "round {round}: partial write {key} is visible");
+            assert_eq!(
+                *n, ROWS as i64,
+                "round {round}: partial write {key} is visible"
+            );
         }
         // The sequence continues past everything acknowledged (and anything replayed).
         assert!(db.last_seq() >= max_seq, "last_seq went backwards");
         let receipt = db
             .write_lines("main", "marker v=1 1", Precision::Second)
             .expect("write after reopen");
-        assert!(receipt.seq > max_seq, "sequence {} after reopen is not past {max_seq}", receipt.seq);
+        assert!(
+            receipt.seq > max_seq,
+            "sequence {} after reopen is not past {max_seq}",
+            receipt.seq
+        );
         max_seq = receipt.seq;
         db.close().expect("close");
         println!(

@@ -49,20 +49,35 @@ fn restart_gives_identical_results() {
         db.write_lines("main", fixture_lines(), Precision::Second)
             .expect("write");
         // An overwrite of one field of an existing point, and a late point.
-        db.write_lines("main", "cpu,dc=x,host=a usage=9.5 10\ncpu,host=b,dc=x usage=0.5 5", Precision::Second)
-            .expect("overwrite");
+        db.write_lines(
+            "main",
+            "cpu,dc=x,host=a usage=9.5 10\ncpu,host=b,dc=x usage=0.5 5",
+            Precision::Second,
+        )
+        .expect("overwrite");
         db.write_lines("other", "t v=1 1\nt v=2 2", Precision::Second)
             .expect("other db");
         let out = queries.iter().map(|q| table(&db, q)).collect();
         db.close().expect("close");
         out
     };
-    assert!(before[0].contains("| 9.5   |"), "overwrite visible: {}", before[0]);
-    assert!(!before[0].contains("| 1.5   |"), "old value gone: {}", before[0]);
+    assert!(
+        before[0].contains("| 9.5   |"),
+        "overwrite visible: {}",
+        before[0]
+    );
+    assert!(
+        !before[0].contains("| 1.5   |"),
+        "old value gone: {}",
+        before[0]
+    );
     let db = Db::open(dir.path()).expect("reopen");
     let after: Vec<String> = queries.iter().map(|q| table(&db, q)).collect();
     assert_eq!(before, after);
-    assert_eq!(db.databases(), vec!["main".to_string(), "other".to_string()]);
+    assert_eq!(
+        db.databases(),
+        vec!["main".to_string(), "other".to_string()]
+    );
 }
 
 #[test]
@@ -84,7 +99,9 @@ fn sequences_increase_and_continue_across_restarts() {
     // A restart without writes keeps the sequence too.
     drop(Db::open(dir.path()).expect("open"));
     let db = Db::open(dir.path()).expect("open");
-    let r = db.write_lines("main", "s v=9 9", Precision::Second).expect("write");
+    let r = db
+        .write_lines("main", "s v=9 9", Precision::Second)
+        .expect("write");
     assert_eq!(r.seq, last + 1);
 }
 
@@ -122,7 +139,11 @@ fn concurrent_writers_get_distinct_sequences_and_lose_nothing() {
 fn write_batch_maps_arrow_columns() {
     let db = Db::open_in_memory().expect("open");
     let schema = Arc::new(Schema::new(vec![
-        Field::new("time", DataType::Timestamp(TimeUnit::Millisecond, None), false),
+        Field::new(
+            "time",
+            DataType::Timestamp(TimeUnit::Millisecond, None),
+            false,
+        ),
         Field::new(
             "host",
             DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8)),
@@ -173,8 +194,14 @@ fn write_batch_maps_arrow_columns() {
     )
     .expect("batch");
     db.write_batch("main", "cpu", &batch).expect("utf8 tag");
-    let out = table(&db, "SELECT usage, cores FROM cpu WHERE host = 'a' AND time = '1970-01-01T00:00:01Z'");
-    assert!(out.contains("| 7.0   | 4     |"), "overwrite keeps other fields: {out}");
+    let out = table(
+        &db,
+        "SELECT usage, cores FROM cpu WHERE host = 'a' AND time = '1970-01-01T00:00:01Z'",
+    );
+    assert!(
+        out.contains("| 7.0   | 4     |"),
+        "overwrite keeps other fields: {out}"
+    );
 }
 
 fn batch_of(fields: Vec<Field>, arrays: Vec<ArrayRef>) -> RecordBatch {
@@ -226,7 +253,10 @@ fn write_batch_rejects_bad_batches_clearly() {
         ),
         (
             batch_of(
-                vec![Field::new("time", DataType::Int64, true), Field::new("usage", DataType::Float64, true)],
+                vec![
+                    Field::new("time", DataType::Int64, true),
+                    Field::new("usage", DataType::Float64, true),
+                ],
                 vec![
                     Arc::new(arrow::array::Int64Array::from(vec![None])),
                     Arc::new(Float64Array::from(vec![1.0])),
@@ -236,7 +266,10 @@ fn write_batch_rejects_bad_batches_clearly() {
         ),
     ];
     for (batch, want) in cases {
-        let err = db.write_batch("main", "cpu", &batch).expect_err(want).to_string();
+        let err = db
+            .write_batch("main", "cpu", &batch)
+            .expect_err(want)
+            .to_string();
         assert!(err.contains(want), "expected '{want}' in: {err}");
         assert!(err.contains("table 'cpu'"), "names the table: {err}");
     }
@@ -247,10 +280,15 @@ fn write_batch_rejects_bad_batches_clearly() {
 fn atomic_and_partial_line_writes() {
     let db = Db::open_in_memory().expect("open");
     let body = "m v=1 1\nm v=oops 2\nm v=3 3\nm v=4i 4\n";
-    let err = db.write_lines("main", body, Precision::Second).expect_err("bad lines");
+    let err = db
+        .write_lines("main", body, Precision::Second)
+        .expect_err("bad lines");
     match &err {
         Error::Write(WriteError::Rejected { errors, total, .. }) => {
-            assert_eq!(*total, 1, "syntax errors are reported before type checks: {err}");
+            assert_eq!(
+                *total, 1,
+                "syntax errors are reported before type checks: {err}"
+            );
             assert_eq!(errors[0].line, 2);
         }
         other => panic!("unexpected error {other}"),
@@ -269,7 +307,11 @@ fn atomic_and_partial_line_writes() {
     assert_eq!(r.rejected_total, 2);
     let lines: Vec<usize> = r.rejected.iter().map(|e| e.line).collect();
     assert_eq!(lines, vec![2, 4]);
-    assert!(r.rejected[1].reason.contains("has type float, but this line writes integer"));
+    assert!(
+        r.rejected[1]
+            .reason
+            .contains("has type float, but this line writes integer")
+    );
 }
 
 #[test]
@@ -280,9 +322,11 @@ fn missing_timestamps_use_the_injected_clock() {
         ..Config::default()
     })
     .expect("open");
-    db.write_lines("main", "m v=1", Precision::Second).expect("write");
+    db.write_lines("main", "m v=1", Precision::Second)
+        .expect("write");
     clock.advance(1_000_000_000);
-    db.write_lines("main", "m v=2", Precision::Second).expect("write");
+    db.write_lines("main", "m v=2", Precision::Second)
+        .expect("write");
     assert_eq!(
         table(&db, "SELECT time, v FROM m ORDER BY time"),
         "+----------------------+-----+\n\
@@ -297,10 +341,15 @@ fn missing_timestamps_use_the_injected_clock() {
 #[test]
 fn streaming_queries_yield_batches() {
     let db = Db::open_in_memory().expect("open");
-    let lines: String = (0..1000).map(|i| format!("m,k=k{} v={i} {i}\n", i % 7)).collect();
-    db.write_lines("main", &lines, Precision::Second).expect("write");
+    let lines: String = (0..1000)
+        .map(|i| format!("m,k=k{} v={i} {i}\n", i % 7))
+        .collect();
+    db.write_lines("main", &lines, Precision::Second)
+        .expect("write");
     let rows = rt().block_on(async {
-        let stream = db.sql_stream("main", "SELECT k, v FROM m WHERE v >= 500").await?;
+        let stream = db
+            .sql_stream("main", "SELECT k, v FROM m WHERE v >= 500")
+            .await?;
         let batches: Vec<RecordBatch> = stream.try_collect().await?;
         Ok::<usize, Error>(batches.iter().map(|b| b.num_rows()).sum())
     });
@@ -310,11 +359,14 @@ fn streaming_queries_yield_batches() {
 #[test]
 fn overwrites_after_a_merge_still_win() {
     let db = Db::open_in_memory().expect("open");
-    db.write_lines("main", "m,k=a v=1 1\nm,k=a v=2 2", Precision::Second).expect("w");
-    db.write_lines("main", "m,k=a v=10 1", Precision::Second).expect("overwrite");
+    db.write_lines("main", "m,k=a v=1 1\nm,k=a v=2 2", Precision::Second)
+        .expect("w");
+    db.write_lines("main", "m,k=a v=10 1", Precision::Second)
+        .expect("overwrite");
     // This query merges the chunks and installs the merged one.
     assert!(table(&db, "SELECT sum(v) FROM m").contains("| 12.0     |"));
-    db.write_lines("main", "m,k=a v=100 2\nm,k=b v=5 2", Precision::Second).expect("w");
+    db.write_lines("main", "m,k=a v=100 2\nm,k=b v=5 2", Precision::Second)
+        .expect("w");
     assert!(table(&db, "SELECT sum(v) FROM m").contains("| 115.0    |"));
     assert!(table(&db, "SELECT count(*) FROM m").contains("| 3        |"));
 }
@@ -322,8 +374,10 @@ fn overwrites_after_a_merge_still_win() {
 #[test]
 fn new_columns_appear_and_old_rows_read_null() {
     let db = Db::open_in_memory().expect("open");
-    db.write_lines("main", "m a=1 1", Precision::Second).expect("w");
-    db.write_lines("main", "m,t=x b=2i 2", Precision::Second).expect("w");
+    db.write_lines("main", "m a=1 1", Precision::Second)
+        .expect("w");
+    db.write_lines("main", "m,t=x b=2i 2", Precision::Second)
+        .expect("w");
     assert_eq!(
         table(&db, "SELECT a, b, t FROM m ORDER BY time"),
         "+-----+---+---+\n\
@@ -361,8 +415,10 @@ fn a_torn_wal_tail_is_cut_off_and_reported() {
     let dir = tempfile::tempdir().expect("tempdir");
     {
         let db = Db::open(dir.path()).expect("open");
-        db.write_lines("main", "m v=1 1\nm v=2 2", Precision::Second).expect("w");
-        db.write_lines("main", "m v=3 3", Precision::Second).expect("w");
+        db.write_lines("main", "m v=1 1\nm v=2 2", Precision::Second)
+            .expect("w");
+        db.write_lines("main", "m v=3 3", Precision::Second)
+            .expect("w");
         db.close().expect("close");
     }
     let last = wal_files(dir.path()).pop().expect("a segment");
@@ -381,7 +437,8 @@ fn a_torn_wal_tail_is_cut_off_and_reported() {
     assert_eq!(offset, len);
     assert!(reason.contains("torn"), "{reason}");
     assert!(table(&db, "SELECT count(*) FROM m").contains("| 3        |"));
-    db.write_lines("main", "m v=4 4", Precision::Second).expect("write after repair");
+    db.write_lines("main", "m v=4 4", Precision::Second)
+        .expect("write after repair");
     db.close().expect("close");
     let db = Db::open(dir.path()).expect("reopen again");
     assert!(db.replay_report().truncated_tail.is_none());
@@ -411,7 +468,10 @@ fn corruption_before_the_last_segment_refuses_to_open() {
     std::fs::write(&files[0], bytes).expect("write");
     let err = Db::open_with(config()).expect_err("corrupt");
     let msg = err.to_string();
-    assert!(msg.contains("is corrupt") && msg.contains("checksum mismatch"), "{msg}");
+    assert!(
+        msg.contains("is corrupt") && msg.contains("checksum mismatch"),
+        "{msg}"
+    );
 }
 
 /// Fails every fsync after the first `ok_syncs`.
@@ -444,8 +504,10 @@ fn a_failed_fsync_fails_the_write_and_stops_the_log() {
             ..Config::with_dir(dir.path())
         })
         .expect("open");
-        db.write_lines("main", "m v=1 1", Precision::Second).expect("acknowledged 1");
-        db.write_lines("main", "m v=2 2", Precision::Second).expect("acknowledged 2");
+        db.write_lines("main", "m v=1 1", Precision::Second)
+            .expect("acknowledged 1");
+        db.write_lines("main", "m v=2 2", Precision::Second)
+            .expect("acknowledged 2");
         let err = db
             .write_lines("main", "m v=3 3", Precision::Second)
             .expect_err("fsync fails");
@@ -463,7 +525,8 @@ fn a_failed_fsync_fails_the_write_and_stops_the_log() {
     let db = Db::open(dir.path()).expect("reopen");
     let out = table(&db, "SELECT count(*) AS n FROM m WHERE v <= 2");
     assert!(out.contains("| 2 |"), "{out}");
-    db.write_lines("main", "m v=5 5", Precision::Second).expect("writes again");
+    db.write_lines("main", "m v=5 5", Precision::Second)
+        .expect("writes again");
 }
 
 #[test]

@@ -7,6 +7,7 @@
 use std::fs::File;
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -116,19 +117,22 @@ impl Chunks {
     }
 }
 
+/// An input and its length when known.
+type Input = (Box<dyn Read>, Option<u64>);
+
+/// Opens the input; `stdin` holds standard input when it had to be read into memory.
 fn open_input(
     path: &PathBuf,
-    atomic: bool,
-) -> Result<(Box<dyn Read>, Option<u64>), Box<dyn std::error::Error>> {
+    stdin: Option<&Arc<[u8]>>,
+) -> Result<Input, Box<dyn std::error::Error>> {
     if path.as_os_str() == "-" {
-        if atomic {
-            // Two passes need the input twice: keep standard input in memory.
-            let mut all = Vec::new();
-            std::io::stdin().lock().read_to_end(&mut all)?;
-            let len = all.len() as u64;
-            return Ok((Box::new(std::io::Cursor::new(all)), Some(len)));
-        }
-        return Ok((Box::new(std::io::stdin()), None));
+        return Ok(match stdin {
+            Some(data) => (
+                Box::new(std::io::Cursor::new(data.clone())),
+                Some(data.len() as u64),
+            ),
+            None => (Box::new(std::io::stdin()), None),
+        });
     }
     let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     let len = file.metadata().ok().map(|m| m.len());
@@ -178,9 +182,17 @@ pub(crate) fn run(args: WriteArgs) -> CliResult {
         first_line: 1,
     };
     let atomic = !args.accept_partial;
+    // Two passes read the input twice: an atomic import keeps standard input in memory.
+    let stdin: Option<Arc<[u8]>> = if atomic && args.file.as_os_str() == "-" {
+        let mut all = Vec::new();
+        std::io::stdin().lock().read_to_end(&mut all)?;
+        Some(all.into())
+    } else {
+        None
+    };
 
     if atomic {
-        let (reader, total) = open_input(&args.file, true)?;
+        let (reader, total) = open_input(&args.file, stdin.as_ref())?;
         let bar = progress(total, "checking");
         let mut chunks = Chunks::new(reader);
         let mut state = ImportCheck::default();
@@ -219,7 +231,7 @@ pub(crate) fn run(args: WriteArgs) -> CliResult {
         }
     }
 
-    let (reader, total) = open_input(&args.file, false)?;
+    let (reader, total) = open_input(&args.file, stdin.as_ref())?;
     let bar = progress(total, "writing ");
     let mut chunks = Chunks::new(reader);
     let started = Instant::now();

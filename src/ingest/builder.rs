@@ -135,6 +135,11 @@ impl ChunkBuilder {
     /// The slot of column `name`, created with `kind` on first use.
     pub(crate) fn slot(&mut self, name: &str, kind: ColumnKind) -> usize {
         if let Some(&slot) = self.by_name.get(name) {
+            if self.kinds[slot] != kind && self.filled[slot] == 0 {
+                // Created for a line that was then rejected: nothing was appended to it.
+                self.kinds[slot] = kind;
+                self.columns[slot] = ColumnBuilder::new(kind);
+            }
             return slot;
         }
         let name: Arc<str> = name.into();

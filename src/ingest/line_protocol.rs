@@ -21,6 +21,9 @@
 use std::fmt;
 use std::ops::Range;
 
+/// At most this many bad lines are listed per parse (all are counted).
+pub const MAX_LISTED_ERRORS: usize = 1000;
+
 /// The unit of a line protocol timestamp.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Precision {
@@ -33,13 +36,16 @@ pub enum Precision {
     Millisecond,
     /// Seconds.
     Second,
+    /// Guessed per timestamp from its magnitude, as InfluxDB 3's `precision=auto`: below 5e9
+    /// seconds, below 5e12 milliseconds, below 5e15 microseconds, else nanoseconds.
+    Auto,
 }
 
 impl Precision {
     /// How many nanoseconds one unit is.
     pub fn nanos_per_unit(self) -> i64 {
         match self {
-            Precision::Nanosecond => 1,
+            Precision::Nanosecond | Precision::Auto => 1,
             Precision::Microsecond => 1_000,
             Precision::Millisecond => 1_000_000,
             Precision::Second => 1_000_000_000,
@@ -58,6 +64,7 @@ impl std::str::FromStr for Precision {
             "us" | "u" | "µs" | "microsecond" | "microseconds" => Ok(Precision::Microsecond),
             "ms" | "millisecond" | "milliseconds" => Ok(Precision::Millisecond),
             "s" | "second" | "seconds" => Ok(Precision::Second),
+            "auto" => Ok(Precision::Auto),
             other => Err(format!(
                 "unknown precision '{other}': expected ns, us, ms or s"
             )),
@@ -72,6 +79,7 @@ impl fmt::Display for Precision {
             Precision::Microsecond => "us",
             Precision::Millisecond => "ms",
             Precision::Second => "s",
+            Precision::Auto => "auto",
         })
     }
 }
@@ -207,8 +215,10 @@ pub struct ParsedLines<'a> {
     pub lines: Vec<Line<'a>>,
     tags: Vec<(Token<'a>, Token<'a>)>,
     fields: Vec<(Token<'a>, FieldValue<'a>)>,
-    /// One entry per line that did not parse, in input order.
+    /// One entry per line that did not parse, in input order (at most 1000 are listed).
     pub errors: Vec<LineError>,
+    /// How many lines did not parse.
+    pub error_count: usize,
     /// The line number after the last line of the input.
     pub end_line: usize,
     /// When the input ended inside a quoted string, the byte offset where that line starts (a
@@ -255,6 +265,7 @@ pub fn parse(input: &str, options: ParseOptions) -> ParsedLines<'_> {
         line_no: options.first_line,
         line_start: 0,
         scale: options.precision.nanos_per_unit(),
+        auto: options.precision == Precision::Auto,
         out: ParsedLines {
             lines: Vec::with_capacity(input.len() / 128 + 1),
             tags: Vec::with_capacity(input.len() / 16 + 1),
@@ -274,6 +285,7 @@ struct Parser<'a> {
     line_no: usize,
     line_start: usize,
     scale: i64,
+    auto: bool,
     out: ParsedLines<'a>,
 }
 
@@ -320,6 +332,11 @@ impl<'a> Parser<'a> {
                         .iter()
                         .rposition(|&b| b == b'\n')
                         .map_or(self.line_start, |p| self.line_start + p + 1);
+                    self.out.error_count += 1;
+                    if self.out.errors.len() >= MAX_LISTED_ERRORS {
+                        self.skip_to_next_line(f.at);
+                        continue;
+                    }
                     self.out.errors.push(LineError {
                         line: line_no + newlines,
                         column: f.at.saturating_sub(col_start) + 1,
@@ -597,7 +614,17 @@ impl<'a> Parser<'a> {
                 )
             }
         })?;
-        value.checked_mul(self.scale).map(Some).ok_or_else(|| {
+        let scale = if self.auto {
+            match value.unsigned_abs() {
+                v if v < 5_000_000_000 => 1_000_000_000,
+                v if v < 5_000_000_000_000 => 1_000_000,
+                v if v < 5_000_000_000_000_000 => 1_000,
+                _ => 1,
+            }
+        } else {
+            self.scale
+        };
+        value.checked_mul(scale).map(Some).ok_or_else(|| {
             fail(
                 start,
                 format!("timestamp '{text}' is out of range for nanosecond precision"),

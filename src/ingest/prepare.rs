@@ -14,16 +14,13 @@ use arrow::datatypes::{DataType, TimeUnit};
 
 use super::WriteError;
 use super::builder::{ChunkBuilder, Value};
-use super::line_protocol::{FieldValue, LineError, ParsedLines, Token};
+use super::line_protocol::{FieldValue, LineError, MAX_LISTED_ERRORS, ParsedLines, Token};
 use crate::storage::buffer::Chunk;
 use crate::storage::catalog::{
     Catalog, ColumnDef, ColumnKind, Database, FieldType, TIME_COLUMN, TableSchema, check_name,
     tag_type, time_type,
 };
 use crate::storage::table::{Table, canonical_key};
-
-/// At most this many rejected lines are reported per write (all are counted).
-pub(crate) const MAX_REPORTED_ERRORS: usize = 1000;
 
 /// One table's part of a write.
 pub(crate) struct PreparedTable {
@@ -102,6 +99,13 @@ impl Columns<'_> {
         }
     }
 
+    /// Forgets the columns added after `mark` (they came from a line that was rejected).
+    fn rollback(&mut self, mark: usize) {
+        for c in self.added.drain(mark..) {
+            self.added_by_name.remove(&c.name);
+        }
+    }
+
     fn conflict(&self, name: &str, have: ColumnKind, want: ColumnKind) -> String {
         let (db, table) = (self.db, self.table);
         match (have, want) {
@@ -151,7 +155,7 @@ struct Rejections {
 impl Rejections {
     fn push(&mut self, e: LineError) {
         self.total += 1;
-        if self.list.len() < MAX_REPORTED_ERRORS {
+        if self.list.len() < MAX_LISTED_ERRORS {
             self.list.push(e);
         }
     }
@@ -172,7 +176,7 @@ pub(crate) fn prepare_lines(
     let db = catalog.database(&db_name);
     let mut rejected = Rejections {
         list: parsed.errors.clone(),
-        total: parsed.errors.len(),
+        total: parsed.error_count,
     };
 
     // Group lines by measurement, keeping input order within each table.
@@ -239,6 +243,7 @@ pub(crate) fn prepare_lines(
             tag_slots.clear();
             field_slots.clear();
             let mut error: Option<LineError> = None;
+            let mark = columns.added.len();
 
             for (n, (key, _)) in tags.iter().enumerate() {
                 if let Some(&(raw, slot)) = tag_cache.get(n)
@@ -303,6 +308,10 @@ pub(crate) fn prepare_lines(
                 }
             }
             if let Some(e) = error {
+                columns.rollback(mark);
+                // Cached shapes may point at the rolled-back columns.
+                tag_cache.clear();
+                field_cache.clear();
                 rejected.push(e);
                 continue;
             }
@@ -426,8 +435,17 @@ pub(crate) fn prepare_batch(
         if name == TIME_COLUMN {
             let ns = match array.data_type() {
                 DataType::Timestamp(_, _) | DataType::Int64 => {
-                    let as_ns = cast(array, &DataType::Timestamp(TimeUnit::Nanosecond, None))
-                        .map_err(|e| invalid(format!("column 'time': {e}")))?;
+                    // Not "safe": a time out of the nanosecond range is an error, not a null.
+                    let strict = arrow::compute::CastOptions {
+                        safe: false,
+                        ..Default::default()
+                    };
+                    let as_ns = arrow::compute::cast_with_options(
+                        array,
+                        &DataType::Timestamp(TimeUnit::Nanosecond, None),
+                        &strict,
+                    )
+                    .map_err(|e| invalid(format!("column 'time': {e}")))?;
                     cast(&as_ns, &time_type())
                         .map_err(|e| invalid(format!("column 'time': {e}")))?
                 }

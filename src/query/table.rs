@@ -44,7 +44,13 @@ impl BufferTableProvider {
 
     /// The table's chunks, merged first if some may hold overwritten points.
     fn chunks(&self) -> Result<Vec<Arc<Chunk>>> {
-        let snapshot = self.table.buffer.read().snapshot();
+        let db = self
+            .db
+            .upgrade()
+            .ok_or_else(|| DataFusionError::Execution("the database is closed".to_string()))?;
+        // Read the visible sequence before the buffer: every chunk up to it is in the buffer.
+        let visible = db.visible_seq();
+        let snapshot = self.table.buffer.read().snapshot().up_to(visible);
         if !snapshot.needs_dedup() {
             return Ok(snapshot.chunks);
         }

@@ -89,6 +89,14 @@ pub(crate) struct BufferSnapshot {
 }
 
 impl BufferSnapshot {
+    /// Keeps only chunks of writes up to `seq` (chunks are in sequence order), so a query never
+    /// sees part of a write that touches several tables while it is being applied.
+    pub(crate) fn up_to(mut self, seq: u64) -> BufferSnapshot {
+        let keep = self.chunks.partition_point(|c| c.seq <= seq);
+        self.chunks.truncate(keep);
+        self
+    }
+
     /// True when some chunk may hold overwritten points.
     pub(crate) fn needs_dedup(&self) -> bool {
         self.chunks.iter().any(|c| c.overlaps) && !self.chunks.is_empty()

@@ -52,6 +52,16 @@ pub enum WalError {
         /// What is wrong.
         reason: String,
     },
+    /// A segment was written by an incompatible version of Rivulet.
+    #[error("WAL segment {path} has format version {found}; this build reads version {expected}")]
+    Version {
+        /// The file.
+        path: PathBuf,
+        /// Version found.
+        found: u16,
+        /// Version this build reads.
+        expected: u16,
+    },
     /// A previous WAL write or fsync failed; the log cannot promise durability any more.
     #[error("the WAL stopped accepting writes after an I/O failure ({0}); reopen the database")]
     Poisoned(String),
@@ -60,7 +70,7 @@ pub enum WalError {
     Record {
         /// The sequence of the record.
         seq: u64,
-        /// "encoded" or "decoded".
+        /// "encoded", "decoded" or "replayed".
         op: &'static str,
         /// Why.
         reason: String,
@@ -250,6 +260,16 @@ pub(crate) fn replay(
         File::open(path)
             .and_then(|mut f| f.read_to_end(&mut data))
             .map_err(io_err("reading", path))?;
+        if data.len() >= 8 && &data[..6] == WAL_MAGIC {
+            let found = u16::from_le_bytes([data[6], data[7]]);
+            if found != WAL_FORMAT_VERSION {
+                return Err(WalError::Version {
+                    path: path.clone(),
+                    found,
+                    expected: WAL_FORMAT_VERSION,
+                });
+            }
+        }
         let mut pos = match check_header(&data) {
             Ok(()) => HEADER_LEN as usize,
             Err(reason) => {
@@ -282,6 +302,11 @@ pub(crate) fn replay(
                 let payload = data
                     .get(start..start + len as usize)
                     .ok_or_else(|| bad("torn record".to_string()))?;
+                if payload.len() < 9 {
+                    // Every payload holds at least a sequence and a kind: zeros from a
+                    // preallocated or torn block are damage, not an empty record.
+                    return Err(bad(format!("record of {len} bytes is too short")));
+                }
                 if crc32fast::hash(payload) != crc {
                     return Err(bad("checksum mismatch".to_string()));
                 }
@@ -290,6 +315,16 @@ pub(crate) fn replay(
             match result {
                 Ok(payload) => {
                     let seq = apply(payload)?;
+                    if report.last_seq.is_some_and(|last| seq <= last) {
+                        return Err(WalError::Corrupt {
+                            path: path.clone(),
+                            offset: pos as u64,
+                            reason: format!(
+                                "sequence {seq} does not follow {}",
+                                report.last_seq.unwrap_or(0)
+                            ),
+                        });
+                    }
                     report.records += 1;
                     report.last_seq = Some(seq);
                     pos += RECORD_HEADER_LEN + payload.len();
@@ -407,7 +442,7 @@ impl WalWriter {
         let rotate = match &self.current {
             None => true,
             Some((path, file)) if self.len >= self.max_segment_bytes => {
-                file.sync_data().map_err(io_err("fsync", path))?;
+                WalWriter::sync(self.faults.as_ref(), file, path)?;
                 true
             }
             Some(_) => false,
