@@ -1,5 +1,6 @@
 //! Command-line commands.
 
+mod serve;
 mod sql;
 mod write;
 
@@ -17,6 +18,8 @@ pub(crate) struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Serve the HTTP API (InfluxDB-compatible writes, SQL queries) on a data directory.
+    Serve(serve::ServeArgs),
     /// Import a line protocol file (or `-` for stdin) into a data directory.
     Write(write::WriteArgs),
     /// Run a SQL query against a data directory and print the result.
@@ -39,6 +42,7 @@ pub(crate) type CliResult = Result<(), Box<dyn std::error::Error>>;
 
 pub(crate) fn run(cli: Cli) -> CliResult {
     match cli.command {
+        Command::Serve(args) => serve::run(args),
         Command::Write(args) => write::run(args),
         Command::Sql(args) => sql::run(args),
     }

@@ -49,6 +49,7 @@ mod db;
 mod error;
 mod ingest;
 mod query;
+pub mod server;
 mod storage;
 
 pub use clock::{Clock, ManualClock, SystemClock};

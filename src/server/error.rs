@@ -1,0 +1,130 @@
+//! The one place where errors become HTTP responses.
+//!
+//! Client mistakes (bad lines, bad SQL, unknown tables) are 4xx with the message; failures of the
+//! server itself (I/O, a poisoned WAL) are 5xx whose details go to the log, not to the client.
+//! Write errors use the JSON shape of the InfluxDB API version the client spoke, so its client
+//! libraries show them.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use datafusion::error::DataFusionError;
+use serde_json::{Value, json};
+
+use crate::{Error, WalError, WriteError};
+
+/// The API whose error shape a response uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    /// InfluxDB 1.x: `{"error": "…"}`.
+    V1,
+    /// InfluxDB 2.x: `{"code": "invalid", "message": "…"}`.
+    V2,
+    /// InfluxDB 3 and Rivulet's own endpoints: `{"error": "…", "data": …}`.
+    V3,
+}
+
+/// An error response.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    data: Option<Value>,
+    dialect: Dialect,
+}
+
+impl ApiError {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+            data: None,
+            dialect: Dialect::V3,
+        }
+    }
+
+    pub(crate) fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    pub(crate) fn with_data(mut self, data: Value) -> ApiError {
+        self.data = Some(data);
+        self
+    }
+
+    pub(crate) fn dialect(mut self, dialect: Dialect) -> ApiError {
+        self.dialect = dialect;
+        self
+    }
+
+    /// The status of the response.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+}
+
+fn internal(e: &dyn std::fmt::Display) -> ApiError {
+    tracing::error!(error = %e, "request failed");
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal error; the details are in the server log",
+    )
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> ApiError {
+        match &e {
+            Error::Write(WriteError::Rejected { .. })
+            | Error::Write(WriteError::InvalidDatabase(_))
+            | Error::Write(WriteError::InvalidBatch { .. }) => ApiError::bad_request(e.to_string()),
+            Error::Write(WriteError::Wal(WalError::Poisoned(_))) | Error::Closed => {
+                tracing::error!(error = %e, "write refused");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the database cannot accept writes after a storage failure; see the server log",
+                )
+            }
+            Error::Write(WriteError::Wal(WalError::Record { .. })) => {
+                ApiError::bad_request(e.to_string())
+            }
+            Error::Query(q) => from_datafusion(q, &e),
+            _ => internal(&e),
+        }
+    }
+}
+
+fn from_datafusion(q: &DataFusionError, whole: &Error) -> ApiError {
+    match q.find_root() {
+        DataFusionError::SQL(..)
+        | DataFusionError::Plan(_)
+        | DataFusionError::SchemaError(..)
+        | DataFusionError::NotImplemented(_)
+        | DataFusionError::Configuration(_)
+        | DataFusionError::Execution(_) => ApiError::bad_request(whole.to_string()),
+        DataFusionError::ResourcesExhausted(_) => {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, whole.to_string())
+        }
+        DataFusionError::External(inner) => match inner.downcast_ref::<Error>() {
+            Some(_) => ApiError::bad_request(whole.to_string()),
+            None => internal(whole),
+        },
+        _ => internal(whole),
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = match self.dialect {
+            Dialect::V1 => json!({ "error": self.message }),
+            Dialect::V2 => json!({
+                "code": if self.status.is_server_error() { "internal error" } else { "invalid" },
+                "message": self.message,
+            }),
+            Dialect::V3 => match self.data {
+                Some(data) => json!({ "error": self.message, "data": data }),
+                None => json!({ "error": self.message }),
+            },
+        };
+        (self.status, Json(body)).into_response()
+    }
+}

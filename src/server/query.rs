@@ -1,0 +1,186 @@
+//! SQL over HTTP: `/api/v3/query_sql` (read-only, InfluxDB 3 compatible) and `/api/v1/sql`
+//! (statements: `INSERT` and queries).
+
+use arrow::array::RecordBatch;
+use axum::Json;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use super::AppState;
+use super::error::ApiError;
+
+/// Media type of an Arrow IPC stream.
+const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
+
+/// Parameters of `/api/v3/query_sql` (query string for GET, JSON body for POST).
+#[derive(Debug, Deserialize)]
+pub(crate) struct QueryParams {
+    db: Option<String>,
+    q: Option<String>,
+    format: Option<String>,
+}
+
+/// Result encodings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Json,
+    JsonLines,
+    Csv,
+    Pretty,
+    Parquet,
+    Arrow,
+}
+
+fn format(params: &QueryParams, headers: &HeaderMap) -> Result<Format, ApiError> {
+    let accepts_arrow = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains(ARROW_STREAM));
+    match params.format.as_deref() {
+        None if accepts_arrow => Ok(Format::Arrow),
+        None | Some("json") => Ok(Format::Json),
+        Some("jsonl") => Ok(Format::JsonLines),
+        Some("csv") => Ok(Format::Csv),
+        Some("pretty") => Ok(Format::Pretty),
+        Some("parquet") => Ok(Format::Parquet),
+        Some("arrow") => Ok(Format::Arrow),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "unknown format '{other}': expected json, jsonl, csv, pretty, parquet or arrow"
+        ))),
+    }
+}
+
+fn encode(batches: &[RecordBatch], format: Format) -> Result<(Vec<u8>, &'static str), String> {
+    let mut out = Vec::new();
+    let content_type = match format {
+        Format::Json => {
+            let mut w = arrow::json::ArrayWriter::new(&mut out);
+            for b in batches {
+                w.write(b).map_err(|e| e.to_string())?;
+            }
+            w.finish().map_err(|e| e.to_string())?;
+            drop(w);
+            if out.is_empty() {
+                out.extend_from_slice(b"[]");
+            }
+            "application/json"
+        }
+        Format::JsonLines => {
+            let mut w = arrow::json::LineDelimitedWriter::new(&mut out);
+            for b in batches {
+                w.write(b).map_err(|e| e.to_string())?;
+            }
+            w.finish().map_err(|e| e.to_string())?;
+            "application/jsonl"
+        }
+        Format::Csv => {
+            let mut w = arrow::csv::WriterBuilder::new()
+                .with_header(true)
+                .build(&mut out);
+            for b in batches {
+                w.write(b).map_err(|e| e.to_string())?;
+            }
+            drop(w);
+            "text/csv; charset=utf-8"
+        }
+        Format::Pretty => {
+            let table =
+                arrow::util::pretty::pretty_format_batches(batches).map_err(|e| e.to_string())?;
+            out.extend_from_slice(format!("{table}\n").as_bytes());
+            "text/plain; charset=utf-8"
+        }
+        Format::Parquet | Format::Arrow => {
+            let Some(schema) = batches.first().map(|b| b.schema()) else {
+                return Ok((
+                    out,
+                    if format == Format::Arrow {
+                        ARROW_STREAM
+                    } else {
+                        "application/vnd.apache.parquet"
+                    },
+                ));
+            };
+            if format == Format::Arrow {
+                let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut out, &schema)
+                    .map_err(|e| e.to_string())?;
+                for b in batches {
+                    w.write(b).map_err(|e| e.to_string())?;
+                }
+                w.finish().map_err(|e| e.to_string())?;
+                drop(w);
+                ARROW_STREAM
+            } else {
+                let mut w = parquet::arrow::ArrowWriter::try_new(&mut out, schema, None)
+                    .map_err(|e| e.to_string())?;
+                for b in batches {
+                    w.write(b).map_err(|e| e.to_string())?;
+                }
+                w.close().map_err(|e| e.to_string())?;
+                "application/vnd.apache.parquet"
+            }
+        }
+    };
+    Ok((out, content_type))
+}
+
+async fn run(
+    state: AppState,
+    params: QueryParams,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let format = format(&params, &headers)?;
+    let q = params
+        .q
+        .filter(|q| !q.trim().is_empty())
+        .ok_or_else(|| ApiError::bad_request("missing query (parameter q)"))?;
+    let db = params.db.unwrap_or_else(|| "main".to_string());
+    let batches = state.db.query(&db, &q).await?;
+    let (body, content_type) = encode(&batches, format).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding the result failed: {e}"),
+        )
+    })?;
+    Ok(([(header::CONTENT_TYPE, content_type)], body).into_response())
+}
+
+pub(crate) async fn query_get(
+    State(state): State<AppState>,
+    Query(params): Query<QueryParams>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    run(state, params, headers).await
+}
+
+pub(crate) async fn query_post(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Json(params): Json<QueryParams>,
+) -> Result<Response, ApiError> {
+    run(state, params, headers).await
+}
+
+/// `/api/v1/sql` body.
+#[derive(Debug, Deserialize)]
+pub(crate) struct StatementBody {
+    db: Option<String>,
+    q: String,
+}
+
+/// Runs a statement (`INSERT`, or a query) and answers with its result as JSON.
+pub(crate) async fn statement(
+    State(state): State<AppState>,
+    Json(body): Json<StatementBody>,
+) -> Result<Response, ApiError> {
+    let db = body.db.unwrap_or_else(|| "main".to_string());
+    let batches = state.db.sql_in(&db, &body.q).await?;
+    let (out, content_type) = encode(&batches, Format::Json).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding the result failed: {e}"),
+        )
+    })?;
+    Ok(([(header::CONTENT_TYPE, content_type)], out).into_response())
+}

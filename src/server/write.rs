@@ -1,0 +1,295 @@
+//! Line protocol writes in the three InfluxDB dialects: `/write` (1.x), `/api/v2/write` (2.x)
+//! and `/api/v3/write_lp` (3.x), with their parameter names and error shapes.
+
+use std::io::Read;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::AppState;
+use super::error::{ApiError, Dialect};
+use crate::{Error, LineError, Precision, WriteError, WriteOptions, WriteReceipt};
+
+/// Header carrying the write's sequence number.
+pub(crate) const SEQ_HEADER: &str = "x-rivulet-seq";
+
+/// `/write` parameters (InfluxDB 1.x). `rp`, `u`, `p` and `consistency` are accepted and ignored.
+#[derive(Debug, Deserialize)]
+pub(crate) struct V1Params {
+    db: Option<String>,
+    precision: Option<String>,
+}
+
+/// `/api/v2/write` parameters (InfluxDB 2.x). `org` is accepted and ignored.
+#[derive(Debug, Deserialize)]
+pub(crate) struct V2Params {
+    bucket: Option<String>,
+    precision: Option<String>,
+}
+
+/// `/api/v3/write_lp` parameters (InfluxDB 3).
+#[derive(Debug, Deserialize)]
+pub(crate) struct V3Params {
+    db: Option<String>,
+    precision: Option<String>,
+    accept_partial: Option<bool>,
+}
+
+fn precision(value: Option<&str>, dialect: Dialect) -> Result<Precision, ApiError> {
+    let Some(v) = value else {
+        return Ok(match dialect {
+            Dialect::V3 => Precision::Auto,
+            _ => Precision::Nanosecond,
+        });
+    };
+    let known = match dialect {
+        Dialect::V1 => ["n", "ns", "u", "us", "ms", "s"].contains(&v),
+        Dialect::V2 => ["ns", "us", "ms", "s"].contains(&v),
+        Dialect::V3 => ["auto", "nanosecond", "microsecond", "millisecond", "second"].contains(&v),
+    };
+    let expected = match dialect {
+        Dialect::V1 => "n, u, ms or s",
+        Dialect::V2 => "ns, us, ms or s",
+        Dialect::V3 => "auto, nanosecond, microsecond, millisecond or second",
+    };
+    match v.parse::<Precision>() {
+        Ok(p) if known => Ok(p),
+        _ => Err(
+            ApiError::bad_request(format!("invalid precision '{v}': expected {expected}"))
+                .dialect(dialect),
+        ),
+    }
+}
+
+/// Reads the body, gunzipping it when asked, within the size limit (which also applies after
+/// decompression, so a small gzip bomb cannot expand without bound).
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    dialect: Dialect,
+) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body is larger than the limit of {limit} bytes"),
+        )
+        .dialect(dialect)
+    };
+    let raw = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| too_large())?;
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("identity")
+        .trim()
+        .to_ascii_lowercase();
+    match encoding.as_str() {
+        "identity" | "" => Ok(raw),
+        "gzip" | "x-gzip" => {
+            let mut out = Vec::new();
+            let read = flate2::read::GzDecoder::new(&raw[..])
+                .take(limit as u64 + 1)
+                .read_to_end(&mut out);
+            match read {
+                Ok(n) if n > limit => Err(too_large()),
+                Ok(_) => Ok(out.into()),
+                Err(e) => {
+                    Err(ApiError::bad_request(format!("invalid gzip body: {e}")).dialect(dialect))
+                }
+            }
+        }
+        other => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("unsupported Content-Encoding '{other}': send identity or gzip"),
+        )
+        .dialect(dialect)),
+    }
+}
+
+fn utf8(body: &Bytes, dialect: Dialect) -> Result<&str, ApiError> {
+    std::str::from_utf8(body).map_err(|e| {
+        let at = e.valid_up_to();
+        let line = 1 + body[..at].iter().filter(|&&b| b == b'\n').count();
+        ApiError::bad_request(format!("line {line}: the body is not valid UTF-8")).dialect(dialect)
+    })
+}
+
+/// The text of line `line_no` (1-based), cut to 100 characters for error reports.
+fn line_text(body: &str, line_no: usize) -> String {
+    let line = body
+        .split('\n')
+        .nth(line_no.saturating_sub(1))
+        .unwrap_or("");
+    let line = line.trim_end_matches('\r');
+    match line.char_indices().nth(100) {
+        Some((i, _)) => format!("{}…", &line[..i]),
+        None => line.to_string(),
+    }
+}
+
+fn line_reports(body: &str, errors: &[LineError]) -> serde_json::Value {
+    errors
+        .iter()
+        .map(|e| {
+            json!({
+                "original_line": line_text(body, e.line),
+                "line_number": e.line,
+                "column": e.column,
+                "error_message": e.reason,
+            })
+        })
+        .collect()
+}
+
+fn accepted(receipt: &WriteReceipt) -> Response {
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    if let Ok(v) = HeaderValue::from_str(&receipt.seq.to_string()) {
+        response.headers_mut().insert(SEQ_HEADER, v);
+    }
+    response
+}
+
+/// Runs a write on the blocking pool (it waits for an fsync) and shapes the answer.
+async fn write(
+    state: AppState,
+    db: Option<String>,
+    precision: Precision,
+    accept_partial: bool,
+    headers: HeaderMap,
+    body: Body,
+    dialect: Dialect,
+) -> Result<Response, ApiError> {
+    let db = db.filter(|d| !d.is_empty()).ok_or_else(|| {
+        let what = match dialect {
+            Dialect::V1 => "database is required (parameter db)",
+            Dialect::V2 => "bucket is required (parameter bucket)",
+            Dialect::V3 => "database is required (parameter db)",
+        };
+        ApiError::bad_request(what).dialect(dialect)
+    })?;
+    let bytes = read_body(&headers, body, state.config.max_body_bytes, dialect).await?;
+    utf8(&bytes, dialect)?;
+    let options = WriteOptions {
+        precision,
+        accept_partial,
+        first_line: 1,
+    };
+    let db_handle = state.db.clone();
+    let body_for_write = bytes.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let text = std::str::from_utf8(&body_for_write).unwrap_or_default();
+        db_handle.write_lines_with(&db, text, &options)
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("write task failed: {e}"),
+        )
+    })?;
+    let text = std::str::from_utf8(&bytes).unwrap_or_default();
+    match result {
+        Ok(receipt) if receipt.rejected_total == 0 => Ok(accepted(&receipt)),
+        Ok(receipt) => {
+            // Accept-partial: the good lines are stored; report the bad ones with a 400.
+            let message = format!(
+                "partial write of line protocol occurred: {} line(s) rejected, {} row(s) written",
+                receipt.rejected_total, receipt.rows
+            );
+            let mut response = rejected(message, text, &receipt.rejected, dialect).into_response();
+            if let Ok(v) = HeaderValue::from_str(&receipt.seq.to_string()) {
+                response.headers_mut().insert(SEQ_HEADER, v);
+            }
+            Ok(response)
+        }
+        Err(Error::Write(WriteError::Rejected { errors, total, .. })) => {
+            let message = match dialect {
+                Dialect::V3 => "parsing failed for write_lp endpoint".to_string(),
+                _ => format!("{total} bad line(s); nothing was written"),
+            };
+            Err(rejected(message, text, &errors, dialect))
+        }
+        Err(e) => Err(ApiError::from(e).dialect(dialect)),
+    }
+}
+
+/// A 400 naming each bad line, in the shape of the dialect.
+fn rejected(message: String, body: &str, errors: &[LineError], dialect: Dialect) -> ApiError {
+    match dialect {
+        Dialect::V3 => ApiError::bad_request(message).with_data(line_reports(body, errors)),
+        // 1.x and 2.x carry one message: name the lines in it, as InfluxDB's "unable to parse".
+        _ => {
+            let lines: Vec<String> = errors
+                .iter()
+                .take(20)
+                .map(|e| format!("unable to parse '{}': {}", line_text(body, e.line), e))
+                .collect();
+            ApiError::bad_request(format!("{message}: {}", lines.join("; "))).dialect(dialect)
+        }
+    }
+}
+
+pub(crate) async fn v1(
+    State(state): State<AppState>,
+    Query(params): Query<V1Params>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let precision = precision(params.precision.as_deref(), Dialect::V1)?;
+    write(
+        state,
+        params.db,
+        precision,
+        false,
+        headers,
+        body,
+        Dialect::V1,
+    )
+    .await
+}
+
+pub(crate) async fn v2(
+    State(state): State<AppState>,
+    Query(params): Query<V2Params>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let precision = precision(params.precision.as_deref(), Dialect::V2)?;
+    write(
+        state,
+        params.bucket,
+        precision,
+        false,
+        headers,
+        body,
+        Dialect::V2,
+    )
+    .await
+}
+
+pub(crate) async fn v3(
+    State(state): State<AppState>,
+    Query(params): Query<V3Params>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let precision = precision(params.precision.as_deref(), Dialect::V3)?;
+    // InfluxDB 3 accepts partial writes unless told otherwise.
+    let partial = params.accept_partial.unwrap_or(true);
+    write(
+        state,
+        params.db,
+        precision,
+        partial,
+        headers,
+        body,
+        Dialect::V3,
+    )
+    .await
+}

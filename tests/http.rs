@@ -1,0 +1,479 @@
+//! The HTTP API against a real server on 127.0.0.1:0 with a real HTTP client.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+
+use reqwest::StatusCode;
+use rivulet::server::{ServerConfig, router, serve};
+use rivulet::{Config, Db, Durability};
+use serde_json::Value;
+
+struct Server {
+    addr: SocketAddr,
+    client: reqwest::Client,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    db: Db,
+}
+
+impl Server {
+    async fn start(db: Db, config: ServerConfig) -> Server {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let app = router(db.clone(), config);
+        let task = tokio::spawn(serve(listener, app, async {
+            let _ = rx.await;
+        }));
+        Server {
+            addr,
+            client: reqwest::Client::new(),
+            shutdown: Some(tx),
+            task: Some(task),
+            db,
+        }
+    }
+
+    async fn in_memory() -> Server {
+        let db = Db::open_with(Config {
+            durability: Durability::None,
+            ..Config::default()
+        })
+        .expect("db");
+        Server::start(db, ServerConfig::default()).await
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    async fn post(&self, path: &str, body: &str) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("request")
+    }
+
+    async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request")
+    }
+
+    async fn json(&self, path: &str) -> Value {
+        let r = self.get(path).await;
+        assert_eq!(r.status(), StatusCode::OK, "GET {path}");
+        r.json().await.expect("json")
+    }
+
+    async fn stop(mut self) -> Db {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("join").expect("serve");
+        }
+        self.db
+    }
+}
+
+#[tokio::test]
+async fn v2_write_then_v3_query_returns_the_row() {
+    let s = Server::in_memory().await;
+    let r = s
+        .post(
+            "/api/v2/write?bucket=main&org=anything&precision=s",
+            "cpu,host=a usage=1 1700000000",
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    assert_eq!(
+        r.headers()
+            .get("x-rivulet-seq")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    let rows = s
+        .json("/api/v3/query_sql?db=main&q=SELECT+*+FROM+cpu&format=json")
+        .await;
+    assert_eq!(
+        rows,
+        serde_json::json!([{"host": "a", "time": "2023-11-14T22:13:20Z", "usage": 1.0}])
+    );
+}
+
+#[tokio::test]
+async fn v1_and_v3_writes_and_their_precisions() {
+    let s = Server::in_memory().await;
+    let r = s
+        .post("/write?db=main&precision=ms&rp=autogen", "m v=1 1000")
+        .await;
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let r = s.post("/write?db=main&precision=u", "m v=2 2000000").await;
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    // precision=auto (the v3 default) guesses from magnitude: seconds here.
+    let r = s.post("/api/v3/write_lp?db=main", "m v=3 3").await;
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let r = s
+        .post(
+            "/api/v3/write_lp?db=main&precision=nanosecond",
+            "m v=4 4000000000",
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let rows = s
+        .json("/api/v3/query_sql?db=main&q=SELECT+v,time+FROM+m+ORDER+BY+time")
+        .await;
+    let times: Vec<&str> = rows
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|r| r["time"].as_str())
+        .collect();
+    assert_eq!(
+        times,
+        [
+            "1970-01-01T00:00:01Z",
+            "1970-01-01T00:00:02Z",
+            "1970-01-01T00:00:03Z",
+            "1970-01-01T00:00:04Z"
+        ]
+    );
+    for (path, expected) in [
+        (
+            "/write?db=main&precision=x",
+            "invalid precision 'x': expected n, u, ms or s",
+        ),
+        (
+            "/api/v2/write?bucket=main&precision=n",
+            "expected ns, us, ms or s",
+        ),
+        (
+            "/api/v3/write_lp?db=main&precision=s",
+            "expected auto, nanosecond",
+        ),
+    ] {
+        let r = s.post(path, "m v=1 1").await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{path}");
+        let body = r.text().await.expect("body");
+        assert!(body.contains(expected), "{path}: {body}");
+    }
+}
+
+#[tokio::test]
+async fn bad_lines_are_reported_in_each_dialect_shape() {
+    let s = Server::in_memory().await;
+    let body = "cpu,host=a usage=1 1\ncpu,host=b usage=oops 2\ncpu,host=c usage=3 3";
+
+    // v1: atomic, {"error": …} naming the line.
+    let r = s.post("/write?db=main&precision=s", body).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let v: Value = r.json().await.expect("json");
+    let msg = v["error"].as_str().expect("error string");
+    assert!(
+        msg.contains("unable to parse 'cpu,host=b usage=oops 2'"),
+        "{msg}"
+    );
+    assert!(msg.contains("line 2, column 18"), "{msg}");
+
+    // v2: atomic, {"code": "invalid", "message": …}.
+    let r = s.post("/api/v2/write?bucket=main&precision=s", body).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["code"], "invalid");
+    assert!(v["message"].as_str().expect("message").contains("line 2"));
+
+    // Nothing was written by the atomic writes: the table does not even exist.
+    let r = s
+        .get("/api/v3/query_sql?db=main&q=SELECT+count(*)+AS+n+FROM+cpu")
+        .await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let v: Value = r.json().await.expect("json");
+    assert!(
+        v["error"].as_str().expect("error").contains("not found"),
+        "{v}"
+    );
+
+    // v3: accept_partial (the default): good lines stored, bad ones listed.
+    let r = s
+        .post("/api/v3/write_lp?db=main&precision=second", body)
+        .await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert!(r.headers().contains_key("x-rivulet-seq"));
+    let v: Value = r.json().await.expect("json");
+    assert!(
+        v["error"]
+            .as_str()
+            .expect("error")
+            .starts_with("partial write")
+    );
+    assert_eq!(v["data"][0]["line_number"], 2);
+    assert_eq!(v["data"][0]["original_line"], "cpu,host=b usage=oops 2");
+    let rows = s
+        .json("/api/v3/query_sql?db=main&q=SELECT+count(*)+AS+n+FROM+cpu")
+        .await;
+    assert_eq!(rows[0]["n"], 2);
+
+    // v3 with accept_partial=false: atomic.
+    let r = s
+        .post(
+            "/api/v3/write_lp?db=main&precision=second&accept_partial=false",
+            "cpu,host=d usage=4 4\nbad",
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["error"], "parsing failed for write_lp endpoint");
+    assert_eq!(v["data"][0]["line_number"], 2);
+    let rows = s
+        .json("/api/v3/query_sql?db=main&q=SELECT+count(*)+AS+n+FROM+cpu")
+        .await;
+    assert_eq!(rows[0]["n"], 2);
+
+    // A missing database parameter.
+    let r = s.post("/write", "m v=1").await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["error"], "database is required (parameter db)");
+}
+
+#[tokio::test]
+async fn gzip_bodies_and_size_limits() {
+    let db = Db::open_in_memory().expect("db");
+    let s = Server::start(
+        db,
+        ServerConfig {
+            max_body_bytes: 1000,
+        },
+    )
+    .await;
+    let gz = |text: &str| {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(text.as_bytes()).expect("gzip");
+        e.finish().expect("gzip")
+    };
+    let r = s
+        .client
+        .post(s.url("/api/v2/write?bucket=main&precision=s"))
+        .header("Content-Encoding", "gzip")
+        .body(gz("m v=1 1\nm v=2 2"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+
+    // Too large as sent.
+    let big = "m v=1 1\n".repeat(200);
+    let r = s.post("/api/v2/write?bucket=main&precision=s", &big).await;
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let v: Value = r.json().await.expect("json");
+    assert!(
+        v["message"]
+            .as_str()
+            .expect("message")
+            .contains("limit of 1000 bytes")
+    );
+
+    // Small when compressed, too large once decompressed.
+    let compressed = gz(&big);
+    assert!(compressed.len() < 1000);
+    let r = s
+        .client
+        .post(s.url("/write?db=main&precision=s"))
+        .header("Content-Encoding", "gzip")
+        .body(compressed)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+
+    // Broken gzip and unknown encodings.
+    let r = s
+        .client
+        .post(s.url("/write?db=main"))
+        .header("Content-Encoding", "gzip")
+        .body("not gzip")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let r = s
+        .client
+        .post(s.url("/write?db=main"))
+        .header("Content-Encoding", "br")
+        .body("m v=1")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+}
+
+#[tokio::test]
+async fn query_formats() {
+    let s = Server::in_memory().await;
+    s.post(
+        "/write?db=main&precision=s",
+        "cpu,host=a usage=1.5 1\ncpu,host=b usage=2.5 2",
+    )
+    .await;
+    let q = "/api/v3/query_sql?db=main&q=SELECT+host,usage+FROM+cpu+ORDER+BY+host";
+    let text = |format: &'static str| {
+        let url = s.url(&format!("{q}&format={format}"));
+        let client = s.client.clone();
+        async move {
+            let r = client.get(url).send().await.expect("send");
+            assert_eq!(r.status(), StatusCode::OK, "{format}");
+            r.text().await.expect("text")
+        }
+    };
+    assert_eq!(text("csv").await, "host,usage\na,1.5\nb,2.5\n");
+    assert_eq!(
+        text("jsonl").await,
+        "{\"host\":\"a\",\"usage\":1.5}\n{\"host\":\"b\",\"usage\":2.5}\n"
+    );
+    assert!(text("pretty").await.contains("| a    | 1.5   |"));
+
+    // Arrow IPC by Accept header, and Parquet: both decode to the same rows.
+    let r = s
+        .client
+        .get(s.url(q))
+        .header("Accept", "application/vnd.apache.arrow.stream")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(
+        r.headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("application/vnd.apache.arrow.stream")
+    );
+    let bytes = r.bytes().await.expect("bytes");
+    let reader = arrow::ipc::reader::StreamReader::try_new(&bytes[..], None).expect("ipc");
+    let rows: usize = reader.map(|b| b.expect("batch").num_rows()).sum();
+    assert_eq!(rows, 2);
+    let r = s
+        .client
+        .get(s.url(&format!("{q}&format=parquet")))
+        .send()
+        .await
+        .expect("send");
+    let bytes = r.bytes().await.expect("bytes");
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(bytes, 1024)
+        .expect("parquet");
+    let rows: usize = reader.map(|b| b.expect("batch").num_rows()).sum();
+    assert_eq!(rows, 2);
+
+    // POST with a JSON body.
+    let r = s
+        .client
+        .post(s.url("/api/v3/query_sql"))
+        .json(&serde_json::json!({"db": "main", "q": "SELECT count(*) AS n FROM cpu"}))
+        .send()
+        .await
+        .expect("send");
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v, serde_json::json!([{"n": 2}]));
+
+    // An empty result is an empty array.
+    let v = s
+        .json("/api/v3/query_sql?db=main&q=SELECT+host+FROM+cpu+WHERE+usage+%3E+100")
+        .await;
+    assert_eq!(v, serde_json::json!([]));
+}
+
+#[tokio::test]
+async fn the_query_endpoint_is_read_only() {
+    let s = Server::in_memory().await;
+    s.post("/write?db=main&precision=s", "cpu,host=a usage=1 1")
+        .await;
+    for (sql, expected) in [
+        (
+            "INSERT INTO cpu (host, usage, time) VALUES ('x', 1.0, now())",
+            "DML not supported",
+        ),
+        ("CREATE TABLE t (x INT)", "DDL not supported"),
+        ("SET datafusion.execution.batch_size = 1", "not supported"),
+        (
+            "COPY (SELECT 1) TO '/tmp/rivulet-copy-test.csv'",
+            "not supported",
+        ),
+        ("SELECT 1; SELECT 2", "single SQL statement"),
+        ("SELEC 1", "SQL error"),
+        ("SELECT * FROM nope", "not found"),
+    ] {
+        let r = s
+            .client
+            .get(s.url("/api/v3/query_sql"))
+            .query(&[("db", "main"), ("q", sql)])
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{sql}");
+        let v: Value = r.json().await.expect("json");
+        let msg = v["error"].as_str().expect("error");
+        assert!(msg.contains(expected), "{sql}: {msg}");
+    }
+    assert!(!std::path::Path::new("/tmp/rivulet-copy-test.csv").exists());
+    let r = s.get("/api/v3/query_sql?db=main").await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+
+    // The statement endpoint runs INSERT.
+    let r = s
+        .client
+        .post(s.url("/api/v1/sql"))
+        .json(&serde_json::json!({"db": "main", "q": "INSERT INTO cpu (host, usage, time) VALUES ('x', 5.0, '1970-01-01T00:00:09Z')"}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), StatusCode::OK);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v, serde_json::json!([{"count": 1}]));
+    let rows = s
+        .json("/api/v3/query_sql?db=main&q=SELECT+sum(usage)+AS+s+FROM+cpu")
+        .await;
+    assert_eq!(rows, serde_json::json!([{"s": 6.0}]));
+}
+
+#[tokio::test]
+async fn health_and_ping() {
+    let s = Server::in_memory().await;
+    let v = s.json("/health").await;
+    assert_eq!(v["status"], "pass");
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    let r = s.get("/ping").await;
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+}
+
+#[tokio::test]
+async fn graceful_shutdown_keeps_acknowledged_writes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = Db::open(dir.path()).expect("db");
+    let s = Server::start(db, ServerConfig::default()).await;
+    let mut acked = 0;
+    for i in 0..20 {
+        let r = s
+            .post(
+                "/api/v2/write?bucket=main&precision=s",
+                &format!("m,k=k{i} v={i} {i}"),
+            )
+            .await;
+        if r.status() == StatusCode::NO_CONTENT {
+            acked += 1;
+        }
+    }
+    let db = s.stop().await;
+    db.close().expect("close");
+    let db = Db::open(dir.path()).expect("reopen");
+    let batches = db.sql("SELECT count(*) FROM m").await.expect("count");
+    let n = arrow::util::pretty::pretty_format_batches(&batches)
+        .expect("fmt")
+        .to_string();
+    assert_eq!(acked, 20);
+    assert!(n.contains("| 20       |"), "{n}");
+}
