@@ -54,6 +54,9 @@ pub struct Config {
     pub default_database: String,
     /// Stamps points written without a timestamp. Default: the system clock.
     pub clock: Arc<dyn Clock>,
+    /// Memory all running queries together may use (DataFusion memory pool) before a query fails
+    /// with a "resources exhausted" error. Default: `None` (no limit).
+    pub query_memory_limit: Option<usize>,
     /// Test hook that fails WAL appends or fsyncs. Default: none.
     pub io_faults: Option<Arc<dyn IoFaults>>,
 }
@@ -66,6 +69,7 @@ impl Default for Config {
             wal_segment_bytes: 64 << 20,
             default_database: "main".to_string(),
             clock: Arc::new(SystemClock),
+            query_memory_limit: None,
             io_faults: None,
         }
     }

@@ -78,6 +78,25 @@ pub struct WriteReceipt {
 /// Tells the interval-sync thread to stop.
 type StopSignal = (parking_lot::Mutex<bool>, parking_lot::Condvar);
 
+/// Counters describing a database, for monitoring.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DbStats {
+    /// Sequence of the latest visible write.
+    pub last_seq: u64,
+    /// Databases.
+    pub databases: usize,
+    /// Tables across all databases.
+    pub tables: usize,
+    /// Rows held in the mutable buffers.
+    pub buffer_rows: usize,
+    /// Memory held by the mutable buffers, in bytes.
+    pub buffer_bytes: usize,
+    /// WAL fsyncs issued since open.
+    pub wal_fsyncs: u64,
+    /// Total time spent in WAL fsyncs since open, in seconds.
+    pub wal_fsync_seconds: f64,
+}
+
 struct Writer {
     wal: Option<WalWriter>,
     next_seq: u64,
@@ -203,8 +222,17 @@ impl Db {
             .as_ref()
             .map(|dir| WalWriter::new(dir, config.wal_segment_bytes, config.io_faults.clone()));
         let commit = CommitQueue::new(next_seq - 1, config.durability, config.io_faults.clone());
+        let mut query_error = None;
         let inner = Arc::new_cyclic(|weak: &Weak<DbInner>| DbInner {
-            query: QueryEngine::new(weak.clone(), &config.default_database),
+            query: QueryEngine::new(
+                weak.clone(),
+                &config.default_database,
+                config.query_memory_limit,
+            )
+            .unwrap_or_else(|e| {
+                query_error = Some(e);
+                QueryEngine::fallback()
+            }),
             config,
             catalog,
             writer: Mutex::new(Writer { wal, next_seq }),
@@ -214,6 +242,9 @@ impl Db {
             replay,
             _dir_lock: dir_lock,
         });
+        if let Some(e) = query_error {
+            return Err(Error::Config(format!("query engine: {e}")));
+        }
         if let Durability::Interval(every) = inner.config.durability {
             start_syncer(&inner, every);
         }
@@ -311,16 +342,24 @@ impl Db {
     /// Runs a SQL query with `db` as the default database.
     pub async fn sql_in(&self, db: &str, query: &str) -> Result<Vec<RecordBatch>, Error> {
         self.inner.check_open()?;
-        let df = self.inner.query.plan(db, query, true).await?;
-        Ok(df.collect().await?)
+        let df = self
+            .inner
+            .query
+            .plan(db, query, true, self.inner.visible_seq())
+            .await?;
+        collect(df).await
     }
 
     /// Runs a read-only query (no `INSERT`, no DDL, no `COPY`) with `db` as the default
     /// database: what an untrusted caller, such as the HTTP query endpoint, may run.
     pub async fn query(&self, db: &str, query: &str) -> Result<Vec<RecordBatch>, Error> {
         self.inner.check_open()?;
-        let df = self.inner.query.plan(db, query, false).await?;
-        Ok(df.collect().await?)
+        let df = self
+            .inner
+            .query
+            .plan(db, query, false, self.inner.visible_seq())
+            .await?;
+        collect(df).await
     }
 
     /// Runs a SQL query and returns its result as a stream of batches, produced as they are
@@ -331,7 +370,11 @@ impl Db {
         query: &str,
     ) -> Result<SendableRecordBatchStream, Error> {
         self.inner.check_open()?;
-        let df = self.inner.query.plan(db, query, true).await?;
+        let df = self
+            .inner
+            .query
+            .plan(db, query, true, self.inner.visible_seq())
+            .await?;
         Ok(df.execute_stream().await?)
     }
 
@@ -343,6 +386,28 @@ impl Db {
             .iter()
             .map(|d| d.name.to_string())
             .collect()
+    }
+
+    /// Counters for monitoring (buffer sizes are summed over the tables on each call).
+    pub fn stats(&self) -> DbStats {
+        let (wal_fsyncs, wal_fsync_seconds) = self.inner.commit.fsync_stats();
+        let databases = self.inner.catalog.databases();
+        let mut stats = DbStats {
+            last_seq: self.inner.commit.applied_seq(),
+            databases: databases.len(),
+            wal_fsyncs,
+            wal_fsync_seconds,
+            ..DbStats::default()
+        };
+        for db in databases {
+            for table in db.tables() {
+                stats.tables += 1;
+                let (rows, bytes) = table.buffer.read().size();
+                stats.buffer_rows += rows;
+                stats.buffer_bytes += bytes;
+            }
+        }
+        stats
     }
 
     /// Sequence of the latest write visible to queries.
@@ -381,6 +446,16 @@ fn open_sled(path: &Path) -> Result<sled::Db, Error> {
             Err(e) => return Err(crate::storage::catalog::CatalogError::from(e).into()),
         }
     }
+}
+
+/// Collects a result; an empty one is a single empty batch, so the schema is never lost.
+async fn collect(df: datafusion::dataframe::DataFrame) -> Result<Vec<RecordBatch>, Error> {
+    let schema = Arc::new(df.schema().as_arrow().clone());
+    let mut batches = df.collect().await?;
+    if batches.is_empty() {
+        batches.push(RecordBatch::new_empty(schema));
+    }
+    Ok(batches)
 }
 
 fn start_syncer(inner: &Arc<DbInner>, every: std::time::Duration) {
@@ -481,7 +556,9 @@ impl DbInner {
     ) -> Result<WriteReceipt, Error> {
         self.check_open()?;
         let mut w = self.writer.lock();
-        // Checked under the lock: a failed append must stop every later writer.
+        // Checked under the lock: a failed append must stop every later writer, and nothing may
+        // be appended after close has synced the log.
+        self.check_open()?;
         self.commit.check().map_err(WriteError::from)?;
         let prepared = prepare(&self.catalog)?;
         let rows = prepared.rows;

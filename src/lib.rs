@@ -54,7 +54,7 @@ mod storage;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{Config, Durability};
-pub use db::{Db, WriteOptions, WriteReceipt};
+pub use db::{Db, DbStats, WriteOptions, WriteReceipt};
 pub use error::Error;
 pub use ingest::WriteError;
 pub use ingest::line_protocol::{self, LineError, Precision};

@@ -12,10 +12,12 @@ mod table;
 
 use std::sync::{Arc, Weak};
 
+use datafusion::common::tree_node::TreeNode;
 use datafusion::dataframe::DataFrame;
 use datafusion::error::DataFusionError;
 use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::context::{SQLOptions, SessionContext};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::session_state::SessionState;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionConfig;
@@ -25,26 +27,49 @@ use crate::db::DbInner;
 /// The DataFusion catalog name under which databases appear as schemas.
 pub(crate) const CATALOG_NAME: &str = "rivulet";
 
+/// The write sequence a query reads up to, fixed when it is planned.
+#[derive(Debug)]
+pub(crate) struct QuerySnapshot {
+    pub(crate) seq: u64,
+}
+
 /// Plans and runs SQL for one [`Db`](crate::Db).
 pub(crate) struct QueryEngine {
     template: SessionState,
 }
 
 impl QueryEngine {
-    pub(crate) fn new(db: Weak<DbInner>, default_database: &str) -> QueryEngine {
+    pub(crate) fn new(
+        db: Weak<DbInner>,
+        default_database: &str,
+        memory_limit: Option<usize>,
+    ) -> Result<QueryEngine, DataFusionError> {
         let mut config = SessionConfig::new()
             .with_default_catalog_and_schema(CATALOG_NAME, default_database)
             .with_create_default_catalog_and_schema(false)
             .with_information_schema(true);
         config.options_mut().sql_parser.enable_ident_normalization = false;
+        let mut runtime = RuntimeEnvBuilder::new();
+        if let Some(limit) = memory_limit {
+            runtime = runtime.with_memory_limit(limit, 1.0);
+        }
         let template = SessionStateBuilder::new()
             .with_config(config)
+            .with_runtime_env(runtime.build_arc()?)
             .with_default_features()
             .build();
         let ctx = SessionContext::new_with_state(template);
         ctx.register_catalog(CATALOG_NAME, Arc::new(catalog::RivuletCatalog::new(db)));
-        QueryEngine {
+        Ok(QueryEngine {
             template: ctx.state(),
+        })
+    }
+
+    /// An engine without databases, only used to finish constructing a handle whose real engine
+    /// failed to build (the handle is then dropped and the error returned).
+    pub(crate) fn fallback() -> QueryEngine {
+        QueryEngine {
+            template: SessionStateBuilder::new().build(),
         }
     }
 
@@ -55,17 +80,27 @@ impl QueryEngine {
         db: &str,
         sql: &str,
         allow_dml: bool,
+        visible_seq: u64,
     ) -> Result<DataFrame, DataFusionError> {
         let mut state = self.template.clone();
         state.config_mut().options_mut().catalog.default_schema = db.to_string();
+        // One visible sequence for the whole query: every table scan reads up to it, so a
+        // query sees a write to several tables entirely or not at all.
+        state
+            .config_mut()
+            .set_extension(Arc::new(QuerySnapshot { seq: visible_seq }));
         let ctx = SessionContext::new_with_state(state);
         let options = SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_statements(false)
             .with_allow_dml(allow_dml);
         let df = ctx.sql_with_options(sql, options).await?;
-        // DataFusion counts `COPY … TO 'file'` as DML; it would write arbitrary files.
-        if let LogicalPlan::Copy(_) = df.logical_plan() {
+        // DataFusion counts `COPY … TO 'file'` as DML; it would write arbitrary files. Look at the
+        // whole plan: `EXPLAIN ANALYZE COPY …` runs it too.
+        let has_copy = df
+            .logical_plan()
+            .exists(|p| Ok(matches!(p, LogicalPlan::Copy(_))))?;
+        if has_copy {
             return Err(DataFusionError::Plan(
                 "COPY is not allowed: query results are returned, not written to files".to_string(),
             ));

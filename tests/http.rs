@@ -250,6 +250,7 @@ async fn gzip_bodies_and_size_limits() {
         db,
         ServerConfig {
             max_body_bytes: 1000,
+            ..ServerConfig::default()
         },
     )
     .await;
@@ -312,6 +313,12 @@ async fn gzip_bodies_and_size_limits() {
         .await
         .expect("send");
     assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+}
+
+async fn text_of(s: &Server, path: &str) -> String {
+    let r = s.get(path).await;
+    assert_eq!(r.status(), StatusCode::OK, "{path}");
+    r.text().await.expect("text")
 }
 
 #[tokio::test]
@@ -380,6 +387,25 @@ async fn query_formats() {
     let v: Value = r.json().await.expect("json");
     assert_eq!(v, serde_json::json!([{"n": 2}]));
 
+    // Empty results keep their schema: a CSV header, a valid Parquet file.
+    assert_eq!(
+        text_of(&s, &format!("{q}+LIMIT+0&format=csv")).await,
+        "host,usage\n"
+    );
+    let r = s
+        .client
+        .get(s.url(&format!("{q}+LIMIT+0&format=parquet")))
+        .send()
+        .await
+        .expect("send");
+    let bytes = r.bytes().await.expect("bytes");
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(bytes, 1024)
+        .expect("an empty result is still a Parquet file");
+    assert_eq!(
+        reader.map(|b| b.expect("batch").num_rows()).sum::<usize>(),
+        0
+    );
+
     // An empty result is an empty array.
     let v = s
         .json("/api/v3/query_sql?db=main&q=SELECT+host+FROM+cpu+WHERE+usage+%3E+100")
@@ -401,6 +427,10 @@ async fn the_query_endpoint_is_read_only() {
         ("SET datafusion.execution.batch_size = 1", "not supported"),
         (
             "COPY (SELECT 1) TO '/tmp/rivulet-copy-test.csv'",
+            "not supported",
+        ),
+        (
+            "EXPLAIN ANALYZE COPY (SELECT 1) TO '/tmp/rivulet-copy-test.csv'",
             "not supported",
         ),
         ("SELECT 1; SELECT 2", "single SQL statement"),
@@ -476,4 +506,247 @@ async fn graceful_shutdown_keeps_acknowledged_writes() {
         .to_string();
     assert_eq!(acked, 20);
     assert!(n.contains("| 20       |"), "{n}");
+}
+
+#[tokio::test]
+async fn tokens_scopes_and_databases() {
+    let db = Db::open_in_memory().expect("db");
+    let tokens = [
+        "admin:admin-token-0123456789",
+        "write:write-token-0123456789:main",
+        "read:read-token-01234567890",
+    ];
+    let config = ServerConfig {
+        auth: rivulet::server::Auth::new(
+            tokens.iter().map(|t| t.parse().expect("token")).collect(),
+        ),
+        ..ServerConfig::default()
+    };
+    let s = Server::start(db, config).await;
+    let send = |method: reqwest::Method, path: &str, auth: Option<&str>, body: &str| {
+        let mut r = s.client.request(method, s.url(path)).body(body.to_string());
+        if let Some(a) = auth {
+            r = r.header("Authorization", a);
+        }
+        r.send()
+    };
+    let write = "/api/v2/write?bucket=main&precision=s";
+    let line = "m v=1 1";
+    use reqwest::Method;
+    let status = |r: reqwest::Response| r.status();
+
+    // No token, a wrong token.
+    assert_eq!(
+        status(send(Method::POST, write, None, line).await.expect("send")),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        status(
+            send(
+                Method::POST,
+                write,
+                Some("Bearer nope-nope-nope-nope"),
+                line
+            )
+            .await
+            .expect("send")
+        ),
+        StatusCode::UNAUTHORIZED
+    );
+    // The write token writes to main (both header styles and the v1 `p` parameter)…
+    assert_eq!(
+        status(
+            send(
+                Method::POST,
+                write,
+                Some("Bearer write-token-0123456789"),
+                line
+            )
+            .await
+            .expect("send")
+        ),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        status(
+            send(
+                Method::POST,
+                write,
+                Some("Token write-token-0123456789"),
+                line
+            )
+            .await
+            .expect("send")
+        ),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        status(
+            send(
+                Method::POST,
+                "/write?db=main&u=x&p=write-token-0123456789",
+                None,
+                line
+            )
+            .await
+            .expect("send")
+        ),
+        StatusCode::NO_CONTENT
+    );
+    // …but not to another database, and it cannot read.
+    let r = send(
+        Method::POST,
+        "/api/v2/write?bucket=other",
+        Some("Bearer write-token-0123456789"),
+        line,
+    )
+    .await
+    .expect("send");
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["message"], "this token may not write on database 'other'");
+    let query = "/api/v3/query_sql?db=main&q=SELECT+count(*)+AS+n+FROM+m";
+    assert_eq!(
+        status(
+            send(
+                Method::GET,
+                query,
+                Some("Bearer write-token-0123456789"),
+                ""
+            )
+            .await
+            .expect("send")
+        ),
+        StatusCode::FORBIDDEN
+    );
+    // The read token reads but cannot write or run statements.
+    let r = send(
+        Method::GET,
+        query,
+        Some("Bearer read-token-01234567890"),
+        "",
+    )
+    .await
+    .expect("send");
+    assert_eq!(r.status(), StatusCode::OK);
+    let v: Value = r.json().await.expect("json");
+    // Two points: the v1 write has no precision, so its `1` is one nanosecond.
+    assert_eq!(v, serde_json::json!([{"n": 2}]));
+    assert_eq!(
+        status(
+            send(
+                Method::POST,
+                write,
+                Some("Bearer read-token-01234567890"),
+                line
+            )
+            .await
+            .expect("send")
+        ),
+        StatusCode::FORBIDDEN
+    );
+    let stmt = r#"{"db":"main","q":"SELECT 1"}"#;
+    let r = s
+        .client
+        .post(s.url("/api/v1/sql"))
+        .header("Authorization", "Bearer read-token-01234567890")
+        .header("Content-Type", "application/json")
+        .body(stmt)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let r = s
+        .client
+        .post(s.url("/api/v1/sql"))
+        .header("Authorization", "Bearer admin-token-0123456789")
+        .header("Content-Type", "application/json")
+        .body(stmt)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), StatusCode::OK);
+    // Health and ping need no token; metrics do.
+    assert_eq!(
+        status(send(Method::GET, "/health", None, "").await.expect("send")),
+        StatusCode::OK
+    );
+    assert_eq!(
+        status(send(Method::GET, "/ping", None, "").await.expect("send")),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        status(send(Method::GET, "/metrics", None, "").await.expect("send")),
+        StatusCode::UNAUTHORIZED
+    );
+    let r = send(
+        Method::GET,
+        "/metrics",
+        Some("Bearer read-token-01234567890"),
+        "",
+    )
+    .await
+    .expect("send");
+    assert_eq!(r.status(), StatusCode::OK);
+    let text = r.text().await.expect("text");
+    assert!(text.contains("rivulet_auth_failures_total "), "{text}");
+    let failures: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("rivulet_auth_failures_total "))
+        .and_then(|v| v.parse().ok())
+        .expect("auth failures");
+    assert_eq!(failures, 7);
+}
+
+#[tokio::test]
+async fn metrics_count_writes_and_queries() {
+    let s = Server::in_memory().await;
+    s.post("/api/v2/write?bucket=main&precision=s", "m v=1 1\nm v=2 2")
+        .await;
+    s.post("/api/v2/write?bucket=main&precision=s", "m v=oops 3")
+        .await;
+    s.json("/api/v3/query_sql?db=main&q=SELECT+*+FROM+m").await;
+    let text = s.get("/metrics").await.text().await.expect("text");
+    for expected in [
+        "rivulet_writes_total 1\n",
+        "rivulet_write_rows_total 2\n",
+        "rivulet_write_errors_total 1\n",
+        "rivulet_queries_total 1\n",
+        "rivulet_query_duration_seconds_count 1\n",
+        "rivulet_buffer_rows 2\n",
+        "rivulet_tables 1\n",
+        "rivulet_last_sequence 1\n",
+        "# TYPE rivulet_query_duration_seconds histogram\n",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn slow_queries_are_cancelled_at_the_timeout() {
+    let db = Db::open_in_memory().expect("db");
+    let s = Server::start(
+        db,
+        ServerConfig {
+            query_timeout: std::time::Duration::from_millis(200),
+            ..ServerConfig::default()
+        },
+    )
+    .await;
+    let r = s
+        .client
+        .get(s.url("/api/v3/query_sql"))
+        .query(&[("q", "SELECT count(*) FROM generate_series(1, 100000000000)")])
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
+    let v: Value = r.json().await.expect("json");
+    assert!(
+        v["error"]
+            .as_str()
+            .expect("error")
+            .contains("limit of 0.2 s"),
+        "{v}"
+    );
 }

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use rivulet::server::{ServerConfig, router, serve};
+use rivulet::server::{Auth, ServerConfig, Token, router, serve};
 use rivulet::{Config, Db, Durability};
 
 use super::CliResult;
@@ -22,22 +22,38 @@ pub(crate) struct ServeArgs {
     /// Largest request body in bytes, also after gzip decompression.
     #[arg(long, env = "RIVULET_MAX_BODY_BYTES", default_value_t = 10 << 20)]
     max_body_bytes: usize,
-    /// Allow listening on a non-loopback address although there is no authentication.
+    /// An access token, `SCOPE:SECRET[:DB,…]` with SCOPE admin, write or read; repeatable
+    /// (env: `;`-separated). Without tokens there is no authentication and only loopback
+    /// addresses are served.
+    #[arg(long = "token", env = "RIVULET_TOKENS", value_delimiter = ';')]
+    tokens: Vec<Token>,
+    /// Allow a non-loopback address without tokens.
     #[arg(long, env = "RIVULET_INSECURE_NO_AUTH")]
     insecure_no_auth: bool,
+    /// Cancel queries running longer than this many seconds.
+    #[arg(long, env = "RIVULET_QUERY_TIMEOUT_SECS", default_value_t = 60)]
+    query_timeout_secs: u64,
+    /// Memory all running queries together may use, in bytes.
+    #[arg(long, env = "RIVULET_QUERY_MEMORY_BYTES", default_value_t = 4 << 30)]
+    query_memory_bytes: usize,
+    /// Requests served at once; more are answered 503.
+    #[arg(long, env = "RIVULET_MAX_CONCURRENT_REQUESTS", default_value_t = 1024)]
+    max_concurrent_requests: usize,
 }
 
 pub(crate) fn run(args: ServeArgs) -> CliResult {
-    if !args.bind.ip().is_loopback() && !args.insecure_no_auth {
+    let auth = Auth::new(args.tokens.clone());
+    if !args.bind.ip().is_loopback() && !auth.enabled() && !args.insecure_no_auth {
         return Err(format!(
-            "refusing to listen on {}: authentication is not available yet, so only loopback \
-             addresses are allowed (pass --insecure-no-auth to override)",
+            "refusing to listen on {} without authentication: give --token SCOPE:SECRET, or \
+             --insecure-no-auth to serve anyone who can reach it",
             args.bind
         )
         .into());
     }
     let db = Db::open_with(Config {
         durability: args.durability,
+        query_memory_limit: Some(args.query_memory_bytes),
         ..Config::with_dir(&args.data_dir)
     })?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -48,8 +64,13 @@ pub(crate) fn run(args: ServeArgs) -> CliResult {
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", args.bind))?;
         let addr = listener.local_addr()?;
+        let auth_note = if auth.enabled() {
+            format!("{} token(s)", args.tokens.len())
+        } else {
+            "no authentication".to_string()
+        };
         println!(
-            "Rivulet {} listening on http://{addr} (data directory {}, no authentication: loopback only)",
+            "Rivulet {} listening on http://{addr} (data directory {}, {auth_note})",
             env!("CARGO_PKG_VERSION"),
             args.data_dir.display()
         );
@@ -64,6 +85,9 @@ pub(crate) fn run(args: ServeArgs) -> CliResult {
             db.clone(),
             ServerConfig {
                 max_body_bytes: args.max_body_bytes,
+                auth,
+                query_timeout: std::time::Duration::from_secs(args.query_timeout_secs.max(1)),
+                max_concurrent_requests: args.max_concurrent_requests.max(1),
             },
         );
         serve(listener, app, shutdown_signal()).await?;

@@ -66,7 +66,7 @@ impl std::str::FromStr for Precision {
             "s" | "second" | "seconds" => Ok(Precision::Second),
             "auto" => Ok(Precision::Auto),
             other => Err(format!(
-                "unknown precision '{other}': expected ns, us, ms or s"
+                "unknown precision '{other}': expected ns, us, ms, s or auto"
             )),
         }
     }

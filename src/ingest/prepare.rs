@@ -666,8 +666,10 @@ pub(crate) fn check_lines(
         let line_start = line.measurement.raw();
         let tags = parsed.tags(line).iter().map(|(k, _)| (k, ColumnKind::Tag));
         let fields = parsed.fields(line).iter().map(|(k, v)| (k, field_kind(v)));
+        let mark = columns.added.len();
         for (key, want) in tags.chain(fields) {
             if let Err(reason) = columns.resolve(&key.to_cow(), want) {
+                columns.rollback(mark);
                 errors.push(LineError {
                     line: line.line_no,
                     column: column_of(line_start, key.raw()),

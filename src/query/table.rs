@@ -15,6 +15,7 @@ use datafusion::logical_expr::dml::InsertOp;
 use datafusion::logical_expr::{Between, BinaryExpr, Expr, Operator, TableProviderFilterPushDown};
 use datafusion::physical_plan::ExecutionPlan;
 
+use super::QuerySnapshot;
 use super::insert::TableSink;
 use crate::db::DbInner;
 use crate::storage::buffer::{Chunk, merge_chunks, projected_schema};
@@ -43,13 +44,13 @@ impl BufferTableProvider {
     }
 
     /// The table's chunks, merged first if some may hold overwritten points.
-    fn chunks(&self) -> Result<Vec<Arc<Chunk>>> {
+    fn chunks(&self, snapshot_seq: Option<u64>) -> Result<Vec<Arc<Chunk>>> {
         let db = self
             .db
             .upgrade()
             .ok_or_else(|| DataFusionError::Execution("the database is closed".to_string()))?;
-        // Read the visible sequence before the buffer: every chunk up to it is in the buffer.
-        let visible = db.visible_seq();
+        // The query's sequence, read before the buffer: every chunk up to it is in the buffer.
+        let visible = snapshot_seq.unwrap_or_else(|| db.visible_seq());
         let snapshot = self.table.buffer.read().snapshot().up_to(visible);
         if !snapshot.needs_dedup() {
             return Ok(snapshot.chunks);
@@ -173,7 +174,11 @@ impl TableProvider for BufferTableProvider {
         let mut parts: Vec<Vec<_>> = vec![Vec::new(); partitions];
         let mut next = 0;
         if lo <= hi {
-            for chunk in self.chunks()? {
+            let snapshot = state
+                .config()
+                .get_extension::<QuerySnapshot>()
+                .map(|s| s.seq);
+            for chunk in self.chunks(snapshot)? {
                 if chunk.max_time < lo || chunk.min_time > hi {
                     continue;
                 }

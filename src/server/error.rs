@@ -73,23 +73,28 @@ fn internal(e: &dyn std::fmt::Display) -> ApiError {
 
 impl From<Error> for ApiError {
     fn from(e: Error) -> ApiError {
-        match &e {
-            Error::Write(WriteError::Rejected { .. })
-            | Error::Write(WriteError::InvalidDatabase(_))
-            | Error::Write(WriteError::InvalidBatch { .. }) => ApiError::bad_request(e.to_string()),
-            Error::Write(WriteError::Wal(WalError::Poisoned(_))) | Error::Closed => {
-                tracing::error!(error = %e, "write refused");
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the database cannot accept writes after a storage failure; see the server log",
-                )
-            }
-            Error::Write(WriteError::Wal(WalError::Record { .. })) => {
-                ApiError::bad_request(e.to_string())
-            }
-            Error::Query(q) => from_datafusion(q, &e),
-            _ => internal(&e),
+        classify(&e)
+    }
+}
+
+fn classify(e: &Error) -> ApiError {
+    match e {
+        Error::Write(WriteError::Rejected { .. })
+        | Error::Write(WriteError::InvalidDatabase(_))
+        | Error::Write(WriteError::InvalidBatch { .. })
+        | Error::Write(WriteError::Wal(WalError::Record { .. })) => {
+            ApiError::bad_request(e.to_string())
         }
+        Error::Write(WriteError::Wal(WalError::Poisoned(_))) => {
+            tracing::error!(error = %e, "write refused");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the database cannot accept writes after a storage failure; see the server log",
+            )
+        }
+        Error::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the database is closing"),
+        Error::Query(q) => from_datafusion(q, e),
+        _ => internal(e),
     }
 }
 
@@ -102,10 +107,11 @@ fn from_datafusion(q: &DataFusionError, whole: &Error) -> ApiError {
         | DataFusionError::Configuration(_)
         | DataFusionError::Execution(_) => ApiError::bad_request(whole.to_string()),
         DataFusionError::ResourcesExhausted(_) => {
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, whole.to_string())
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, whole.to_string())
         }
+        // An INSERT's write failed inside the query: classify the write's own error.
         DataFusionError::External(inner) => match inner.downcast_ref::<Error>() {
-            Some(_) => ApiError::bad_request(whole.to_string()),
+            Some(write_error) => classify(write_error),
             None => internal(whole),
         },
         _ => internal(whole),

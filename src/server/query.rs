@@ -1,15 +1,20 @@
 //! SQL over HTTP: `/api/v3/query_sql` (read-only, InfluxDB 3 compatible) and `/api/v1/sql`
 //! (statements: `INSERT` and queries).
 
+use std::net::SocketAddr;
+use std::time::Instant;
+
 use arrow::array::RecordBatch;
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::AppState;
+use super::auth::Scope;
 use super::error::ApiError;
+use super::metrics::Metrics;
 
 /// Media type of an Arrow IPC stream.
 const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
@@ -129,14 +134,37 @@ async fn run(
     state: AppState,
     params: QueryParams,
     headers: HeaderMap,
+    peer: SocketAddr,
 ) -> Result<Response, ApiError> {
+    let db = params.db.clone().unwrap_or_else(|| "main".to_string());
+    state.authorize(&headers, None, Scope::Read, Some(&db), peer, "query")?;
     let format = format(&params, &headers)?;
     let q = params
         .q
         .filter(|q| !q.trim().is_empty())
         .ok_or_else(|| ApiError::bad_request("missing query (parameter q)"))?;
-    let db = params.db.unwrap_or_else(|| "main".to_string());
-    let batches = state.db.query(&db, &q).await?;
+    let started = Instant::now();
+    let timeout = state.config.query_timeout;
+    let result = tokio::time::timeout(timeout, state.db.query(&db, &q)).await;
+    Metrics::add(&state.metrics.queries, 1);
+    state.metrics.observe_query(started.elapsed());
+    let batches = match result {
+        Ok(Ok(batches)) => batches,
+        Ok(Err(e)) => {
+            Metrics::add(&state.metrics.query_errors, 1);
+            return Err(e.into());
+        }
+        Err(_) => {
+            Metrics::add(&state.metrics.query_errors, 1);
+            return Err(ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "the query ran longer than the limit of {} s and was cancelled",
+                    timeout.as_secs_f64()
+                ),
+            ));
+        }
+    };
     let (body, content_type) = encode(&batches, format).map_err(|e| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -148,18 +176,20 @@ async fn run(
 
 pub(crate) async fn query_get(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(params): Query<QueryParams>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    run(state, params, headers).await
+    run(state, params, headers, peer).await
 }
 
 pub(crate) async fn query_post(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Json(params): Json<QueryParams>,
 ) -> Result<Response, ApiError> {
-    run(state, params, headers).await
+    run(state, params, headers, peer).await
 }
 
 /// `/api/v1/sql` body.
@@ -172,9 +202,13 @@ pub(crate) struct StatementBody {
 /// Runs a statement (`INSERT`, or a query) and answers with its result as JSON.
 pub(crate) async fn statement(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     Json(body): Json<StatementBody>,
 ) -> Result<Response, ApiError> {
     let db = body.db.unwrap_or_else(|| "main".to_string());
+    state.authorize(&headers, None, Scope::Admin, Some(&db), peer, "statement")?;
+    tracing::info!(target: "rivulet::audit", %peer, db, statement = %body.q, "statement");
     let batches = state.db.sql_in(&db, &body.q).await?;
     let (out, content_type) = encode(&batches, Format::Json).map_err(|e| {
         ApiError::new(

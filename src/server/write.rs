@@ -2,16 +2,19 @@
 //! and `/api/v3/write_lp` (3.x), with their parameter names and error shapes.
 
 use std::io::Read;
+use std::net::SocketAddr;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
 use super::AppState;
+use super::auth::Scope;
 use super::error::{ApiError, Dialect};
+use super::metrics::Metrics;
 use crate::{Error, LineError, Precision, WriteError, WriteOptions, WriteReceipt};
 
 /// Header carrying the write's sequence number.
@@ -22,6 +25,8 @@ pub(crate) const SEQ_HEADER: &str = "x-rivulet-seq";
 pub(crate) struct V1Params {
     db: Option<String>,
     precision: Option<String>,
+    /// The token, for 1.x clients that send credentials as parameters.
+    p: Option<String>,
 }
 
 /// `/api/v2/write` parameters (InfluxDB 2.x). `org` is accepted and ignored.
@@ -155,16 +160,51 @@ fn accepted(receipt: &WriteReceipt) -> Response {
     response
 }
 
-/// Runs a write on the blocking pool (it waits for an fsync) and shapes the answer.
-async fn write(
-    state: AppState,
+/// One write request, whichever dialect it came in.
+struct WriteRequest {
     db: Option<String>,
     precision: Precision,
     accept_partial: bool,
     headers: HeaderMap,
     body: Body,
     dialect: Dialect,
-) -> Result<Response, ApiError> {
+    peer: SocketAddr,
+    v1_password: Option<String>,
+}
+
+/// Authorizes and runs a write, counting it in the metrics.
+async fn write(state: AppState, req: WriteRequest) -> Result<Response, ApiError> {
+    let metrics = state.metrics.clone();
+    let result = write_inner(state, req).await;
+    match &result {
+        Ok(r) if r.status() == StatusCode::NO_CONTENT => Metrics::add(&metrics.writes, 1),
+        _ => Metrics::add(&metrics.write_errors, 1),
+    }
+    result
+}
+
+/// Runs a write on the blocking pool (it waits for an fsync) and shapes the answer.
+async fn write_inner(state: AppState, req: WriteRequest) -> Result<Response, ApiError> {
+    let WriteRequest {
+        db,
+        precision,
+        accept_partial,
+        headers,
+        body,
+        dialect,
+        peer,
+        v1_password,
+    } = req;
+    state
+        .authorize(
+            &headers,
+            v1_password.as_deref(),
+            Scope::Write,
+            db.as_deref(),
+            peer,
+            "write",
+        )
+        .map_err(|e| e.dialect(dialect))?;
     let db = db.filter(|d| !d.is_empty()).ok_or_else(|| {
         let what = match dialect {
             Dialect::V1 => "database is required (parameter db)",
@@ -175,6 +215,7 @@ async fn write(
     })?;
     let bytes = read_body(&headers, body, state.config.max_body_bytes, dialect).await?;
     utf8(&bytes, dialect)?;
+    Metrics::add(&state.metrics.write_bytes, bytes.len() as u64);
     let options = WriteOptions {
         precision,
         accept_partial,
@@ -194,6 +235,9 @@ async fn write(
         )
     })?;
     let text = std::str::from_utf8(&bytes).unwrap_or_default();
+    if let Ok(receipt) = &result {
+        Metrics::add(&state.metrics.write_rows, receipt.rows as u64);
+    }
     match result {
         Ok(receipt) if receipt.rejected_total == 0 => Ok(accepted(&receipt)),
         Ok(receipt) => {
@@ -237,59 +281,64 @@ fn rejected(message: String, body: &str, errors: &[LineError], dialect: Dialect)
 
 pub(crate) async fn v1(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(params): Query<V1Params>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let precision = precision(params.precision.as_deref(), Dialect::V1)?;
-    write(
-        state,
-        params.db,
+    let req = WriteRequest {
+        db: params.db,
         precision,
-        false,
+        accept_partial: false,
         headers,
         body,
-        Dialect::V1,
-    )
-    .await
+        dialect: Dialect::V1,
+        peer,
+        v1_password: params.p,
+    };
+    write(state, req).await
 }
 
 pub(crate) async fn v2(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(params): Query<V2Params>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let precision = precision(params.precision.as_deref(), Dialect::V2)?;
-    write(
-        state,
-        params.bucket,
+    let req = WriteRequest {
+        db: params.bucket,
         precision,
-        false,
+        accept_partial: false,
         headers,
         body,
-        Dialect::V2,
-    )
-    .await
+        dialect: Dialect::V2,
+        peer,
+        v1_password: None,
+    };
+    write(state, req).await
 }
 
 pub(crate) async fn v3(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(params): Query<V3Params>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let precision = precision(params.precision.as_deref(), Dialect::V3)?;
-    // InfluxDB 3 accepts partial writes unless told otherwise.
-    let partial = params.accept_partial.unwrap_or(true);
-    write(
-        state,
-        params.db,
+    let req = WriteRequest {
+        db: params.db,
         precision,
-        partial,
+        // InfluxDB 3 accepts partial writes unless told otherwise.
+        accept_partial: params.accept_partial.unwrap_or(true),
         headers,
         body,
-        Dialect::V3,
-    )
-    .await
+        dialect: Dialect::V3,
+        peer,
+        v1_password: None,
+    };
+    write(state, req).await
 }

@@ -89,8 +89,8 @@ pub(crate) struct BufferSnapshot {
 }
 
 impl BufferSnapshot {
-    /// Keeps only chunks of writes up to `seq` (chunks are in sequence order), so a query never
-    /// sees part of a write that touches several tables while it is being applied.
+    /// Keeps only chunks of writes up to `seq` (chunks are in sequence order). With one `seq`
+    /// per query, a query never sees part of a write that touches several tables.
     pub(crate) fn up_to(mut self, seq: u64) -> BufferSnapshot {
         let keep = self.chunks.partition_point(|c| c.seq <= seq);
         self.chunks.truncate(keep);
@@ -108,6 +108,13 @@ impl TableBuffer {
     pub(crate) fn push(&mut self, chunk: Arc<Chunk>) {
         debug_assert!(self.chunks.last().is_none_or(|c| c.seq <= chunk.seq));
         self.chunks.push(chunk);
+    }
+
+    /// (rows, bytes of Arrow memory) held.
+    pub(crate) fn size(&self) -> (usize, usize) {
+        self.chunks.iter().fold((0, 0), |(r, b), c| {
+            (r + c.rows(), b + c.batch.get_array_memory_size())
+        })
     }
 
     /// The chunks as they are now.

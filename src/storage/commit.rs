@@ -14,6 +14,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::{Condvar, Mutex};
 
@@ -43,6 +44,9 @@ pub(crate) struct CommitQueue {
     wake: Condvar,
     durability: Durability,
     faults: Option<Arc<dyn IoFaults>>,
+    /// fsyncs issued and their total time, for metrics.
+    fsyncs: AtomicU64,
+    fsync_nanos: AtomicU64,
 }
 
 impl CommitQueue {
@@ -62,6 +66,8 @@ impl CommitQueue {
             wake: Condvar::new(),
             durability,
             faults,
+            fsyncs: AtomicU64::new(0),
+            fsync_nanos: AtomicU64::new(0),
         }
     }
 
@@ -114,9 +120,7 @@ impl CommitQueue {
             drop(st);
 
             let synced = match (self.durability, &target) {
-                (Durability::Sync, Some((file, path))) => {
-                    WalWriter::sync(self.faults.as_ref(), file, path)
-                }
+                (Durability::Sync, Some((file, path))) => self.timed_sync(file, path),
                 _ => Ok(()),
             };
             let last = batch.last().map(|p| p.seq);
@@ -145,11 +149,28 @@ impl CommitQueue {
         }
     }
 
+    fn timed_sync(&self, file: &File, path: &std::path::Path) -> Result<(), WalError> {
+        let started = std::time::Instant::now();
+        let result = WalWriter::sync(self.faults.as_ref(), file, path);
+        self.fsyncs.fetch_add(1, Ordering::Relaxed);
+        self.fsync_nanos
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        result
+    }
+
+    /// (fsyncs issued, total seconds spent in them).
+    pub(crate) fn fsync_stats(&self) -> (u64, f64) {
+        (
+            self.fsyncs.load(Ordering::Relaxed),
+            self.fsync_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+        )
+    }
+
     /// Fsyncs the current segment (durability `interval`, and on close).
     pub(crate) fn sync_now(&self) -> Result<(), WalError> {
         let target = self.state.lock().sync_target.clone();
         if let Some((file, path)) = target
-            && let Err(e) = WalWriter::sync(self.faults.as_ref(), &file, &path)
+            && let Err(e) = self.timed_sync(&file, &path)
         {
             self.poison(e.to_string());
             return Err(e);

@@ -314,7 +314,8 @@ pub(crate) fn replay(
             })();
             match result {
                 Ok(payload) => {
-                    let seq = apply(payload)?;
+                    // Checked before applying: an out-of-order record must change nothing.
+                    let seq = u64::from_le_bytes(payload[..8].try_into().unwrap_or([0; 8]));
                     if report.last_seq.is_some_and(|last| seq <= last) {
                         return Err(WalError::Corrupt {
                             path: path.clone(),
@@ -325,6 +326,7 @@ pub(crate) fn replay(
                             ),
                         });
                     }
+                    apply(payload)?;
                     report.records += 1;
                     report.last_seq = Some(seq);
                     pos += RECORD_HEADER_LEN + payload.len();
