@@ -40,6 +40,11 @@ pub struct ServerConfig {
     pub query_timeout: Duration,
     /// Requests served at once; more get a 503 at once instead of queueing. Default: 1024.
     pub max_concurrent_requests: usize,
+    /// A request body must arrive within this time, or the request gets a 408. Default: 60 s.
+    pub body_read_timeout: Duration,
+    /// Longest line protocol line, in bytes; a longer one is rejected with a 400 naming it.
+    /// Default: 1 MiB.
+    pub max_line_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -49,6 +54,8 @@ impl Default for ServerConfig {
             auth: Auth::default(),
             query_timeout: Duration::from_secs(60),
             max_concurrent_requests: 1024,
+            body_read_timeout: Duration::from_secs(60),
+            max_line_bytes: 1 << 20,
         }
     }
 }
@@ -162,16 +169,101 @@ async fn ping() -> impl axum::response::IntoResponse {
     )
 }
 
-/// Serves `router` on `listener` until `shutdown` completes, then lets in-flight requests finish.
+/// Connection-level limits of [`serve`].
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    /// Open connections at once; further ones are closed at once. Default: 4096.
+    pub max_connections: usize,
+    /// A client must send a request's whole head (request line and headers) within this time
+    /// (slowloris). Default: 10 s.
+    pub header_read_timeout: Duration,
+    /// Largest request head (URL plus headers), in bytes; larger gets a 431. Default: 64 KiB.
+    pub max_head_bytes: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            max_connections: 4096,
+            header_read_timeout: Duration::from_secs(10),
+            max_head_bytes: 64 << 10,
+        }
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` completes, then lets in-flight requests finish.
+///
+/// Its own accept loop (on hyper) rather than `axum::serve`, for the connection cap, the
+/// request-head timeout and size limit, and the client address every handler reads.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
+    limits: ConnectionLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower::ServiceExt;
+
+    let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    // Connections watch `stop` to shut down gracefully and hold `done` until they end.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "connection limit reached; closing the new connection");
+            drop(stream);
+            continue;
+        };
+        let app = app.clone();
+        let service =
+            hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                let mut request = request.map(axum::body::Body::new);
+                request.extensions_mut().insert(ConnectInfo(peer));
+                app.clone().oneshot(request)
+            });
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(limits.max_head_bytes.max(8192));
+        let mut stop = stop_rx.clone();
+        let done = done_tx.clone();
+        tokio::spawn(async move {
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                }
+                _ = async { stop.wait_for(|stopped| *stopped).await.map(|_| ()) } => {
+                    conn.as_mut().graceful_shutdown();
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                }
+            }
+            drop(permit);
+            drop(done);
+        });
+    }
+    let _ = stop_tx.send(true);
+    drop(done_tx);
+    // Every connection task holds a sender: this returns when the last one has finished.
+    let _ = done_rx.recv().await;
+    Ok(())
 }

@@ -4,7 +4,7 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 
 use reqwest::StatusCode;
-use rivulet::server::{ServerConfig, router, serve};
+use rivulet::server::{ConnectionLimits, ServerConfig, router, serve};
 use rivulet::{Config, Db, Durability};
 use serde_json::Value;
 
@@ -24,7 +24,7 @@ impl Server {
         let addr = listener.local_addr().expect("addr");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let app = router(db.clone(), config);
-        let task = tokio::spawn(serve(listener, app, async {
+        let task = tokio::spawn(serve(listener, app, ConnectionLimits::default(), async {
             let _ = rx.await;
         }));
         Server {
@@ -749,4 +749,112 @@ async fn slow_queries_are_cancelled_at_the_timeout() {
             .contains("limit of 0.2 s"),
         "{v}"
     );
+}
+
+async fn raw_exchange(addr: SocketAddr, request: &[u8], wait: std::time::Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(wait, stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn start_with_limits(
+    limits: ConnectionLimits,
+    config: ServerConfig,
+) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let db = Db::open_in_memory().expect("db");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(serve(listener, router(db, config), limits, async {
+        let _ = rx.await;
+    }));
+    (addr, tx)
+}
+
+#[tokio::test]
+async fn slow_or_oversized_request_heads_and_bodies_are_cut_off() {
+    let limits = ConnectionLimits {
+        header_read_timeout: std::time::Duration::from_millis(300),
+        max_head_bytes: 8192,
+        ..ConnectionLimits::default()
+    };
+    let config = ServerConfig {
+        body_read_timeout: std::time::Duration::from_millis(300),
+        max_line_bytes: 100,
+        ..ServerConfig::default()
+    };
+    let (addr, _stop) = start_with_limits(limits, config).await;
+    let started = std::time::Instant::now();
+    // Slowloris: a head that never ends is dropped after the timeout.
+    let _ = raw_exchange(
+        addr,
+        b"POST /write?db=main HTTP/1.1\r\nHost: x\r\n",
+        std::time::Duration::from_secs(10),
+    )
+    .await;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "slow head was not cut off"
+    );
+    // A head larger than the limit.
+    let long_url = format!(
+        "GET /api/v3/query_sql?q={} HTTP/1.1\r\nHost: x\r\n\r\n",
+        "x".repeat(20_000)
+    );
+    let answer = raw_exchange(addr, long_url.as_bytes(), std::time::Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    // A body that stops arriving.
+    let answer = raw_exchange(
+        addr,
+        b"POST /write?db=main HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nm v=1",
+        std::time::Duration::from_secs(5),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    // A line over the line limit.
+    let body = format!("m v=1 1\nm,t={} v=1 2\n", "y".repeat(200));
+    let request = format!(
+        "POST /write?db=main HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let answer = raw_exchange(addr, request.as_bytes(), std::time::Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        answer.contains("line 2 is 210 bytes long; the limit is 100 bytes"),
+        "{answer}"
+    );
+}
+
+#[tokio::test]
+async fn connections_past_the_cap_are_closed() {
+    use tokio::io::AsyncReadExt;
+    let limits = ConnectionLimits {
+        max_connections: 1,
+        ..ConnectionLimits::default()
+    };
+    let (addr, _stop) = start_with_limits(limits, ServerConfig::default()).await;
+    let first = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    // Give the server a moment to accept the first connection.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let mut second = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), second.read(&mut buf))
+        .await
+        .expect("the second connection is closed, not left hanging")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    drop(first);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let answer = raw_exchange(
+        addr,
+        b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        std::time::Duration::from_secs(5),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
 }

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use rivulet::server::{Auth, ServerConfig, Token, router, serve};
+use rivulet::server::{Auth, ConnectionLimits, ServerConfig, Token, router, serve};
 use rivulet::{Config, Db, Durability};
 
 use super::CliResult;
@@ -36,6 +36,12 @@ pub(crate) struct ServeArgs {
     /// Memory all running queries together may use, in bytes.
     #[arg(long, env = "RIVULET_QUERY_MEMORY_BYTES", default_value_t = 4 << 30)]
     query_memory_bytes: usize,
+    /// Longest line protocol line in bytes.
+    #[arg(long, env = "RIVULET_MAX_LINE_BYTES", default_value_t = 1 << 20)]
+    max_line_bytes: usize,
+    /// Open connections at once; more are closed.
+    #[arg(long, env = "RIVULET_MAX_CONNECTIONS", default_value_t = 4096)]
+    max_connections: usize,
     /// Requests served at once; more are answered 503.
     #[arg(long, env = "RIVULET_MAX_CONCURRENT_REQUESTS", default_value_t = 1024)]
     max_concurrent_requests: usize,
@@ -88,9 +94,15 @@ pub(crate) fn run(args: ServeArgs) -> CliResult {
                 auth,
                 query_timeout: std::time::Duration::from_secs(args.query_timeout_secs.max(1)),
                 max_concurrent_requests: args.max_concurrent_requests.max(1),
+                max_line_bytes: args.max_line_bytes.max(1),
+                ..ServerConfig::default()
             },
         );
-        serve(listener, app, shutdown_signal()).await?;
+        let limits = ConnectionLimits {
+            max_connections: args.max_connections.max(1),
+            ..ConnectionLimits::default()
+        };
+        serve(listener, app, limits, shutdown_signal()).await?;
         Ok::<(), Box<dyn std::error::Error>>(())
     })?;
     // In-flight requests have finished: sync the WAL and the catalog.

@@ -76,6 +76,7 @@ async fn read_body(
     headers: &HeaderMap,
     body: Body,
     limit: usize,
+    timeout: std::time::Duration,
     dialect: Dialect,
 ) -> Result<Bytes, ApiError> {
     let too_large = || {
@@ -85,9 +86,20 @@ async fn read_body(
         )
         .dialect(dialect)
     };
-    let raw = axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| too_large())?;
+    let raw = match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(raw)) => raw,
+        Ok(Err(_)) => return Err(too_large()),
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {} s",
+                    timeout.as_secs_f64()
+                ),
+            )
+            .dialect(dialect));
+        }
+    };
     let encoding = headers
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
@@ -123,6 +135,21 @@ fn utf8(body: &Bytes, dialect: Dialect) -> Result<&str, ApiError> {
         let line = 1 + body[..at].iter().filter(|&&b| b == b'\n').count();
         ApiError::bad_request(format!("line {line}: the body is not valid UTF-8")).dialect(dialect)
     })
+}
+
+/// Rejects a body with a line longer than `max` bytes, naming the first such line.
+fn check_line_lengths(body: &[u8], max: usize, dialect: Dialect) -> Result<(), ApiError> {
+    for (i, line) in body.split(|&b| b == b'\n').enumerate() {
+        if line.len() > max {
+            return Err(ApiError::bad_request(format!(
+                "line {} is {} bytes long; the limit is {max} bytes",
+                i + 1,
+                line.len()
+            ))
+            .dialect(dialect));
+        }
+    }
+    Ok(())
 }
 
 /// The text of line `line_no` (1-based), cut to 100 characters for error reports.
@@ -213,8 +240,16 @@ async fn write_inner(state: AppState, req: WriteRequest) -> Result<Response, Api
         };
         ApiError::bad_request(what).dialect(dialect)
     })?;
-    let bytes = read_body(&headers, body, state.config.max_body_bytes, dialect).await?;
+    let bytes = read_body(
+        &headers,
+        body,
+        state.config.max_body_bytes,
+        state.config.body_read_timeout,
+        dialect,
+    )
+    .await?;
     utf8(&bytes, dialect)?;
+    check_line_lengths(&bytes, state.config.max_line_bytes, dialect)?;
     Metrics::add(&state.metrics.write_bytes, bytes.len() as u64);
     let options = WriteOptions {
         precision,
