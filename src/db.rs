@@ -362,6 +362,22 @@ impl Db {
         collect(df).await
     }
 
+    /// [`Db::query`] as a stream of batches, produced as they are computed. Dropping the
+    /// stream cancels the query.
+    pub async fn query_stream(
+        &self,
+        db: &str,
+        query: &str,
+    ) -> Result<SendableRecordBatchStream, Error> {
+        self.inner.check_open()?;
+        let df = self
+            .inner
+            .query
+            .plan(db, query, false, self.inner.visible_seq())
+            .await?;
+        Ok(df.execute_stream().await?)
+    }
+
     /// Runs a SQL query and returns its result as a stream of batches, produced as they are
     /// computed. Dropping the stream cancels the query.
     pub async fn sql_stream(

@@ -858,3 +858,38 @@ async fn connections_past_the_cap_are_closed() {
     .await;
     assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
 }
+
+#[tokio::test]
+async fn large_results_stream_as_one_document() {
+    let s = Server::in_memory().await;
+    for chunk in 0..4 {
+        let body: String = (0..5000)
+            .map(|i| format!("big,k=k{} v={i} {}\n", i % 10, chunk * 5000 + i))
+            .collect();
+        let r = s.post("/write?db=main&precision=s", &body).await;
+        assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    }
+    let rows = s
+        .json("/api/v3/query_sql?db=main&q=SELECT+k,v+FROM+big")
+        .await;
+    assert_eq!(rows.as_array().expect("one JSON array").len(), 20_000);
+    let csv = text_of(
+        &s,
+        "/api/v3/query_sql?db=main&q=SELECT+k,v+FROM+big&format=csv",
+    )
+    .await;
+    assert_eq!(csv.lines().count(), 20_001, "one header, then every row");
+    assert_eq!(csv.lines().filter(|l| *l == "k,v").count(), 1);
+    let r = s
+        .client
+        .get(s.url("/api/v3/query_sql?db=main&q=SELECT+k,v+FROM+big"))
+        .header("Accept", "application/vnd.apache.arrow.stream")
+        .send()
+        .await
+        .expect("send");
+    let bytes = r.bytes().await.expect("bytes");
+    let reader = arrow::ipc::reader::StreamReader::try_new(&bytes[..], None).expect("ipc");
+    let batches: Vec<_> = reader.map(|b| b.expect("batch")).collect();
+    assert!(batches.len() > 1, "several batches in one IPC stream");
+    assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 20_000);
+}

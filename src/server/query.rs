@@ -4,6 +4,8 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use futures::StreamExt;
+
 use arrow::array::RecordBatch;
 use axum::Json;
 use axum::extract::{ConnectInfo, Query, State};
@@ -130,6 +132,97 @@ fn encode(batches: &[RecordBatch], format: Format) -> Result<(Vec<u8>, &'static 
     Ok((out, content_type))
 }
 
+/// Encodes a result batch by batch, for streamed responses.
+enum StreamEncoder {
+    /// A JSON array: `[`, rows separated by commas, `]`.
+    Json {
+        rows: usize,
+    },
+    JsonLines,
+    Csv {
+        header: bool,
+    },
+    Arrow(Option<Box<arrow::ipc::writer::StreamWriter<Vec<u8>>>>),
+}
+
+impl StreamEncoder {
+    fn new(format: Format) -> Option<StreamEncoder> {
+        match format {
+            Format::Json => Some(StreamEncoder::Json { rows: 0 }),
+            Format::JsonLines => Some(StreamEncoder::JsonLines),
+            Format::Csv => Some(StreamEncoder::Csv { header: true }),
+            Format::Arrow => Some(StreamEncoder::Arrow(None)),
+            // A Parquet footer and an aligned table need the whole result.
+            Format::Parquet | Format::Pretty => None,
+        }
+    }
+
+    fn batch(&mut self, batch: &RecordBatch) -> Result<Vec<u8>, String> {
+        let mut out = Vec::new();
+        match self {
+            StreamEncoder::Json { rows } => {
+                let mut lines = Vec::new();
+                let mut w = arrow::json::LineDelimitedWriter::new(&mut lines);
+                w.write(batch).map_err(|e| e.to_string())?;
+                w.finish().map_err(|e| e.to_string())?;
+                for line in lines.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                    out.push(if *rows == 0 { b'[' } else { b',' });
+                    out.extend_from_slice(line);
+                    *rows += 1;
+                }
+            }
+            StreamEncoder::JsonLines => {
+                let mut w = arrow::json::LineDelimitedWriter::new(&mut out);
+                w.write(batch).map_err(|e| e.to_string())?;
+                w.finish().map_err(|e| e.to_string())?;
+            }
+            StreamEncoder::Csv { header } => {
+                let mut w = arrow::csv::WriterBuilder::new()
+                    .with_header(*header)
+                    .build(&mut out);
+                w.write(batch).map_err(|e| e.to_string())?;
+                *header = false;
+            }
+            StreamEncoder::Arrow(writer) => {
+                if writer.is_none() {
+                    *writer = Some(Box::new(
+                        arrow::ipc::writer::StreamWriter::try_new(Vec::new(), &batch.schema())
+                            .map_err(|e| e.to_string())?,
+                    ));
+                }
+                if let Some(w) = writer {
+                    w.write(batch).map_err(|e| e.to_string())?;
+                    out = std::mem::take(w.get_mut());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn finish(&mut self) -> Result<Vec<u8>, String> {
+        match self {
+            StreamEncoder::Json { rows: 0 } => Ok(b"[]".to_vec()),
+            StreamEncoder::Json { .. } => Ok(b"]".to_vec()),
+            StreamEncoder::Arrow(Some(w)) => {
+                w.finish().map_err(|e| e.to_string())?;
+                Ok(std::mem::take(w.get_mut()))
+            }
+            _ => Ok(Vec::new()),
+        }
+    }
+}
+
+fn content_type(format: Format) -> &'static str {
+    match format {
+        Format::Json => "application/json",
+        Format::JsonLines => "application/jsonl",
+        Format::Csv => "text/csv; charset=utf-8",
+        Format::Pretty => "text/plain; charset=utf-8",
+        Format::Parquet => "application/vnd.apache.parquet",
+        Format::Arrow => ARROW_STREAM,
+    }
+}
+
 async fn run(
     state: AppState,
     params: QueryParams,
@@ -145,33 +238,100 @@ async fn run(
         .ok_or_else(|| ApiError::bad_request("missing query (parameter q)"))?;
     let started = Instant::now();
     let timeout = state.config.query_timeout;
-    let result = tokio::time::timeout(timeout, state.db.query(&db, &q)).await;
-    Metrics::add(&state.metrics.queries, 1);
-    state.metrics.observe_query(started.elapsed());
-    let batches = match result {
-        Ok(Ok(batches)) => batches,
-        Ok(Err(e)) => {
-            Metrics::add(&state.metrics.query_errors, 1);
-            return Err(e.into());
-        }
-        Err(_) => {
-            Metrics::add(&state.metrics.query_errors, 1);
-            return Err(ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                format!(
-                    "the query ran longer than the limit of {} s and was cancelled",
-                    timeout.as_secs_f64()
-                ),
-            ));
-        }
+    let deadline = tokio::time::Instant::now() + timeout;
+    let timed_out = || {
+        ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "the query ran longer than the limit of {} s and was cancelled",
+                timeout.as_secs_f64()
+            ),
+        )
     };
-    let (body, content_type) = encode(&batches, format).map_err(|e| {
+    Metrics::add(&state.metrics.queries, 1);
+    let metrics = state.metrics.clone();
+    let failed = |e: ApiError| {
+        Metrics::add(&metrics.query_errors, 1);
+        metrics.observe_query(started.elapsed());
+        e
+    };
+
+    let Some(mut encoder) = StreamEncoder::new(format) else {
+        // Formats that need the whole result.
+        let batches = match tokio::time::timeout_at(deadline, state.db.query(&db, &q)).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => return Err(failed(e.into())),
+            Err(_) => return Err(failed(timed_out())),
+        };
+        metrics.observe_query(started.elapsed());
+        let (body, content_type) = encode(&batches, format).map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("encoding the result failed: {e}"),
+            )
+        })?;
+        return Ok(([(header::CONTENT_TYPE, content_type)], body).into_response());
+    };
+
+    // Streamed formats: plan, then wait for the first batch so that errors found when the
+    // query starts still get a proper status; later batches are sent as they are computed.
+    let mut stream = match tokio::time::timeout_at(deadline, state.db.query_stream(&db, &q)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(failed(e.into())),
+        Err(_) => return Err(failed(timed_out())),
+    };
+    let first = match tokio::time::timeout_at(deadline, stream.next()).await {
+        Ok(Some(Ok(b))) => Some(b),
+        Ok(Some(Err(e))) => return Err(failed(crate::Error::from(e).into())),
+        Ok(None) => None,
+        Err(_) => return Err(failed(timed_out())),
+    };
+    metrics.observe_query(started.elapsed());
+    let mut head = Vec::new();
+    let empty = RecordBatch::new_empty(stream.schema());
+    let first = first.unwrap_or(empty);
+    head.extend(encoder.batch(&first).map_err(|e| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("encoding the result failed: {e}"),
         )
-    })?;
-    Ok(([(header::CONTENT_TYPE, content_type)], body).into_response())
+    })?);
+    let rest = futures::stream::unfold(
+        (stream, encoder, false),
+        move |(mut stream, mut encoder, done)| async move {
+            if done {
+                return None;
+            }
+            let next = match tokio::time::timeout_at(deadline, stream.next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    tracing::warn!("streamed query cancelled at its timeout");
+                    let e = std::io::Error::other("query timeout");
+                    return Some((Err(e), (stream, encoder, true)));
+                }
+            };
+            let (chunk, done) = match next {
+                Some(Ok(batch)) => (encoder.batch(&batch), false),
+                Some(Err(e)) => (Err(e.to_string()), true),
+                None => (encoder.finish(), true),
+            };
+            // An error after the status was sent can only cut the response short.
+            let item = chunk
+                .map(axum::body::Bytes::from)
+                .map_err(std::io::Error::other);
+            Some((item, (stream, encoder, done)))
+        },
+    );
+    let body =
+        futures::stream::once(
+            async move { Ok::<_, std::io::Error>(axum::body::Bytes::from(head)) },
+        )
+        .chain(rest);
+    Ok((
+        [(header::CONTENT_TYPE, content_type(format))],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response())
 }
 
 pub(crate) async fn query_get(
