@@ -341,25 +341,13 @@ impl Db {
 
     /// Runs a SQL query with `db` as the default database.
     pub async fn sql_in(&self, db: &str, query: &str) -> Result<Vec<RecordBatch>, Error> {
-        self.inner.check_open()?;
-        let df = self
-            .inner
-            .query
-            .plan(db, query, true, self.inner.visible_seq())
-            .await?;
-        collect(df).await
+        collect(self.plan(db, query, true).await?).await
     }
 
     /// Runs a read-only query (no `INSERT`, no DDL, no `COPY`) with `db` as the default
     /// database: what an untrusted caller, such as the HTTP query endpoint, may run.
     pub async fn query(&self, db: &str, query: &str) -> Result<Vec<RecordBatch>, Error> {
-        self.inner.check_open()?;
-        let df = self
-            .inner
-            .query
-            .plan(db, query, false, self.inner.visible_seq())
-            .await?;
-        collect(df).await
+        collect(self.plan(db, query, false).await?).await
     }
 
     /// [`Db::query`] as a stream of batches, produced as they are computed. Dropping the
@@ -369,13 +357,7 @@ impl Db {
         db: &str,
         query: &str,
     ) -> Result<SendableRecordBatchStream, Error> {
-        self.inner.check_open()?;
-        let df = self
-            .inner
-            .query
-            .plan(db, query, false, self.inner.visible_seq())
-            .await?;
-        Ok(df.execute_stream().await?)
+        Ok(self.plan(db, query, false).await?.execute_stream().await?)
     }
 
     /// Runs a SQL query and returns its result as a stream of batches, produced as they are
@@ -385,13 +367,19 @@ impl Db {
         db: &str,
         query: &str,
     ) -> Result<SendableRecordBatchStream, Error> {
+        Ok(self.plan(db, query, true).await?.execute_stream().await?)
+    }
+
+    /// Plans a query reading up to the sequence visible now.
+    async fn plan(
+        &self,
+        db: &str,
+        query: &str,
+        allow_dml: bool,
+    ) -> Result<datafusion::dataframe::DataFrame, Error> {
         self.inner.check_open()?;
-        let df = self
-            .inner
-            .query
-            .plan(db, query, true, self.inner.visible_seq())
-            .await?;
-        Ok(df.execute_stream().await?)
+        let seq = self.inner.visible_seq();
+        Ok(self.inner.query.plan(db, query, allow_dml, seq).await?)
     }
 
     /// Names of the databases.
