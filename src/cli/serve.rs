@@ -80,12 +80,18 @@ pub(crate) fn run(args: ServeArgs) -> CliResult {
             env!("CARGO_PKG_VERSION"),
             args.data_dir.display()
         );
+        // With tokens, the examples need one: show where it goes, never the secret itself.
+        let auth_header = if auth.enabled() {
+            " -H 'Authorization: Bearer YOUR_TOKEN'"
+        } else {
+            ""
+        };
         println!("Try:");
         println!(
-            "  curl -XPOST 'http://{addr}/api/v2/write?bucket=main&precision=s' --data-binary 'cpu,host=a usage=1 1700000000'"
+            "  curl{auth_header} -XPOST 'http://{addr}/api/v2/write?bucket=main&precision=s' --data-binary 'cpu,host=a usage=1 1700000000'"
         );
         println!(
-            "  curl 'http://{addr}/api/v3/query_sql?db=main&q=SELECT+*+FROM+cpu&format=json'"
+            "  curl{auth_header} 'http://{addr}/api/v3/query_sql?db=main&q=SELECT+*+FROM+cpu&format=json'"
         );
         let app = router(
             db.clone(),
