@@ -377,9 +377,29 @@ impl Db {
         query: &str,
         allow_dml: bool,
     ) -> Result<datafusion::dataframe::DataFrame, Error> {
+        self.plan_within(db, query, allow_dml, None).await
+    }
+
+    /// Plans a query that may only touch `databases` (None: any), e.g. for a token limited to
+    /// some databases. Unqualified tables are in `db`, which the caller has checked.
+    pub(crate) async fn plan_within(
+        &self,
+        db: &str,
+        query: &str,
+        allow_dml: bool,
+        databases: Option<&[String]>,
+    ) -> Result<datafusion::dataframe::DataFrame, Error> {
         self.inner.check_open()?;
         let seq = self.inner.visible_seq();
-        Ok(self.inner.query.plan(db, query, allow_dml, seq).await?)
+        let df = self.inner.query.plan(db, query, allow_dml, seq).await?;
+        if let Some(allowed) = databases
+            && let Some(other) = crate::query::databases_outside(df.logical_plan(), allowed)?
+        {
+            return Err(Error::Denied(format!(
+                "this token may not use database '{other}'"
+            )));
+        }
+        Ok(df)
     }
 
     /// Names of the databases.
@@ -453,7 +473,9 @@ fn open_sled(path: &Path) -> Result<sled::Db, Error> {
 }
 
 /// Collects a result; an empty one is a single empty batch, so the schema is never lost.
-async fn collect(df: datafusion::dataframe::DataFrame) -> Result<Vec<RecordBatch>, Error> {
+pub(crate) async fn collect(
+    df: datafusion::dataframe::DataFrame,
+) -> Result<Vec<RecordBatch>, Error> {
     let schema = Arc::new(df.schema().as_arrow().clone());
     let mut batches = df.collect().await?;
     if batches.is_empty() {

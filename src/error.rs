@@ -38,6 +38,9 @@ pub enum Error {
     /// The configuration is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The caller may not touch a database the statement names.
+    #[error("{0}")]
+    Denied(String),
     /// The database was closed.
     #[error("the database is closed")]
     Closed,

@@ -108,3 +108,28 @@ impl QueryEngine {
         Ok(df)
     }
 }
+
+/// The first database (schema) that `plan` reads or writes and that is not in `allowed`,
+/// looking into subqueries too. Unqualified table names are the query's default database.
+pub(crate) fn databases_outside(
+    plan: &LogicalPlan,
+    allowed: &[String],
+) -> Result<Option<String>, DataFusionError> {
+    use datafusion::common::tree_node::TreeNodeRecursion;
+    let mut outside = None;
+    plan.apply_with_subqueries(|node| {
+        let table = match node {
+            LogicalPlan::TableScan(scan) => Some(&scan.table_name),
+            LogicalPlan::Dml(dml) => Some(&dml.table_name),
+            _ => None,
+        };
+        if let Some(schema) = table.and_then(|t| t.schema())
+            && !allowed.iter().any(|a| a == schema)
+        {
+            outside = Some(schema.to_string());
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    Ok(outside)
+}

@@ -6,6 +6,7 @@
 //! they wait for an fsync).
 
 mod auth;
+mod body;
 mod error;
 mod metrics;
 mod query;
@@ -21,6 +22,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures::StreamExt;
 
 use crate::Db;
 
@@ -108,13 +110,40 @@ async fn limit_requests(State(state): State<AppState>, request: Request, next: N
         )
         .into_response();
     };
-    Metrics::add(&state.metrics.in_flight, 1);
+    // Held until the response body is finished (streamed results included) or dropped.
+    let guard = InFlight::new(state.metrics.clone(), _permit);
     let response = next.run(request).await;
-    state
-        .metrics
-        .in_flight
-        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    response
+    response.map(|body| {
+        let stream = body.into_data_stream().map(move |chunk| {
+            let _held = &guard;
+            chunk
+        });
+        axum::body::Body::from_stream(stream)
+    })
+}
+
+/// Counts a request in flight and holds its concurrency permit; both end on drop.
+struct InFlight {
+    metrics: Arc<Metrics>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl InFlight {
+    fn new(metrics: Arc<Metrics>, permit: tokio::sync::OwnedSemaphorePermit) -> InFlight {
+        Metrics::add(&metrics.in_flight, 1);
+        InFlight {
+            metrics,
+            _permit: permit,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.metrics
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 async fn metrics_text(
@@ -122,7 +151,14 @@ async fn metrics_text(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    state.authorize(&headers, None, Scope::Read, None, peer, "metrics")?;
+    let access = state.authorize(&headers, None, Scope::Read, None, peer, "metrics")?;
+    // Metrics are server-wide: a token limited to some databases does not see them.
+    if access.databases.is_some() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "metrics cover every database: use a token without a database list",
+        ));
+    }
     let text = state.metrics.render(&state.db.stats());
     Ok((
         [(
@@ -144,7 +180,7 @@ impl AppState {
         db: Option<&str>,
         peer: SocketAddr,
         what: &str,
-    ) -> Result<(), ApiError> {
+    ) -> Result<auth::Access, ApiError> {
         self.config
             .auth
             .check(headers, v1_password, needed, db, Some(peer), what)

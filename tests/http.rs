@@ -519,7 +519,8 @@ async fn tokens_scopes_and_databases() {
     let config = ServerConfig {
         auth: rivulet::server::Auth::new(
             tokens.iter().map(|t| t.parse().expect("token")).collect(),
-        ),
+        )
+        .expect("auth"),
         ..ServerConfig::default()
     };
     let s = Server::start(db, config).await;
@@ -892,4 +893,91 @@ async fn large_results_stream_as_one_document() {
     let batches: Vec<_> = reader.map(|b| b.expect("batch")).collect();
     assert!(batches.len() > 1, "several batches in one IPC stream");
     assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 20_000);
+}
+
+#[tokio::test]
+async fn a_token_limited_to_databases_cannot_reach_others_through_sql() {
+    let db = Db::open_in_memory().expect("db");
+    db.write_lines("other", "secret v=42 1", rivulet::Precision::Second)
+        .expect("seed other");
+    db.write_lines("main", "m v=1 1", rivulet::Precision::Second)
+        .expect("seed main");
+    let config = ServerConfig {
+        auth: rivulet::server::Auth::new(vec![
+            "read:main-reader-0123456789:main".parse().expect("token"),
+            "admin:main-admin-0123456789:main".parse().expect("token"),
+        ])
+        .expect("auth"),
+        ..ServerConfig::default()
+    };
+    let s = Server::start(db, config).await;
+    let query = |sql: &'static str| {
+        s.client
+            .get(s.url("/api/v3/query_sql"))
+            .query(&[("db", "main"), ("q", sql)])
+            .header("Authorization", "Bearer main-reader-0123456789")
+            .send()
+    };
+    let ok = query("SELECT v FROM m").await.expect("send");
+    assert_eq!(ok.status(), StatusCode::OK);
+    for sql in [
+        "SELECT v FROM other.secret",
+        "SELECT v FROM rivulet.other.secret",
+        "SELECT * FROM m WHERE v IN (SELECT v FROM other.secret)",
+        "SELECT table_name FROM information_schema.tables",
+    ] {
+        let r = query(sql).await.expect("send");
+        assert_eq!(r.status(), StatusCode::FORBIDDEN, "{sql}");
+    }
+    // Nor can an admin token limited to main insert elsewhere.
+    let r = s
+        .client
+        .post(s.url("/api/v1/sql"))
+        .header("Authorization", "Bearer main-admin-0123456789")
+        .json(&serde_json::json!({"db": "main", "q": "INSERT INTO other.secret (v, time) VALUES (1.0, now())"}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    // Metrics span every database.
+    let r = s
+        .client
+        .get(s.url("/metrics"))
+        .header("Authorization", "Bearer main-reader-0123456789")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn multi_member_gzip_and_all_bad_partial_writes() {
+    let s = Server::in_memory().await;
+    let gz = |text: &str| {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(text.as_bytes()).expect("gzip");
+        e.finish().expect("gzip")
+    };
+    // Two gzip members back to back (`cat a.gz b.gz`): both are read.
+    let mut body = gz("m v=1 1\n");
+    body.extend(gz("m v=2 2\n"));
+    let r = s
+        .client
+        .post(s.url("/api/v2/write?bucket=main&precision=s"))
+        .header("Content-Encoding", "gzip")
+        .body(body)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let rows = s
+        .json("/api/v3/query_sql?db=main&q=SELECT+count(*)+AS+n+FROM+m")
+        .await;
+    assert_eq!(rows, serde_json::json!([{"n": 2}]));
+    // accept_partial with every line bad is a parse failure, without a sequence.
+    let r = s.post("/api/v3/write_lp?db=main", "bad\nworse").await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert!(!r.headers().contains_key("x-rivulet-seq"));
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["error"], "parsing failed for write_lp endpoint");
 }

@@ -48,7 +48,7 @@ pub(crate) struct ServeArgs {
 }
 
 pub(crate) fn run(args: ServeArgs) -> CliResult {
-    let auth = Auth::new(args.tokens.clone());
+    let auth = Auth::new(args.tokens.clone())?;
     if !args.bind.ip().is_loopback() && !auth.enabled() && !args.insecure_no_auth {
         return Err(format!(
             "refusing to listen on {} without authentication: give --token SCOPE:SECRET, or \

@@ -75,15 +75,34 @@ impl std::str::FromStr for Token {
         if secret.len() < 16 {
             return Err("a token secret must be at least 16 characters long".to_string());
         }
-        let databases = parts
-            .next()
-            .map(|dbs| dbs.split(',').map(str::to_string).collect::<Vec<_>>());
+        let databases = match parts.next() {
+            None => None,
+            Some(dbs) => {
+                let list: Vec<String> = dbs.split(',').map(str::to_string).collect();
+                if let Some(bad) = list
+                    .iter()
+                    .find(|d| crate::storage::catalog::check_database_name(d).is_err())
+                {
+                    return Err(format!(
+                        "token database list has an invalid database name '{bad}' (format SCOPE:SECRET[:DB,…]; a secret cannot contain ':')"
+                    ));
+                }
+                Some(list)
+            }
+        };
         Ok(Token {
             secret,
             scope,
             databases,
         })
     }
+}
+
+/// What an authorized request may touch.
+#[derive(Debug, Clone)]
+pub(crate) struct Access {
+    /// Databases the token is limited to; `None` = all.
+    pub(crate) databases: Option<Vec<String>>,
 }
 
 /// The server's tokens; empty means authentication is off.
@@ -104,9 +123,14 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl Auth {
-    /// Authentication with these tokens (none = off).
-    pub fn new(tokens: Vec<Token>) -> Auth {
-        Auth { tokens }
+    /// Authentication with these tokens (none = off). Two tokens may not share a secret.
+    pub fn new(tokens: Vec<Token>) -> Result<Auth, String> {
+        for (i, a) in tokens.iter().enumerate() {
+            if tokens[i + 1..].iter().any(|b| b.secret == a.secret) {
+                return Err("two tokens have the same secret".to_string());
+            }
+        }
+        Ok(Auth { tokens })
     }
 
     /// True when requests must carry a token.
@@ -123,9 +147,9 @@ impl Auth {
         db: Option<&str>,
         peer: Option<SocketAddr>,
         what: &str,
-    ) -> Result<(), ApiError> {
+    ) -> Result<Access, ApiError> {
         if !self.enabled() {
-            return Ok(());
+            return Ok(Access { databases: None });
         }
         let presented = headers
             .get(header::AUTHORIZATION)
@@ -172,7 +196,9 @@ impl Auth {
                 format!("this token may not {}{on_db}", needed.name()),
             ));
         }
-        Ok(())
+        Ok(Access {
+            databases: token.databases.clone(),
+        })
     }
 }
 

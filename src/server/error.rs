@@ -93,6 +93,7 @@ fn classify(e: &Error) -> ApiError {
             )
         }
         Error::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the database is closing"),
+        Error::Denied(_) => ApiError::new(StatusCode::FORBIDDEN, e.to_string()),
         Error::Query(q) => from_datafusion(q, e),
         _ => internal(e),
     }
@@ -105,7 +106,9 @@ fn from_datafusion(q: &DataFusionError, whole: &Error) -> ApiError {
         | DataFusionError::SchemaError(..)
         | DataFusionError::NotImplemented(_)
         | DataFusionError::Configuration(_)
-        | DataFusionError::Execution(_) => ApiError::bad_request(whole.to_string()),
+        | DataFusionError::Execution(_)
+        // Arrow errors in a query are the query's: division by zero, a failed cast, …
+        | DataFusionError::ArrowError(..) => ApiError::bad_request(whole.to_string()),
         DataFusionError::ResourcesExhausted(_) => {
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, whole.to_string())
         }

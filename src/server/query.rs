@@ -7,7 +7,7 @@ use std::time::Instant;
 use futures::StreamExt;
 
 use arrow::array::RecordBatch;
-use axum::Json;
+use axum::body::Body;
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -15,6 +15,7 @@ use serde::Deserialize;
 
 use super::AppState;
 use super::auth::Scope;
+use super::body::read_json;
 use super::error::ApiError;
 use super::metrics::Metrics;
 
@@ -230,7 +231,8 @@ async fn run(
     peer: SocketAddr,
 ) -> Result<Response, ApiError> {
     let db = params.db.clone().unwrap_or_else(|| "main".to_string());
-    state.authorize(&headers, None, Scope::Read, Some(&db), peer, "query")?;
+    let access = state.authorize(&headers, None, Scope::Read, Some(&db), peer, "query")?;
+    let databases = access.databases.as_deref();
     let format = format(&params, &headers)?;
     let q = params
         .q
@@ -258,7 +260,11 @@ async fn run(
 
     let Some(mut encoder) = StreamEncoder::new(format) else {
         // Formats that need the whole result.
-        let batches = match tokio::time::timeout_at(deadline, state.db.query(&db, &q)).await {
+        let planned = async {
+            let df = state.db.plan_within(&db, &q, false, databases).await?;
+            crate::db::collect(df).await
+        };
+        let batches = match tokio::time::timeout_at(deadline, planned).await {
             Ok(Ok(b)) => b,
             Ok(Err(e)) => return Err(failed(e.into())),
             Err(_) => return Err(failed(timed_out())),
@@ -275,7 +281,11 @@ async fn run(
 
     // Streamed formats: plan, then wait for the first batch so that errors found when the
     // query starts still get a proper status; later batches are sent as they are computed.
-    let mut stream = match tokio::time::timeout_at(deadline, state.db.query_stream(&db, &q)).await {
+    let planned = async {
+        let df = state.db.plan_within(&db, &q, false, databases).await?;
+        Ok::<_, crate::Error>(df.execute_stream().await?)
+    };
+    let mut stream = match tokio::time::timeout_at(deadline, planned).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(failed(e.into())),
         Err(_) => return Err(failed(timed_out())),
@@ -347,8 +357,17 @@ pub(crate) async fn query_post(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    Json(params): Json<QueryParams>,
+    body: Body,
 ) -> Result<Response, ApiError> {
+    // The token first (the database is in the body; `run` checks it), then the body.
+    state.authorize(&headers, None, Scope::Read, None, peer, "query")?;
+    let params: QueryParams = read_json(
+        &headers,
+        body,
+        state.config.max_body_bytes,
+        state.config.body_read_timeout,
+    )
+    .await?;
     run(state, params, headers, peer).await
 }
 
@@ -364,12 +383,34 @@ pub(crate) async fn statement(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    Json(body): Json<StatementBody>,
+    body: Body,
 ) -> Result<Response, ApiError> {
+    state.authorize(&headers, None, Scope::Admin, None, peer, "statement")?;
+    let body: StatementBody = read_json(
+        &headers,
+        body,
+        state.config.max_body_bytes,
+        state.config.body_read_timeout,
+    )
+    .await?;
     let db = body.db.unwrap_or_else(|| "main".to_string());
-    state.authorize(&headers, None, Scope::Admin, Some(&db), peer, "statement")?;
-    tracing::info!(target: "rivulet::audit", %peer, db, statement = %body.q, "statement");
-    let batches = state.db.sql_in(&db, &body.q).await?;
+    let access = state.authorize(&headers, None, Scope::Admin, Some(&db), peer, "statement")?;
+    tracing::warn!(target: "rivulet::audit", %peer, db, statement = %body.q, "statement");
+    let run = async {
+        let df = state
+            .db
+            .plan_within(&db, &body.q, true, access.databases.as_deref())
+            .await?;
+        crate::db::collect(df).await
+    };
+    let batches = tokio::time::timeout(state.config.query_timeout, run)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "the statement ran longer than the query timeout and was cancelled",
+            )
+        })??;
     let (out, content_type) = encode(&batches, Format::Json).map_err(|e| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,

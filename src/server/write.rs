@@ -1,18 +1,18 @@
 //! Line protocol writes in the three InfluxDB dialects: `/write` (1.x), `/api/v2/write` (2.x)
 //! and `/api/v3/write_lp` (3.x), with their parameter names and error shapes.
 
-use std::io::Read;
 use std::net::SocketAddr;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
 use super::AppState;
 use super::auth::Scope;
+use super::body::read_body;
 use super::error::{ApiError, Dialect};
 use super::metrics::Metrics;
 use crate::{Error, LineError, Precision, WriteError, WriteOptions, WriteReceipt};
@@ -20,7 +20,8 @@ use crate::{Error, LineError, Precision, WriteError, WriteOptions, WriteReceipt}
 /// Header carrying the write's sequence number.
 pub(crate) const SEQ_HEADER: &str = "x-rivulet-seq";
 
-/// `/write` parameters (InfluxDB 1.x). `rp`, `u`, `p` and `consistency` are accepted and ignored.
+/// `/write` parameters (InfluxDB 1.x). `p` carries the token; `rp`, `u` and `consistency` are
+/// accepted and ignored.
 #[derive(Debug, Deserialize)]
 pub(crate) struct V1Params {
     db: Option<String>,
@@ -67,65 +68,6 @@ fn precision(value: Option<&str>, dialect: Dialect) -> Result<Precision, ApiErro
             ApiError::bad_request(format!("invalid precision '{v}': expected {expected}"))
                 .dialect(dialect),
         ),
-    }
-}
-
-/// Reads the body, gunzipping it when asked, within the size limit (which also applies after
-/// decompression, so a small gzip bomb cannot expand without bound).
-async fn read_body(
-    headers: &HeaderMap,
-    body: Body,
-    limit: usize,
-    timeout: std::time::Duration,
-    dialect: Dialect,
-) -> Result<Bytes, ApiError> {
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("request body is larger than the limit of {limit} bytes"),
-        )
-        .dialect(dialect)
-    };
-    let raw = match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
-        Ok(Ok(raw)) => raw,
-        Ok(Err(_)) => return Err(too_large()),
-        Err(_) => {
-            return Err(ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                format!(
-                    "the request body did not arrive within {} s",
-                    timeout.as_secs_f64()
-                ),
-            )
-            .dialect(dialect));
-        }
-    };
-    let encoding = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("identity")
-        .trim()
-        .to_ascii_lowercase();
-    match encoding.as_str() {
-        "identity" | "" => Ok(raw),
-        "gzip" | "x-gzip" => {
-            let mut out = Vec::new();
-            let read = flate2::read::GzDecoder::new(&raw[..])
-                .take(limit as u64 + 1)
-                .read_to_end(&mut out);
-            match read {
-                Ok(n) if n > limit => Err(too_large()),
-                Ok(_) => Ok(out.into()),
-                Err(e) => {
-                    Err(ApiError::bad_request(format!("invalid gzip body: {e}")).dialect(dialect))
-                }
-            }
-        }
-        other => Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            format!("unsupported Content-Encoding '{other}': send identity or gzip"),
-        )
-        .dialect(dialect)),
     }
 }
 
@@ -275,6 +217,17 @@ async fn write_inner(state: AppState, req: WriteRequest) -> Result<Response, Api
     }
     match result {
         Ok(receipt) if receipt.rejected_total == 0 => Ok(accepted(&receipt)),
+        Ok(receipt) if receipt.rows == 0 => {
+            // Nothing stored: not a partial write, and no sequence of this request to report.
+            let message = match dialect {
+                Dialect::V3 => "parsing failed for write_lp endpoint".to_string(),
+                _ => format!(
+                    "{} bad line(s); nothing was written",
+                    receipt.rejected_total
+                ),
+            };
+            Err(rejected(message, text, &receipt.rejected, dialect))
+        }
         Ok(receipt) => {
             // Accept-partial: the good lines are stored; report the bad ones with a 400.
             let message = format!(
