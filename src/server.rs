@@ -149,6 +149,7 @@ impl Drop for InFlight {
 async fn metrics_text(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    open: Option<axum::Extension<OpenConnections>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let access = state.authorize(&headers, None, Scope::Read, None, peer, "metrics")?;
@@ -159,7 +160,8 @@ async fn metrics_text(
             "metrics cover every database: use a token without a database list",
         ));
     }
-    let text = state.metrics.render(&state.db.stats());
+    let open = open.map_or(0, |o| o.0.0.load(std::sync::atomic::Ordering::Relaxed));
+    let text = state.metrics.render(&state.db.stats(), open);
     Ok((
         [(
             header::CONTENT_TYPE,
@@ -205,6 +207,10 @@ async fn ping() -> impl axum::response::IntoResponse {
     )
 }
 
+/// The number of open connections, handed to every request by [`serve`] (for `/metrics`).
+#[derive(Debug, Clone)]
+pub(crate) struct OpenConnections(Arc<std::sync::atomic::AtomicU64>);
+
 /// Connection-level limits of [`serve`].
 #[derive(Debug, Clone)]
 pub struct ConnectionLimits {
@@ -241,6 +247,7 @@ pub async fn serve(
     use tower::ServiceExt;
 
     let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let open = OpenConnections(Arc::new(std::sync::atomic::AtomicU64::new(0)));
     // Connections watch `stop` to shut down gracefully and hold `done` until they end.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
@@ -264,10 +271,12 @@ pub async fn serve(
             continue;
         };
         let app = app.clone();
+        let open_now = open.clone();
         let service =
             hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
                 let mut request = request.map(axum::body::Body::new);
                 request.extensions_mut().insert(ConnectInfo(peer));
+                request.extensions_mut().insert(open_now.clone());
                 app.clone().oneshot(request)
             });
         let mut builder = hyper::server::conn::http1::Builder::new();
@@ -277,6 +286,8 @@ pub async fn serve(
             .max_buf_size(limits.max_head_bytes.max(8192));
         let mut stop = stop_rx.clone();
         let done = done_tx.clone();
+        let open_count = open.0.clone();
+        open_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tokio::spawn(async move {
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             let mut conn = std::pin::pin!(conn);
@@ -293,6 +304,7 @@ pub async fn serve(
                     }
                 }
             }
+            open_count.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             drop(permit);
             drop(done);
         });

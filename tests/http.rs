@@ -721,6 +721,13 @@ async fn metrics_count_writes_and_queries() {
     ] {
         assert!(text.contains(expected), "missing {expected:?} in\n{text}");
     }
+    // This request's connection at least (the client may pool more).
+    let open: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("rivulet_http_open_connections "))
+        .and_then(|v| v.parse().ok())
+        .expect("open connections gauge");
+    assert!(open >= 1);
 }
 
 #[tokio::test]

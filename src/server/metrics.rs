@@ -41,7 +41,7 @@ impl Metrics {
     }
 
     /// The Prometheus exposition text.
-    pub(crate) fn render(&self, db: &DbStats) -> String {
+    pub(crate) fn render(&self, db: &DbStats, open_connections: u64) -> String {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut out = String::new();
         let mut counter = |name: &str, help: &str, value: u64| {
@@ -112,6 +112,11 @@ impl Metrics {
             "rivulet_http_requests_in_flight",
             "Requests being served.",
             get(&self.in_flight).to_string(),
+        );
+        gauge(
+            "rivulet_http_open_connections",
+            "Open client connections.",
+            open_connections.to_string(),
         );
         gauge(
             "rivulet_last_sequence",
