@@ -305,6 +305,19 @@ fn fail(at: usize, reason: impl Into<String>) -> Fail {
     }
 }
 
+/// Bytes that can end or change a token anywhere in a line; every other byte is plain text
+/// that the scanners skip in a tight loop.
+static SPECIAL: [bool; 256] = {
+    let mut t = [false; 256];
+    let special = [b',', b'=', b' ', b'\t', b'\\', b'\n', b'\r', b'"'];
+    let mut i = 0;
+    while i < special.len() {
+        t[special[i] as usize] = true;
+        i += 1;
+    }
+    t
+};
+
 #[inline]
 fn is_eol(b: u8) -> bool {
     b == b'\n' || b == b'\r'
@@ -383,6 +396,17 @@ impl<'a> Parser<'a> {
                 Ok(())
             }
             Some(_) => Err(fail(self.pos, "unexpected text after timestamp")),
+        }
+    }
+
+    /// Advances over plain bytes (see [`SPECIAL`]).
+    #[inline]
+    fn skip_plain(&mut self) {
+        while let Some(&b) = self.bytes.get(self.pos) {
+            if SPECIAL[b as usize] {
+                break;
+            }
+            self.pos += 1;
         }
     }
 
@@ -477,7 +501,11 @@ impl<'a> Parser<'a> {
     fn measurement(&mut self) -> Result<Token<'a>, Fail> {
         let start = self.pos;
         let mut escaped = false;
-        while let Some(&b) = self.bytes.get(self.pos) {
+        loop {
+            self.skip_plain();
+            let Some(&b) = self.bytes.get(self.pos) else {
+                break;
+            };
             match b {
                 b',' | b' ' | b'\t' => break,
                 b'\\' if self.bytes.get(self.pos + 1).is_some_and(|&n| !is_eol(n)) => {
@@ -503,6 +531,7 @@ impl<'a> Parser<'a> {
         let start = self.pos;
         let mut escaped = false;
         loop {
+            self.skip_plain();
             match self.bytes.get(self.pos) {
                 Some(b'\\') if self.bytes.get(self.pos + 1).is_some_and(|&n| !is_eol(n)) => {
                     escaped = true;
@@ -581,11 +610,13 @@ impl<'a> Parser<'a> {
                 kind: TokenKind::QuotedString,
             }));
         }
-        while let Some(&b) = self.bytes.get(self.pos) {
-            if b == b',' || b == b' ' || b == b'\t' || is_eol(b) {
-                break;
+        loop {
+            self.skip_plain();
+            match self.bytes.get(self.pos) {
+                Some(&b) if b == b',' || b == b' ' || b == b'\t' || is_eol(b) => break,
+                Some(_) => self.pos += 1,
+                None => break,
             }
-            self.pos += 1;
         }
         let text = &self.input[start..self.pos];
         parse_scalar(text).map_err(|reason| fail(start, format!("field '{key}': {reason}")))
@@ -593,11 +624,13 @@ impl<'a> Parser<'a> {
 
     fn timestamp(&mut self) -> Result<Option<i64>, Fail> {
         let start = self.pos;
-        while let Some(&b) = self.bytes.get(self.pos) {
-            if b == b' ' || b == b'\t' || is_eol(b) {
-                break;
+        loop {
+            self.skip_plain();
+            match self.bytes.get(self.pos) {
+                Some(&b) if b == b' ' || b == b'\t' || is_eol(b) => break,
+                Some(_) => self.pos += 1,
+                None => break,
             }
-            self.pos += 1;
         }
         let text = &self.input[start..self.pos];
         if text.is_empty() {
