@@ -672,6 +672,22 @@ fn check_duplicates<T>(
     key: impl Fn(&T) -> Token<'_>,
     what: &str,
 ) -> Result<(), String> {
+    // Fast path: equal keys have equal fingerprints (length and last byte), so when no two
+    // fingerprints collide there is no duplicate. Escaped keys take the full check.
+    let mut seen = 0u64;
+    let mut collided = false;
+    for item in items {
+        let k = key(item);
+        let fp = (k.raw.len() as u64)
+            .wrapping_mul(31)
+            .wrapping_add(u64::from(k.raw.as_bytes().last().copied().unwrap_or(0)))
+            % 64;
+        collided |= k.escaped || seen & (1 << fp) != 0;
+        seen |= 1 << fp;
+    }
+    if !collided {
+        return Ok(());
+    }
     // Lines have few keys: a quadratic scan beats hashing.
     for (i, a) in items.iter().enumerate() {
         let ka = key(a);
