@@ -359,16 +359,30 @@ pub(crate) async fn query_post(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    // The token first (the database is in the body; `run` checks it), then the body.
-    state.authorize(&headers, None, Scope::Read, None, peer, "query")?;
-    let params: QueryParams = read_json(
-        &headers,
+    // `run` checks the database named in the body.
+    let params: QueryParams =
+        authorized_json(&state, &headers, body, Scope::Read, peer, "query").await?;
+    run(state, params, headers, peer).await
+}
+
+/// Checks the token (without a database: that is in the body), then reads the JSON body within
+/// the server's limits — so no unauthenticated client can make the server read a body.
+async fn authorized_json<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    scope: Scope,
+    peer: SocketAddr,
+    what: &str,
+) -> Result<T, ApiError> {
+    state.authorize(headers, None, scope, None, peer, what)?;
+    read_json(
+        headers,
         body,
         state.config.max_body_bytes,
         state.config.body_read_timeout,
     )
-    .await?;
-    run(state, params, headers, peer).await
+    .await
 }
 
 /// `/api/v1/sql` body.
@@ -385,14 +399,8 @@ pub(crate) async fn statement(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    state.authorize(&headers, None, Scope::Admin, None, peer, "statement")?;
-    let body: StatementBody = read_json(
-        &headers,
-        body,
-        state.config.max_body_bytes,
-        state.config.body_read_timeout,
-    )
-    .await?;
+    let body: StatementBody =
+        authorized_json(&state, &headers, body, Scope::Admin, peer, "statement").await?;
     let db = body.db.unwrap_or_else(|| "main".to_string());
     let access = state.authorize(&headers, None, Scope::Admin, Some(&db), peer, "statement")?;
     tracing::warn!(target: "rivulet::audit", %peer, db, statement = %body.q, "statement");
