@@ -59,6 +59,24 @@ pub struct Config {
     pub query_memory_limit: Option<usize>,
     /// Test hook that fails WAL appends or fsyncs. Default: none.
     pub io_faults: Option<Arc<dyn IoFaults>>,
+    /// Length of a time partition: segments never span two, retention drops whole ones, and
+    /// queries skip the ones outside their time range. Default: 1 day.
+    pub partition: Duration,
+    /// The buffer is persisted to segments once it holds this much Arrow memory. Default: 64 MiB.
+    pub persist_bytes: usize,
+    /// ... or once its oldest write is this old. Default: 5 minutes.
+    pub persist_age: Duration,
+    /// Past this much buffer memory, writes wait for persistence instead of growing memory.
+    /// Default: 1 GiB.
+    pub max_buffer_bytes: usize,
+    /// A partition with this many segments is compacted into one. Default: 4.
+    pub compaction_segments: usize,
+    /// Persist the buffer when the database is closed, so the next open replays nothing.
+    /// Default: true. (False leaves the buffered writes to WAL replay: a faster close.)
+    pub persist_on_close: bool,
+    /// Run persistence, compaction and retention in a background thread (with a data
+    /// directory). Default: true. Tests turn it off and call [`Db::persist`](crate::Db::persist).
+    pub background: bool,
 }
 
 impl Default for Config {
@@ -71,6 +89,13 @@ impl Default for Config {
             clock: Arc::new(SystemClock),
             query_memory_limit: None,
             io_faults: None,
+            partition: Duration::from_secs(86_400),
+            persist_bytes: 64 << 20,
+            persist_age: Duration::from_secs(300),
+            max_buffer_bytes: 1 << 30,
+            compaction_segments: 4,
+            background: true,
+            persist_on_close: true,
         }
     }
 }

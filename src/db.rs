@@ -27,7 +27,12 @@ use crate::ingest::prepare::{
 use crate::query::QueryEngine;
 use crate::storage::catalog::{Catalog, check_database_name};
 use crate::storage::commit::{CommitQueue, PendingApply};
+use crate::storage::manifest::Manifest;
+use crate::storage::segment::Segment;
 use crate::storage::wal::{self, ReplayReport, WalError, WalWriter};
+
+mod persist;
+pub use persist::{CompactReport, PersistReport};
 
 /// How a line protocol write is interpreted.
 #[derive(Debug, Clone, Copy)]
@@ -95,6 +100,17 @@ pub struct DbStats {
     pub wal_fsyncs: u64,
     /// Total time spent in WAL fsyncs since open, in seconds.
     pub wal_fsync_seconds: f64,
+    /// Every write up to this sequence is in segments.
+    pub persisted_seq: u64,
+    /// Segment files across all tables.
+    pub segments: usize,
+    /// Rows in segments.
+    pub segment_rows: u64,
+    /// Bytes of segment files.
+    pub segment_bytes: u64,
+    /// Segment files queries have opened since open (a partition or segment outside a query's
+    /// time range is never opened, so this shows pruning).
+    pub segments_scanned: u64,
 }
 
 struct Writer {
@@ -111,6 +127,20 @@ pub(crate) struct DbInner {
     closed: AtomicBool,
     syncer: Mutex<Option<(JoinHandle<()>, Arc<StopSignal>)>>,
     replay: ReplayReport,
+    /// Segment manifest and absolute data directory (None in memory).
+    pub(crate) manifest: Option<Manifest>,
+    pub(crate) data_dir: Option<std::path::PathBuf>,
+    wal_dir: Option<std::path::PathBuf>,
+    /// One persist at a time.
+    persist_lock: Mutex<()>,
+    /// Held while the segment set of a partition is being replaced (compaction, retention, a
+    /// persist that merges with existing segments).
+    compact_lock: Mutex<()>,
+    persisted_seq: std::sync::atomic::AtomicU64,
+    last_persist: Mutex<std::time::Instant>,
+    persister: Mutex<Option<(JoinHandle<()>, Arc<StopSignal>)>>,
+    /// Segment files included in query scans.
+    pub(crate) segments_scanned: std::sync::atomic::AtomicU64,
     /// Holds the data directory's lock for the life of the handle.
     _dir_lock: Option<File>,
 }
@@ -167,9 +197,15 @@ impl Db {
                 "the interval of interval durability must be above zero".to_string(),
             ));
         }
+        let mut config = config;
+        if let Some(dir) = &config.data_dir {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
+            // Segment paths handed to the query engine must be absolute.
+            config.data_dir =
+                Some(std::fs::canonicalize(dir).map_err(|e| Error::io("resolving", dir, e))?);
+        }
         let (sled, dir_lock, wal_dir) = match &config.data_dir {
             Some(dir) => {
-                std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
                 let lock_path = dir.join("LOCK");
                 let lock = File::options()
                     .create(true)
@@ -202,10 +238,23 @@ impl Db {
         };
         let catalog = Catalog::load(sled)?;
 
-        // Replay the WAL into the buffers.
+        // Load the segments, remove files the manifest does not list.
+        let mut persisted_seq = 0;
+        let manifest = match &config.data_dir {
+            Some(dir) => {
+                let manifest = Manifest::open(catalog.sled())?;
+                persisted_seq = load_segments(&catalog, &manifest, dir)?;
+                Some(manifest)
+            }
+            None => None,
+        };
+
+        // Replay the WAL into the buffers (writes already in segments are skipped).
         let mut replay = ReplayReport::default();
         if let Some(wal_dir) = &wal_dir {
-            replay = wal::replay(wal_dir, |payload| replay_record(&catalog, payload))?;
+            replay = wal::replay(wal_dir, |payload| {
+                replay_record(&catalog, payload, persisted_seq)
+            })?;
             if let Some((path, offset, reason)) = &replay.truncated_tail {
                 tracing::warn!(
                     path = %path.display(), offset, reason,
@@ -213,16 +262,22 @@ impl Db {
                 );
             }
         }
+        if let Some(wal_dir) = &wal_dir {
+            // WAL files wholly persisted before a crash cut the previous trim short.
+            let all_persisted = replay.last_seq.is_none_or(|last| last <= persisted_seq);
+            wal::remove_segments_through(wal_dir, persisted_seq, all_persisted)?;
+        }
         let next_seq = replay
             .last_seq
             .map_or(1, |s| s + 1)
             .max(catalog.stored_next_seq()?)
-            .max(1);
+            .max(persisted_seq + 1);
         let wal = wal_dir
             .as_ref()
             .map(|dir| WalWriter::new(dir, config.wal_segment_bytes, config.io_faults.clone()));
         let commit = CommitQueue::new(next_seq - 1, config.durability, config.io_faults.clone());
         let mut query_error = None;
+        let config_dir = config.data_dir.clone();
         let inner = Arc::new_cyclic(|weak: &Weak<DbInner>| DbInner {
             query: QueryEngine::new(
                 weak.clone(),
@@ -240,13 +295,26 @@ impl Db {
             closed: AtomicBool::new(false),
             syncer: Mutex::new(None),
             replay,
+            manifest,
+            data_dir: config_dir,
+            wal_dir,
+            persist_lock: Mutex::new(()),
+            compact_lock: Mutex::new(()),
+            persisted_seq: std::sync::atomic::AtomicU64::new(persisted_seq),
+            last_persist: Mutex::new(std::time::Instant::now()),
+            persister: Mutex::new(None),
+            segments_scanned: std::sync::atomic::AtomicU64::new(0),
             _dir_lock: dir_lock,
         });
         if let Some(e) = query_error {
             return Err(Error::Config(format!("query engine: {e}")));
         }
+        inner.recount_buffer();
         if let Durability::Interval(every) = inner.config.durability {
             start_syncer(&inner, every);
+        }
+        if inner.config.background && inner.manifest.is_some() {
+            start_persister(&inner);
         }
         Ok(Db { inner })
     }
@@ -390,6 +458,11 @@ impl Db {
         databases: Option<&[String]>,
     ) -> Result<datafusion::dataframe::DataFrame, Error> {
         self.inner.check_open()?;
+        if allow_dml && let Some(statement) = crate::query::admin::parse(query) {
+            let statement =
+                statement.map_err(|e| Error::Query(datafusion::error::DataFusionError::Plan(e)))?;
+            return self.inner.run_admin(db, statement, databases);
+        }
         let seq = self.inner.visible_seq();
         let df = self.inner.query.plan(db, query, allow_dml, seq).await?;
         if let Some(allowed) = databases
@@ -421,14 +494,22 @@ impl Db {
             databases: databases.len(),
             wal_fsyncs,
             wal_fsync_seconds,
+            persisted_seq: self.inner.persisted_seq.load(Ordering::Acquire),
+            segments_scanned: self.inner.segments_scanned.load(Ordering::Relaxed),
             ..DbStats::default()
         };
         for db in databases {
             for table in db.tables() {
                 stats.tables += 1;
-                let (rows, bytes) = table.buffer.read().size();
+                let buffer = table.buffer.read();
+                let (rows, bytes) = buffer.size();
                 stats.buffer_rows += rows;
                 stats.buffer_bytes += bytes;
+                for s in buffer.segments().iter() {
+                    stats.segments += 1;
+                    stats.segment_rows += s.meta.rows;
+                    stats.segment_bytes += s.meta.bytes;
+                }
             }
         }
         stats
@@ -443,6 +524,28 @@ impl Db {
     /// the catalog.
     pub fn flush(&self) -> Result<(), Error> {
         self.inner.flush()
+    }
+
+    /// Writes every buffered row to segments now (normally done in the background, by size and
+    /// age, and on close), then trims the WAL. Blocks; call it outside async code or through
+    /// `spawn_blocking`.
+    pub fn persist(&self) -> Result<PersistReport, Error> {
+        self.inner.check_open()?;
+        self.inner.persist()
+    }
+
+    /// Compacts every time partition with two or more segments into one (normally done in the
+    /// background once a partition has `compaction_segments`). Blocks, like [`Db::persist`].
+    pub fn compact(&self) -> Result<CompactReport, Error> {
+        self.inner.check_open()?;
+        self.inner.compact(2)
+    }
+
+    /// Drops the time partitions that are past their table's retention now (normally done in
+    /// the background); returns how many segments it removed.
+    pub fn apply_retention(&self) -> Result<usize, Error> {
+        self.inner.check_open()?;
+        self.inner.apply_retention()
     }
 
     /// Flushes everything and closes the database. Later writes and queries on any clone fail
@@ -515,8 +618,113 @@ fn start_syncer(inner: &Arc<DbInner>, every: std::time::Duration) {
     }
 }
 
+/// Loads the manifest into the tables' segment lists, raises each table's series floor to its
+/// latest persisted time, and removes unlisted files. Returns the persisted sequence.
+fn load_segments(catalog: &Catalog, manifest: &Manifest, dir: &Path) -> Result<u64, Error> {
+    let (metas, persisted_seq) = manifest.load()?;
+    let mut tables = std::collections::HashMap::new();
+    for db in catalog.databases() {
+        for table in db.tables() {
+            tables.insert(table.id, table);
+        }
+    }
+    let mut known = std::collections::HashSet::new();
+    let mut by_table: std::collections::HashMap<u64, Vec<Arc<Segment>>> =
+        std::collections::HashMap::new();
+    for meta in metas {
+        let segment = Segment::new(meta, dir);
+        if !segment.path.exists() {
+            return Err(crate::storage::segment::SegmentError::Manifest(format!(
+                "segment {} is registered but missing",
+                segment.path.display()
+            ))
+            .into());
+        }
+        known.insert(segment.path.clone());
+        by_table
+            .entry(segment.meta.table_id)
+            .or_default()
+            .push(Arc::new(segment));
+    }
+    for (id, segments) in by_table {
+        let Some(table) = tables.get(&id) else {
+            return Err(crate::storage::segment::SegmentError::Manifest(format!(
+                "segments are registered for table id {id}, which the catalog does not have"
+            ))
+            .into());
+        };
+        let latest = segments
+            .iter()
+            .map(|s| s.meta.max_time)
+            .max()
+            .unwrap_or(i64::MIN);
+        table.series.lock().raise_floor(latest);
+        table.buffer.write().replace_segments(&[], segments, false);
+    }
+    persist::remove_orphans(dir, &known)?;
+    Ok(persisted_seq)
+}
+
+/// Starts the thread that persists by size and age, compacts and applies retention.
+fn start_persister(inner: &Arc<DbInner>) {
+    let stop: Arc<StopSignal> =
+        Arc::new((parking_lot::Mutex::new(false), parking_lot::Condvar::new()));
+    let weak = Arc::downgrade(inner);
+    let stop2 = stop.clone();
+    let handle = std::thread::Builder::new()
+        .name("rivulet-persist".to_string())
+        .spawn(move || {
+            loop {
+                {
+                    let mut stopped = stop2.0.lock();
+                    if !*stopped {
+                        stop2
+                            .1
+                            .wait_for(&mut stopped, std::time::Duration::from_millis(250));
+                    }
+                    if *stopped {
+                        return;
+                    }
+                }
+                let Some(inner) = weak.upgrade() else { return };
+                if let Err(e) = inner.background_step() {
+                    tracing::error!(error = %e, "background persistence failed; retrying");
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+            }
+        });
+    match handle {
+        Ok(h) => *inner.persister.lock() = Some((h, stop)),
+        Err(e) => tracing::error!(error = %e, "could not start the persistence thread"),
+    }
+}
+
+impl DbInner {
+    /// One round of background work: persist if the buffer is big or old, compact, expire.
+    fn background_step(&self) -> Result<(), Error> {
+        if self.closed.load(Ordering::Acquire) || self.commit.check().is_err() {
+            return Ok(());
+        }
+        let bytes = self.buffered_bytes();
+        let old = self.last_persist.lock().elapsed() >= self.config.persist_age;
+        if bytes >= self.config.persist_bytes || (bytes > 0 && old) {
+            self.persist()?;
+        } else if bytes == 0 {
+            *self.last_persist.lock() = std::time::Instant::now();
+        }
+        self.compact(self.config.compaction_segments)?;
+        self.apply_retention()?;
+        Ok(())
+    }
+}
+
 /// Applies one replayed WAL record: re-creates missing catalog entries and fills the buffers.
-fn replay_record(catalog: &Catalog, payload: &[u8]) -> Result<u64, WalError> {
+fn replay_record(catalog: &Catalog, payload: &[u8], persisted_seq: u64) -> Result<u64, WalError> {
+    let seq = u64::from_le_bytes(payload[..8].try_into().unwrap_or([0; 8]));
+    if seq <= persisted_seq {
+        // Already in segments.
+        return Ok(seq);
+    }
     let record = wal::decode_write(payload)?;
     let seq = record.seq;
     let fail = |reason: String| WalError::Record {
@@ -581,6 +789,7 @@ impl DbInner {
         prepare: impl FnOnce(&Catalog) -> Result<PreparedWrite, WriteError>,
     ) -> Result<WriteReceipt, Error> {
         self.check_open()?;
+        self.make_room()?;
         let mut w = self.writer.lock();
         // Checked under the lock: a failed append must stop every later writer, and nothing may
         // be appended after close has synced the log.
@@ -635,6 +844,77 @@ impl DbInner {
         })
     }
 
+    /// Runs a storage statement; the result is one row describing what it set.
+    fn run_admin(
+        &self,
+        default_db: &str,
+        statement: crate::query::admin::AdminStatement,
+        databases: Option<&[String]>,
+    ) -> Result<datafusion::dataframe::DataFrame, Error> {
+        use crate::query::admin::AdminStatement;
+        let AdminStatement::SetRetention {
+            db,
+            table,
+            retention,
+        } = statement;
+        let db = db.unwrap_or_else(|| default_db.to_string());
+        if let Some(allowed) = databases
+            && !allowed.contains(&db)
+        {
+            return Err(Error::Denied(format!(
+                "this token may not use database '{db}'"
+            )));
+        }
+        let plan_error = |m: String| Error::Query(datafusion::error::DataFusionError::Plan(m));
+        let database = self
+            .catalog
+            .database(&db)
+            .ok_or_else(|| plan_error(format!("database '{db}' not found")))?;
+        let t = database
+            .table(&table)
+            .ok_or_else(|| plan_error(format!("table '{table}' not found in database '{db}'")))?;
+        {
+            // Under the write lock: the writer also saves table records.
+            let _w = self.writer.lock();
+            t.settings.write().retention = retention;
+            self.catalog.save_table(&database, &t)?;
+            self.catalog.flush()?;
+        }
+        let shown = retention.map_or_else(
+            || "none".to_string(),
+            |ns| format!("{}s", ns / 1_000_000_000),
+        );
+        let batch = RecordBatch::try_from_iter([
+            (
+                "table",
+                Arc::new(arrow::array::StringArray::from(vec![format!(
+                    "{db}.{table}"
+                )])) as arrow::array::ArrayRef,
+            ),
+            (
+                "retention",
+                Arc::new(arrow::array::StringArray::from(vec![shown])) as arrow::array::ArrayRef,
+            ),
+        ])?;
+        Ok(datafusion::prelude::SessionContext::new().read_batch(batch)?)
+    }
+
+    /// Past the buffer cap, a writer persists (or waits for the persist under way) first.
+    fn make_room(&self) -> Result<(), Error> {
+        if self.manifest.is_none() || self.buffered_bytes() <= self.config.max_buffer_bytes {
+            return Ok(());
+        }
+        let _persisting = self.persist_lock.lock();
+        if self.buffered_bytes() > self.config.max_buffer_bytes {
+            self.persist_locked()?;
+        }
+        Ok(())
+    }
+
+    fn buffered_bytes(&self) -> usize {
+        self.commit.buffer_bytes.load(Ordering::Relaxed)
+    }
+
     fn check_open(&self) -> Result<(), Error> {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
@@ -662,6 +942,16 @@ impl DbInner {
     fn shutdown(&self) -> Result<(), Error> {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
+        }
+        if let Some((handle, stop)) = self.persister.lock().take() {
+            *stop.0.lock() = true;
+            stop.1.notify_all();
+            if handle.thread().id() != std::thread::current().id() {
+                let _ = handle.join();
+            }
+        }
+        if self.config.persist_on_close && self.manifest.is_some() && self.commit.check().is_ok() {
+            self.persist()?;
         }
         if let Some((handle, stop)) = self.syncer.lock().take() {
             *stop.0.lock() = true;

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use crate::ingest::WriteError;
 use crate::storage::catalog::CatalogError;
+use crate::storage::segment::SegmentError;
 use crate::storage::wal::WalError;
 
 /// Any error of a [`Db`](crate::Db) operation.
@@ -22,6 +23,9 @@ pub enum Error {
     /// The WAL could not be replayed on open.
     #[error(transparent)]
     Wal(#[from] WalError),
+    /// A segment file, or the segment manifest, failed.
+    #[error(transparent)]
+    Segment(#[from] SegmentError),
     /// A file-system operation failed.
     #[error("{op} {path} failed: {source}")]
     Io {
@@ -44,6 +48,12 @@ pub enum Error {
     /// The database was closed.
     #[error("the database is closed")]
     Closed,
+}
+
+impl From<arrow::error::ArrowError> for Error {
+    fn from(e: arrow::error::ArrowError) -> Error {
+        Error::Segment(SegmentError::Arrow(e))
+    }
 }
 
 impl Error {

@@ -54,10 +54,11 @@ mod storage;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{Config, Durability};
-pub use db::{Db, DbStats, WriteOptions, WriteReceipt};
+pub use db::{CompactReport, Db, DbStats, PersistReport, WriteOptions, WriteReceipt};
 pub use error::Error;
 pub use ingest::WriteError;
 pub use ingest::line_protocol::{self, LineError, Precision};
 pub use ingest::prepare::ImportCheck;
 pub use storage::catalog::{CatalogError, ColumnKind, FieldType};
+pub use storage::segment::SegmentError;
 pub use storage::wal::{IoFaults, ReplayReport, WalError};

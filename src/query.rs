@@ -6,8 +6,10 @@
 //! requested database as its default schema. Identifiers are case-sensitive (no normalization),
 //! like line protocol names and InfluxDB 3.
 
+pub(crate) mod admin;
 mod catalog;
 mod insert;
+pub(crate) mod segment_scan;
 mod table;
 
 use std::sync::{Arc, Weak};

@@ -3,5 +3,7 @@
 pub(crate) mod buffer;
 pub(crate) mod catalog;
 pub(crate) mod commit;
+pub(crate) mod manifest;
+pub(crate) mod segment;
 pub(crate) mod table;
 pub(crate) mod wal;

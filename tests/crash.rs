@@ -3,6 +3,11 @@
 //! must hold every acknowledged write, exactly whole (no partial write visible), with sequence
 //! numbers that keep increasing.
 //!
+//! The child also persists and compacts continuously (small thresholds, plus a thread calling
+//! `persist` and `compact` in a loop) and re-writes some of its earlier batches unchanged, so
+//! kills land during persistence, compaction and overwrite merges too: after reopen no batch
+//! may be missing, doubled or partial, and every segment file on disk must be registered.
+//!
 //! The child is this same test binary, re-run with `crash_child` as the test filter and the data
 //! directory in an environment variable (the sled crash-test pattern).
 
@@ -14,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use arrow::array::AsArray;
 use arrow::datatypes::{Float64Type, Int64Type};
-use rivulet::{Db, Precision};
+use rivulet::{Config, Db, Precision};
 
 const CHILD_DIR: &str = "RIVULET_CRASH_CHILD_DIR";
 const CHILD_FIRST_BATCH: &str = "RIVULET_CRASH_FIRST_BATCH";
@@ -58,9 +63,14 @@ fn crash_child() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let db = Db::open(&dir).expect("child: open");
+    let db = Db::open_with(Config {
+        persist_bytes: 64 << 10,
+        compaction_segments: 3,
+        ..Config::with_dir(&dir)
+    })
+    .expect("child: open");
     let deadline = Instant::now() + Duration::from_secs(60);
-    let threads: Vec<_> = (0..WRITERS)
+    let mut threads: Vec<_> = (0..WRITERS)
         .map(|w| {
             let db = db.clone();
             std::thread::spawn(move || {
@@ -71,11 +81,24 @@ fn crash_child() {
                         .expect("child: write");
                     // One println is one write(2) of a whole line on a locked stdout.
                     println!("ACK {batch} {}", receipt.seq);
+                    if batch.is_multiple_of(4) && batch >= first + WRITERS {
+                        // Overwrite an earlier batch with the same rows (it may be persisted).
+                        db.write_lines("main", &batch_lines(batch - WRITERS), Precision::Second)
+                            .expect("child: overwrite");
+                    }
                     batch += WRITERS;
                 }
             })
         })
         .collect();
+    let maintainer = db.clone();
+    threads.push(std::thread::spawn(move || {
+        while Instant::now() < deadline {
+            maintainer.persist().expect("child: persist");
+            maintainer.compact().expect("child: compact");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }));
     for t in threads {
         t.join().expect("child thread");
     }
@@ -144,6 +167,22 @@ async fn batches_in_db(db: &Db) -> BTreeMap<String, (i64, f64)> {
     out
 }
 
+fn parquet_files(dir: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .map(|e| e.expect("dir entry").path())
+        .map(|p| {
+            if p.is_dir() {
+                parquet_files(&p)
+            } else {
+                usize::from(p.extension().is_some_and(|e| e == "parquet"))
+            }
+        })
+        .sum()
+}
+
 #[test]
 fn kill_during_ingest_loses_no_acknowledged_write() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -160,6 +199,7 @@ fn kill_during_ingest_loses_no_acknowledged_write() {
     let mut acked: BTreeMap<u64, u64> = BTreeMap::new();
     let mut max_seq = 0u64;
     let rounds = 6;
+    let mut segments_seen = 0;
     for round in 0..rounds {
         // Every third round may die during open/replay; the others mid-ingest.
         let kill_after = Duration::from_millis(rng.next() % 500);
@@ -196,6 +236,14 @@ fn kill_during_ingest_loses_no_acknowledged_write() {
                 "round {round}: partial write {key} is visible"
             );
         }
+        // No segment file on disk is unregistered (orphans are removed on open).
+        let files = parquet_files(&dir.path().join("tables"));
+        segments_seen = segments_seen.max(files);
+        assert_eq!(
+            files,
+            db.stats().segments,
+            "round {round}: files on disk vs registered segments"
+        );
         // The sequence continues past everything acknowledged (and anything replayed).
         assert!(db.last_seq() >= max_seq, "last_seq went backwards");
         let receipt = db
@@ -214,6 +262,7 @@ fn kill_during_ingest_loses_no_acknowledged_write() {
             present.len()
         );
     }
+    assert!(segments_seen > 0, "the child never persisted a segment");
     assert!(
         !acked.is_empty(),
         "no write was acknowledged in {rounds} rounds: the child never made progress"

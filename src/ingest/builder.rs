@@ -279,6 +279,7 @@ impl ChunkBuilder {
             min_time,
             max_time,
             overlaps: self.overlaps,
+            merged: false,
         }))
     }
 }

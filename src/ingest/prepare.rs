@@ -607,6 +607,7 @@ pub(crate) fn prepare_batch(
                 min_time,
                 max_time,
                 overlaps,
+                merged: false,
             },
         });
     }

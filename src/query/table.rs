@@ -17,10 +17,16 @@ use datafusion::physical_plan::ExecutionPlan;
 
 use super::QuerySnapshot;
 use super::insert::TableSink;
+use super::segment_scan;
 use crate::db::DbInner;
-use crate::storage::buffer::{Chunk, merge_chunks, projected_schema};
+use crate::storage::buffer::{Chunk, merge_batches, merge_chunks, projected_schema};
 use crate::storage::catalog::{TIME_COLUMN, TableSchema};
+use crate::storage::segment::{Segment, read_segment};
 use crate::storage::table::Table;
+use datafusion::arrow::array::RecordBatch;
+use datafusion::common::DFSchema;
+use datafusion::logical_expr::utils::conjunction;
+use datafusion::physical_plan::union::UnionExec;
 
 /// Reads one table.
 #[derive(Debug)]
@@ -43,27 +49,109 @@ impl BufferTableProvider {
         }
     }
 
-    /// The table's chunks, merged first if some may hold overwritten points.
-    fn chunks(&self, snapshot_seq: Option<u64>) -> Result<Vec<Arc<Chunk>>> {
+    /// What the query reads in `[lo, hi]`: in-memory batches (projected) and segment files.
+    ///
+    /// Live chunks that may overwrite each other are merged first (and the merge installed, so
+    /// later queries reuse it). When some chunk may overwrite older points, the segments it may
+    /// overwrite and all buffered chunks are merged into one deduplicated batch; otherwise no
+    /// two sources share a point and they are read as they are.
+    fn sources(
+        &self,
+        snapshot_seq: Option<u64>,
+        columns: &[usize],
+        out_schema: &SchemaRef,
+        (lo, hi): (i64, i64),
+    ) -> Result<(Vec<RecordBatch>, Vec<Arc<Segment>>)> {
         let db = self
             .db
             .upgrade()
             .ok_or_else(|| DataFusionError::Execution("the database is closed".to_string()))?;
         // The query's sequence, read before the buffer: every chunk up to it is in the buffer.
         let visible = snapshot_seq.unwrap_or_else(|| db.visible_seq());
-        let snapshot = self.table.buffer.read().snapshot().up_to(visible);
-        if !snapshot.needs_dedup() {
-            return Ok(snapshot.chunks);
+        let mut snap = self.table.buffer.read().snapshot().up_to(visible);
+        if snap.needs_dedup() {
+            // The schema read after the snapshot covers every column of its chunks: writers
+            // publish columns before their chunks become visible.
+            let schema = self.table.schema();
+            let merged = Arc::new(merge_chunks(&schema, &snap.chunks)?);
+            self.table
+                .buffer
+                .write()
+                .install_merged(&snap.chunks, merged.clone());
+            snap.chunks = vec![merged];
         }
-        // The schema read after the snapshot covers every column of its chunks: writers
-        // publish columns before their chunks become visible.
+        let in_range = |c: &&Arc<Chunk>| c.max_time >= lo && c.min_time <= hi;
+        let overwriting: Vec<(i64, i64)> = snap
+            .frozen
+            .iter()
+            .chain(&snap.chunks)
+            .filter(in_range)
+            .filter(|c| c.overlaps)
+            .map(|c| (c.min_time, c.max_time))
+            .collect();
+        let segments: Vec<Arc<Segment>> = snap
+            .segments
+            .iter()
+            .filter(|s| s.overlaps(lo, hi))
+            .cloned()
+            .collect();
+        let chunks: Vec<&Arc<Chunk>> = snap
+            .frozen
+            .iter()
+            .chain(&snap.chunks)
+            .filter(in_range)
+            .collect();
+        if overwriting.is_empty() {
+            let batches = chunks
+                .iter()
+                .map(|c| c.project(&self.schema, columns, out_schema))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            return Ok((batches, segments));
+        }
+        let (involved, files): (Vec<_>, Vec<_>) = segments
+            .into_iter()
+            .partition(|s| overwriting.iter().any(|&(a, b)| s.overlaps(a, b)));
         let schema = self.table.schema();
-        let merged = Arc::new(merge_chunks(&schema, &snapshot.chunks)?);
-        self.table
-            .buffer
-            .write()
-            .install_merged(&snapshot.chunks, merged.clone());
-        Ok(vec![merged])
+        let all: Vec<usize> = (0..schema.columns().len()).collect();
+        let mut inputs = Vec::new();
+        for s in &involved {
+            db.segments_scanned
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            for batch in
+                read_segment(&s.path).map_err(|e| DataFusionError::External(Box::new(e)))?
+            {
+                let rows = batch.num_rows();
+                let chunk = Chunk {
+                    seq: 0,
+                    batch,
+                    series: vec![0; rows].into(),
+                    min_time: lo,
+                    max_time: hi,
+                    overlaps: false,
+                    merged: false,
+                };
+                inputs.push(chunk.project(&schema, &all, schema.arrow())?);
+            }
+        }
+        for c in chunks {
+            inputs.push(c.project(&schema, &all, schema.arrow())?);
+        }
+        let merged = merge_batches(&schema, &inputs)?;
+        let projected = out_schema
+            .fields()
+            .iter()
+            .map(|f| {
+                merged.column_by_name(f.name()).cloned().ok_or_else(|| {
+                    DataFusionError::Internal(format!("merged rows lack column {}", f.name()))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let batch = RecordBatch::try_new_with_options(
+            out_schema.clone(),
+            projected,
+            &arrow::array::RecordBatchOptions::new().with_row_count(Some(merged.num_rows())),
+        )?;
+        Ok((vec![batch], files))
     }
 }
 
@@ -139,17 +227,9 @@ impl TableProvider for BufferTableProvider {
         &self,
         filters: &[&Expr],
     ) -> Result<Vec<TableProviderFilterPushDown>> {
-        // Time filters prune chunks; DataFusion still applies them to the rows.
-        Ok(filters
-            .iter()
-            .map(|f| {
-                if time_bounds(f).is_some() {
-                    TableProviderFilterPushDown::Inexact
-                } else {
-                    TableProviderFilterPushDown::Unsupported
-                }
-            })
-            .collect())
+        // Time filters prune chunks and segments, every filter prunes row groups and pages;
+        // DataFusion still applies them all to the rows.
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
     }
 
     async fn scan(
@@ -171,27 +251,44 @@ impl TableProvider for BufferTableProvider {
         };
         let out_schema = projected_schema(&self.schema, &columns);
         let partitions = state.config().target_partitions().max(1);
-        let mut parts: Vec<Vec<_>> = vec![Vec::new(); partitions];
-        let mut next = 0;
-        if lo <= hi {
+        let (batches, segments) = if lo <= hi {
             let snapshot = state
                 .config()
                 .get_extension::<QuerySnapshot>()
                 .map(|s| s.seq);
-            for chunk in self.chunks(snapshot)? {
-                if chunk.max_time < lo || chunk.min_time > hi {
-                    continue;
-                }
-                let batch = chunk.project(&self.schema, &columns, &out_schema)?;
-                parts[next % partitions].push(batch);
-                next += 1;
+            self.sources(snapshot, &columns, &out_schema, (lo, hi))?
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let mut inputs: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
+        if !segments.is_empty() {
+            if let Some(db) = self.db.upgrade() {
+                db.segments_scanned
+                    .fetch_add(segments.len() as u64, std::sync::atomic::Ordering::Relaxed);
             }
+            let df_schema = DFSchema::try_from(self.schema.arrow().as_ref().clone())?;
+            let predicate = conjunction(filters.iter().cloned())
+                .and_then(|e| state.create_physical_expr(e, &df_schema).ok());
+            inputs.push(segment_scan::scan(
+                &self.schema,
+                &segments,
+                &columns,
+                predicate,
+                partitions,
+            )?);
         }
-        parts.retain(|p| !p.is_empty());
-        if parts.is_empty() {
-            parts.push(Vec::new());
+        if !batches.is_empty() || inputs.is_empty() {
+            let mut parts: Vec<Vec<RecordBatch>> = vec![Vec::new(); partitions];
+            for (i, batch) in batches.into_iter().enumerate() {
+                parts[i % partitions].push(batch);
+            }
+            parts.retain(|p| !p.is_empty());
+            if parts.is_empty() {
+                parts.push(Vec::new());
+            }
+            inputs.push(MemorySourceConfig::try_new_exec(&parts, out_schema, None)?);
         }
-        Ok(MemorySourceConfig::try_new_exec(&parts, out_schema, None)?)
+        UnionExec::try_new(inputs)
     }
 
     async fn insert_into(

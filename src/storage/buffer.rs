@@ -14,6 +14,7 @@ use arrow::datatypes::{Field, Schema, SchemaRef};
 use arrow::error::ArrowError;
 
 use super::catalog::{ColumnKind, TIME_COLUMN, TableSchema};
+use super::segment::Segment;
 
 /// The rows of one write to one table.
 #[derive(Debug)]
@@ -28,8 +29,11 @@ pub(crate) struct Chunk {
     pub min_time: i64,
     /// Largest time in the chunk.
     pub max_time: i64,
-    /// Some row may overwrite an earlier point (same series and time).
+    /// Some row may overwrite an earlier point (same series and time), in the buffer or in
+    /// segments.
     pub overlaps: bool,
+    /// Already deduplicated against the buffer chunks it was merged from.
+    pub merged: bool,
 }
 
 impl Chunk {
@@ -75,17 +79,25 @@ pub(crate) fn time_values(batch: &RecordBatch) -> Result<&[i64], ArrowError> {
         .ok_or_else(|| ArrowError::SchemaError("time column is not Timestamp(ns)".to_string()))
 }
 
-/// A table's unpersisted rows.
+/// A table's rows: segments, then chunks being persisted (frozen), then live chunks. Changed
+/// under one lock, so a reader's snapshot never misses or doubles rows moving to segments.
 #[derive(Debug, Default)]
 pub(crate) struct TableBuffer {
     chunks: Vec<Arc<Chunk>>,
+    frozen: Vec<Arc<Chunk>>,
+    /// Persisted segments, sorted by (partition, min time).
+    segments: Arc<[Arc<Segment>]>,
 }
 
-/// What a reader took from a buffer.
+/// What a reader took from a table.
 #[derive(Debug, Clone)]
 pub(crate) struct BufferSnapshot {
-    /// Chunks in sequence order.
+    /// Live chunks in sequence order.
     pub chunks: Vec<Arc<Chunk>>,
+    /// Chunks being persisted, in sequence order (older than every live chunk).
+    pub frozen: Vec<Arc<Chunk>>,
+    /// Segments (older than every chunk).
+    pub segments: Arc<[Arc<Segment>]>,
 }
 
 impl BufferSnapshot {
@@ -94,33 +106,74 @@ impl BufferSnapshot {
     pub(crate) fn up_to(mut self, seq: u64) -> BufferSnapshot {
         let keep = self.chunks.partition_point(|c| c.seq <= seq);
         self.chunks.truncate(keep);
+        let keep = self.frozen.partition_point(|c| c.seq <= seq);
+        self.frozen.truncate(keep);
         self
     }
 
-    /// True when some chunk may hold overwritten points.
+    /// True when live chunks may hold points that overwrite each other.
     pub(crate) fn needs_dedup(&self) -> bool {
-        self.chunks.iter().any(|c| c.overlaps) && !self.chunks.is_empty()
+        self.chunks.iter().any(|c| c.overlaps && !c.merged)
     }
 }
 
 impl TableBuffer {
+    /// Moves every live chunk to the frozen list (the persister then writes the frozen list to
+    /// segments); returns the frozen chunks.
+    pub(crate) fn freeze(&mut self) -> Vec<Arc<Chunk>> {
+        self.frozen.append(&mut self.chunks);
+        self.frozen.clone()
+    }
+
+    /// The segments.
+    pub(crate) fn segments(&self) -> Arc<[Arc<Segment>]> {
+        self.segments.clone()
+    }
+
+    /// Swaps segments: drops those with an id in `removed`, adds `added`; with `persisted`, the
+    /// frozen chunks are now in segments and leave the buffer in the same step.
+    pub(crate) fn replace_segments(
+        &mut self,
+        removed: &[u64],
+        added: Vec<Arc<Segment>>,
+        persisted: bool,
+    ) {
+        let mut segments: Vec<Arc<Segment>> = self
+            .segments
+            .iter()
+            .filter(|s| !removed.contains(&s.meta.id))
+            .cloned()
+            .chain(added)
+            .collect();
+        segments.sort_by_key(|s| (s.meta.partition, s.meta.min_time, s.meta.id));
+        self.segments = segments.into();
+        if persisted {
+            self.frozen.clear();
+        }
+    }
+
     /// Appends the chunk of a committed write. Commits arrive in sequence order.
     pub(crate) fn push(&mut self, chunk: Arc<Chunk>) {
         debug_assert!(self.chunks.last().is_none_or(|c| c.seq <= chunk.seq));
         self.chunks.push(chunk);
     }
 
-    /// (rows, bytes of Arrow memory) held.
+    /// (rows, bytes of Arrow memory) held in memory (live and frozen chunks).
     pub(crate) fn size(&self) -> (usize, usize) {
-        self.chunks.iter().fold((0, 0), |(r, b), c| {
-            (r + c.rows(), b + c.batch.get_array_memory_size())
-        })
+        self.chunks
+            .iter()
+            .chain(&self.frozen)
+            .fold((0, 0), |(r, b), c| {
+                (r + c.rows(), b + c.batch.get_array_memory_size())
+            })
     }
 
     /// The chunks as they are now.
     pub(crate) fn snapshot(&self) -> BufferSnapshot {
         BufferSnapshot {
             chunks: self.chunks.clone(),
+            frozen: self.frozen.clone(),
+            segments: self.segments.clone(),
         }
     }
 
@@ -162,7 +215,67 @@ pub(crate) fn merge_chunks(
     }
     let batch = concat_batches(&full, &batches)?;
     drop(batches);
-    let times = time_values(&batch)?.to_vec();
+    let mut merged = merge_rows(schema, &batch, &series)?;
+    merged.seq = chunks.last().map_or(0, |c| c.seq);
+    merged.overlaps = chunks.iter().any(|c| c.overlaps);
+    Ok(merged)
+}
+
+/// Like [`merge_chunks`] for batches that carry no series ids (segment rows, or rows of
+/// several sources): `batches` are in the table schema, oldest first; a series is identified
+/// by its tag values.
+pub(crate) fn merge_batches(
+    schema: &TableSchema,
+    batches: &[RecordBatch],
+) -> Result<RecordBatch, ArrowError> {
+    let full: SchemaRef = schema.arrow().clone();
+    let batch = concat_batches(&full, batches)?;
+    let series = series_ids(schema, &batch)?;
+    Ok(merge_rows(schema, &batch, &series)?.batch)
+}
+
+/// Dense series ids for the rows of `batch` (in the table schema), from their tag values.
+pub(crate) fn series_ids(
+    schema: &TableSchema,
+    batch: &RecordBatch,
+) -> Result<Vec<u32>, ArrowError> {
+    use arrow::row::{RowConverter, SortField};
+    let tags: Vec<usize> = schema
+        .columns()
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.kind == ColumnKind::Tag)
+        .map(|(i, _)| i)
+        .collect();
+    if tags.is_empty() {
+        return Ok(vec![0; batch.num_rows()]);
+    }
+    let converter = RowConverter::new(
+        tags.iter()
+            .map(|&i| SortField::new(batch.schema().field(i).data_type().clone()))
+            .collect(),
+    )?;
+    let columns: Vec<ArrayRef> = tags.iter().map(|&i| batch.column(i).clone()).collect();
+    let rows = converter.convert_columns(&columns)?;
+    let mut ids: std::collections::HashMap<&[u8], u32, ahash::RandomState> =
+        std::collections::HashMap::default();
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let next = ids.len() as u32;
+            *ids.entry(row.data()).or_insert(next)
+        })
+        .collect())
+}
+
+/// Deduplicates `batch` (full table schema, rows in write order) given each row's series id.
+fn merge_rows(
+    schema: &TableSchema,
+    batch: &RecordBatch,
+    series: &[u32],
+) -> Result<Chunk, ArrowError> {
+    let full: SchemaRef = schema.arrow().clone();
+    let times = time_values(batch)?.to_vec();
 
     // Sort positions by (series, time, position): position order is write order.
     let mut order: Vec<u32> = (0..batch.num_rows() as u32).collect();
@@ -211,12 +324,13 @@ pub(crate) fn merge_chunks(
     let merged = RecordBatch::try_new(full, columns)?;
     let (min_time, max_time) = min_max(time_values(&merged)?);
     Ok(Chunk {
-        seq: chunks.last().map_or(0, |c| c.seq),
+        seq: 0,
         batch: merged,
         series: merged_series,
         min_time,
         max_time,
         overlaps: false,
+        merged: true,
     })
 }
 

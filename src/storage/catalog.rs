@@ -239,6 +239,12 @@ pub(crate) struct TableRecord {
     pub name: String,
     /// Columns (any order).
     pub columns: Vec<ColumnDef>,
+    /// Tag columns segments are sorted by (absent before the first persist).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sort_key: Vec<String>,
+    /// Retention in nanoseconds (absent: keep forever).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_ns: Option<i64>,
 }
 
 /// A database: a namespace of tables.
@@ -344,6 +350,10 @@ impl Catalog {
                 rec.name.as_str().into(),
                 TableSchema::new(rec.columns),
             ));
+            *table.settings.write() = super::table::TableSettings {
+                sort_key: rec.sort_key.iter().map(|s| s.as_str().into()).collect(),
+                retention: rec.retention_ns,
+            };
             db.tables.write().insert(table.name.clone(), table);
         }
         Ok(Catalog {
@@ -402,10 +412,13 @@ impl Catalog {
     /// single writer) has already published `table`'s schema.
     pub(crate) fn save_table(&self, db: &Database, table: &Arc<Table>) -> Result<(), CatalogError> {
         let schema = table.schema();
+        let settings = table.settings.read().clone();
         let rec = TableRecord {
             id: table.id,
             name: table.name.to_string(),
             columns: schema.columns().to_vec(),
+            sort_key: settings.sort_key.iter().map(|s| s.to_string()).collect(),
+            retention_ns: settings.retention,
         };
         let key = format!("table/{:016x}/{}", db.id, table.name);
         let value = serde_json::to_vec(&rec).map_err(|e| corrupt(key.as_bytes(), e))?;
@@ -433,6 +446,11 @@ impl Catalog {
         self.tree
             .insert("meta/next_seq", seq.to_string().as_bytes())?;
         Ok(())
+    }
+
+    /// The sled database (the segment manifest lives in it too).
+    pub(crate) fn sled(&self) -> &sled::Db {
+        &self.sled
     }
 
     /// Makes everything written to the catalog durable.

@@ -47,6 +47,8 @@ pub(crate) struct CommitQueue {
     /// fsyncs issued and their total time, for metrics.
     fsyncs: AtomicU64,
     fsync_nanos: AtomicU64,
+    /// Arrow memory applied to the buffers (recounted after each persist).
+    pub(crate) buffer_bytes: std::sync::atomic::AtomicUsize,
 }
 
 impl CommitQueue {
@@ -68,6 +70,7 @@ impl CommitQueue {
             faults,
             fsyncs: AtomicU64::new(0),
             fsync_nanos: AtomicU64::new(0),
+            buffer_bytes: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -125,11 +128,14 @@ impl CommitQueue {
             };
             let last = batch.last().map(|p| p.seq);
             if synced.is_ok() {
+                let mut bytes = 0;
                 for item in batch {
                     for (table, chunk) in item.chunks {
+                        bytes += chunk.batch.get_array_memory_size();
                         table.buffer.write().push(chunk);
                     }
                 }
+                self.buffer_bytes.fetch_add(bytes, Ordering::Relaxed);
             }
 
             st = self.state.lock();

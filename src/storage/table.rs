@@ -25,8 +25,20 @@ pub(crate) struct Table {
     schema: RwLock<Arc<TableSchema>>,
     /// Series identities, used to detect overwrites cheaply.
     pub(crate) series: Mutex<SeriesIndex>,
-    /// Rows not yet persisted.
+    /// Its rows: segments, and chunks not yet persisted.
     pub(crate) buffer: RwLock<TableBuffer>,
+    /// Sort key and retention.
+    pub(crate) settings: RwLock<TableSettings>,
+}
+
+/// Per-table storage settings, kept in the catalog.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct TableSettings {
+    /// Tag columns segments are sorted by (then `time`): chosen at the first persist, highest
+    /// cardinality first; tags added later are appended.
+    pub sort_key: Vec<Arc<str>>,
+    /// Partitions wholly older than this (ns) are dropped.
+    pub retention: Option<i64>,
 }
 
 impl Table {
@@ -39,6 +51,7 @@ impl Table {
             schema: RwLock::new(Arc::new(schema)),
             series: Mutex::new(SeriesIndex::default()),
             buffer: RwLock::new(TableBuffer::default()),
+            settings: RwLock::new(TableSettings::default()),
         }
     }
 
@@ -59,7 +72,7 @@ type FastMap<K, V> = HashMap<K, V, ahash::RandomState>;
 ///
 /// A point whose time is not after its series' latest time may overwrite an earlier point, so
 /// the chunk holding it is marked for deduplication; in-order ingest never pays for it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct SeriesIndex {
     /// Tag section exactly as a line protocol client wrote it → id (no unescaping, no sorting).
     raw: FastMap<Box<[u8]>, u32>,
@@ -67,9 +80,31 @@ pub(crate) struct SeriesIndex {
     canonical: FastMap<Box<[u8]>, u32>,
     /// Latest time seen per series id.
     max_time: Vec<i64>,
+    /// The latest time in the table's segments: a series first seen since open may have points
+    /// up to it there, so its points up to it may overwrite.
+    floor: i64,
+}
+
+impl Default for SeriesIndex {
+    fn default() -> Self {
+        SeriesIndex {
+            raw: FastMap::default(),
+            canonical: FastMap::default(),
+            max_time: Vec::new(),
+            floor: i64::MIN,
+        }
+    }
 }
 
 impl SeriesIndex {
+    /// Sets the latest persisted time (see `floor`); only raises it.
+    pub(crate) fn raise_floor(&mut self, time: i64) {
+        self.floor = self.floor.max(time);
+        for t in &mut self.max_time {
+            *t = (*t).max(time);
+        }
+    }
+
     /// The id of the series whose line protocol tag section is `raw`; `canonical` writes the
     /// canonical key into the buffer it is given when `raw` has not been seen before.
     pub(crate) fn id_for_raw(&mut self, raw: &str, canonical: impl FnOnce(&mut Vec<u8>)) -> u32 {
@@ -90,7 +125,7 @@ impl SeriesIndex {
         }
         let id = self.max_time.len() as u32;
         self.canonical.insert(key.into(), id);
-        self.max_time.push(i64::MIN);
+        self.max_time.push(self.floor);
         id
     }
 

@@ -232,6 +232,33 @@ pub(crate) fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, WalError>
     Ok(out)
 }
 
+/// Deletes the segments that hold only records up to `seq` (all of them persisted): a segment
+/// is covered when the next segment starts at or before `seq + 1`, or when it is not the
+/// newest and `closed_through` says the writer rotated after `seq`. Returns how many it removed.
+pub(crate) fn remove_segments_through(
+    dir: &Path,
+    seq: u64,
+    rotated: bool,
+) -> Result<usize, WalError> {
+    let segments = list_segments(dir)?;
+    let mut removed = 0;
+    for (i, (first, path)) in segments.iter().enumerate() {
+        let covered = match segments.get(i + 1) {
+            Some((next, _)) => *next <= seq + 1,
+            // The newest segment: only when the writer rotated away from it after `seq`.
+            None => rotated && *first <= seq,
+        };
+        if covered {
+            std::fs::remove_file(path).map_err(io_err("removing", path))?;
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        sync_dir(dir)?;
+    }
+    Ok(removed)
+}
+
 /// What replay found.
 #[derive(Debug, Default, Clone)]
 pub struct ReplayReport {
@@ -465,6 +492,16 @@ impl WalWriter {
         self.len += self.buf.len() as u64;
         if self.buf.capacity() > 64 << 20 {
             self.buf = Vec::new();
+        }
+        Ok(())
+    }
+
+    /// Closes the current segment (fsynced), so the next append starts a new one: everything
+    /// appended so far is then in segments that [`remove_segments_through`] can delete once
+    /// persisted.
+    pub(crate) fn rotate(&mut self) -> Result<(), WalError> {
+        if let Some((path, file)) = self.current.take() {
+            WalWriter::sync(self.faults.as_ref(), &file, &path)?;
         }
         Ok(())
     }

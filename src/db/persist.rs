@@ -1,0 +1,554 @@
+//! Persistence, compaction and retention: moving buffered rows into segments and keeping the
+//! segment set small and within its retention.
+//!
+//! Persist (numbered as in docs/architecture.md):
+//! 1. under the write lock: take sequence `S` (every write up to it is applied), close the WAL
+//!    segment, move every table's live chunks to its frozen list;
+//! 2. per table and partition: deduplicate and sort the frozen rows (merging in the segments
+//!    they may overwrite), write a segment file (fsync file and directory);
+//! 3. one atomic manifest commit registers the segments (and unregisters merged ones) with
+//!    `persisted_seq = S`, flushed with the catalog;
+//! 4. per table, under its buffer lock: the segments replace the frozen chunks;
+//! 5. WAL segments holding only writes up to `S` are deleted.
+//!
+//! A crash before 3 leaves unregistered files (removed on open) and the WAL intact; after 3,
+//! replay skips the writes up to `S`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{RecordBatch, UInt32Array};
+use arrow::compute::{concat_batches, take_record_batch};
+
+use super::DbInner;
+use crate::error::Error;
+use crate::ingest::WriteError;
+use crate::storage::buffer::{Chunk, merge_batches, merge_chunks, time_values};
+use crate::storage::catalog::{ColumnKind, TableSchema};
+use crate::storage::segment::{
+    SEGMENT_FORMAT_VERSION, Segment, SegmentError, SegmentMeta, SegmentWriter, distinct_count,
+    partition_dir, partition_of, read_segment, sort_batch, table_dir,
+};
+use crate::storage::table::Table;
+use crate::storage::wal;
+
+/// What a call to [`Db::persist`](crate::Db::persist) did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PersistReport {
+    /// Every write up to this sequence is in segments.
+    pub persisted_seq: u64,
+    /// Rows written to new segments.
+    pub rows: u64,
+    /// Segment files written.
+    pub segments: usize,
+    /// WAL segment files deleted.
+    pub wal_files_removed: usize,
+}
+
+/// What a call to [`Db::compact`](crate::Db::compact) did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CompactReport {
+    /// Partitions compacted.
+    pub partitions: usize,
+    /// Segments merged away.
+    pub segments_in: usize,
+    /// Segments written.
+    pub segments_out: usize,
+}
+
+/// A table's frozen rows after step 2.
+struct TableOutput {
+    table: Arc<Table>,
+    added: Vec<SegmentMeta>,
+    removed: Vec<SegmentMeta>,
+}
+
+impl DbInner {
+    /// Persists every buffered write (see the module docs). Serialized with other persists.
+    pub(crate) fn persist(&self) -> Result<PersistReport, Error> {
+        let _persisting = self.persist_lock.lock();
+        self.persist_locked()
+    }
+
+    pub(crate) fn persist_locked(&self) -> Result<PersistReport, Error> {
+        let (Some(manifest), Some(data_dir)) = (&self.manifest, &self.data_dir) else {
+            return Ok(PersistReport::default());
+        };
+        // 1. Freeze.
+        let mut frozen: Vec<(Arc<Table>, Vec<Arc<Chunk>>)> = Vec::new();
+        let seq;
+        {
+            let mut w = self.writer.lock();
+            self.commit.check().map_err(WriteError::from)?;
+            seq = w.next_seq - 1;
+            self.commit.wait(seq).map_err(WriteError::from)?;
+            if let Some(wal) = &mut w.wal {
+                wal.rotate().map_err(WriteError::from)?;
+            }
+            for db in self.catalog.databases() {
+                for table in db.tables() {
+                    let chunks = table.buffer.write().freeze();
+                    if !chunks.is_empty() {
+                        frozen.push((table, chunks));
+                    }
+                }
+            }
+        }
+
+        // 2. Write segments; on failure remove what was written (the frozen rows stay frozen
+        // and are retried by the next persist).
+        let mut written: Vec<PathBuf> = Vec::new();
+        let mut outputs = Vec::new();
+        let mut report = PersistReport {
+            persisted_seq: seq,
+            ..PersistReport::default()
+        };
+        let mut merge_guard = None;
+        for (table, chunks) in &frozen {
+            let may_overwrite = chunks.iter().any(|c| c.overlaps);
+            if may_overwrite && merge_guard.is_none() {
+                // Merging with existing segments: compaction must not replace them meanwhile.
+                merge_guard = Some(self.compact_lock.lock());
+            }
+            match self.persist_table(data_dir, manifest, table, chunks, seq, &mut written) {
+                Ok(out) => {
+                    report.rows += out.added.iter().map(|m| m.rows).sum::<u64>();
+                    report.segments += out.added.len();
+                    outputs.push(out);
+                }
+                Err(e) => {
+                    remove_files(&written);
+                    return Err(e);
+                }
+            }
+        }
+
+        // 3. Register.
+        let added: Vec<SegmentMeta> = outputs.iter().flat_map(|o| o.added.clone()).collect();
+        let removed: Vec<SegmentMeta> = outputs.iter().flat_map(|o| o.removed.clone()).collect();
+        if let Err(e) = manifest.commit(&added, &removed, Some(seq)) {
+            remove_files(&written);
+            return Err(e.into());
+        }
+
+        // 4. Swap frozen chunks for segments.
+        for out in outputs {
+            let segments: Vec<Arc<Segment>> = out
+                .added
+                .into_iter()
+                .map(|m| Arc::new(Segment::new(m, data_dir)))
+                .collect();
+            let removed_ids: Vec<u64> = out.removed.iter().map(|m| m.id).collect();
+            let mut buffer = out.table.buffer.write();
+            for s in buffer.segments().iter() {
+                if removed_ids.contains(&s.meta.id) {
+                    s.mark_obsolete();
+                }
+            }
+            buffer.replace_segments(&removed_ids, segments, true);
+        }
+        drop(merge_guard);
+        self.persisted_seq
+            .store(seq, std::sync::atomic::Ordering::Release);
+
+        // 5. Trim the WAL.
+        if let Some(wal_dir) = &self.wal_dir {
+            report.wal_files_removed =
+                wal::remove_segments_through(wal_dir, seq, true).map_err(WriteError::from)?;
+        }
+        self.recount_buffer();
+        *self.last_persist.lock() = std::time::Instant::now();
+        Ok(report)
+    }
+
+    /// Step 2 for one table.
+    fn persist_table(
+        &self,
+        data_dir: &Path,
+        manifest: &crate::storage::manifest::Manifest,
+        table: &Arc<Table>,
+        chunks: &[Arc<Chunk>],
+        seq: u64,
+        written: &mut Vec<PathBuf>,
+    ) -> Result<TableOutput, Error> {
+        let schema = table.schema();
+        let may_overwrite = chunks.iter().any(|c| c.overlaps);
+        let rows = if may_overwrite {
+            merge_chunks(&schema, chunks)?.batch
+        } else {
+            let all: Vec<usize> = (0..schema.columns().len()).collect();
+            let batches = chunks
+                .iter()
+                .map(|c| c.project(&schema, &all, schema.arrow()))
+                .collect::<Result<Vec<_>, _>>()?;
+            concat_batches(schema.arrow(), &batches)?
+        };
+        let sort_key = self.ensure_sort_key(table, &schema, &rows)?;
+        let segments = table.buffer.read().segments();
+        let len = self.partition_len();
+        let mut out = TableOutput {
+            table: table.clone(),
+            added: Vec::new(),
+            removed: Vec::new(),
+        };
+        for (partition, mut batch) in split_partitions(&rows, len)? {
+            let (lo, hi) = crate::storage::buffer::min_max(time_values(&batch)?);
+            if may_overwrite {
+                // Points of this write may already be in segments of the partition: merge them in
+                // (older first) and replace those segments.
+                let old: Vec<&Arc<Segment>> = segments
+                    .iter()
+                    .filter(|s| s.meta.partition == partition && s.overlaps(lo, hi))
+                    .collect();
+                if !old.is_empty() {
+                    let mut inputs = Vec::new();
+                    for s in &old {
+                        inputs.extend(read_projected(&s.path, &schema)?);
+                        out.removed.push(s.meta.clone());
+                    }
+                    inputs.push(batch);
+                    batch = merge_batches(&schema, &inputs)?;
+                }
+            }
+            let sorted = sort_batch(&batch, &sort_key)?;
+            let meta = self.write_segment(
+                data_dir,
+                manifest,
+                table,
+                partition,
+                seq,
+                &[sorted],
+                &sort_key,
+                written,
+            )?;
+            out.added.push(meta);
+        }
+        Ok(out)
+    }
+
+    /// Writes sorted batches as one segment of `partition`.
+    #[allow(clippy::too_many_arguments)]
+    fn write_segment(
+        &self,
+        data_dir: &Path,
+        manifest: &crate::storage::manifest::Manifest,
+        table: &Table,
+        partition: i64,
+        max_seq: u64,
+        batches: &[RecordBatch],
+        sort_key: &[Arc<str>],
+        written: &mut Vec<PathBuf>,
+    ) -> Result<SegmentMeta, Error> {
+        let id = manifest.next_id()?;
+        let rel = table_dir(&table.db, &table.name)
+            .join(partition_dir(partition, self.partition_len()))
+            .join(format!("{id:016x}.parquet"));
+        let path = data_dir.join(&rel);
+        let schema = table.schema().arrow().clone();
+        let mut writer = SegmentWriter::create(&path, &schema, sort_key)?;
+        for b in batches {
+            writer.write(b)?;
+        }
+        let (rows, min_time, max_time, bytes) = writer.finish()?;
+        written.push(path);
+        Ok(SegmentMeta {
+            id,
+            table_id: table.id,
+            partition,
+            min_time,
+            max_time,
+            rows,
+            bytes,
+            max_seq,
+            path: rel.to_string_lossy().into_owned(),
+            format: SEGMENT_FORMAT_VERSION,
+        })
+    }
+
+    /// The table's sort key covering every tag column, choosing or extending it (and saving it
+    /// in the catalog) when needed.
+    fn ensure_sort_key(
+        &self,
+        table: &Arc<Table>,
+        schema: &TableSchema,
+        rows: &RecordBatch,
+    ) -> Result<Vec<Arc<str>>, Error> {
+        let current = table.settings.read().sort_key.clone();
+        let missing: Vec<&Arc<str>> = schema
+            .columns()
+            .iter()
+            .filter(|c| c.kind == ColumnKind::Tag && !current.contains(&c.name))
+            .map(|c| &c.name)
+            .collect();
+        if missing.is_empty() {
+            return Ok(current);
+        }
+        let mut added: Vec<(usize, &Arc<str>)> = missing
+            .into_iter()
+            .map(|name| {
+                let n = if current.is_empty() {
+                    rows.column_by_name(name).map_or(0, distinct_count)
+                } else {
+                    0 // appended later: by name
+                };
+                (n, name)
+            })
+            .collect();
+        added.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
+        let mut key = current;
+        key.extend(added.into_iter().map(|(_, n)| n.clone()));
+        table.settings.write().sort_key = key.clone();
+        if let Some(db) = self.catalog.database(&table.db) {
+            self.catalog.save_table(&db, table)?;
+        }
+        Ok(key)
+    }
+
+    pub(crate) fn partition_len(&self) -> i64 {
+        (self.config.partition.as_nanos() as i64).max(1)
+    }
+
+    /// Recomputes the buffered bytes after rows left the buffer.
+    pub(crate) fn recount_buffer(&self) {
+        let mut total = 0;
+        for db in self.catalog.databases() {
+            for table in db.tables() {
+                total += table.buffer.read().size().1;
+            }
+        }
+        self.commit
+            .buffer_bytes
+            .store(total, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Compacts every partition holding at least `min_segments` segments into one segment.
+    pub(crate) fn compact(&self, min_segments: usize) -> Result<CompactReport, Error> {
+        let (Some(manifest), Some(data_dir)) = (&self.manifest, &self.data_dir) else {
+            return Ok(CompactReport::default());
+        };
+        let _compacting = self.compact_lock.lock();
+        let mut report = CompactReport::default();
+        for db in self.catalog.databases() {
+            for table in db.tables() {
+                let segments = table.buffer.read().segments();
+                let mut by_partition: BTreeMap<i64, Vec<Arc<Segment>>> = BTreeMap::new();
+                for s in segments.iter() {
+                    by_partition
+                        .entry(s.meta.partition)
+                        .or_default()
+                        .push(s.clone());
+                }
+                for (partition, inputs) in by_partition {
+                    if inputs.len() < min_segments.max(2) {
+                        continue;
+                    }
+                    let meta =
+                        self.compact_partition(data_dir, manifest, &table, partition, &inputs)?;
+                    manifest.commit(
+                        std::slice::from_ref(&meta),
+                        &inputs.iter().map(|s| s.meta.clone()).collect::<Vec<_>>(),
+                        None,
+                    )?;
+                    let ids: Vec<u64> = inputs.iter().map(|s| s.meta.id).collect();
+                    table.buffer.write().replace_segments(
+                        &ids,
+                        vec![Arc::new(Segment::new(meta, data_dir))],
+                        false,
+                    );
+                    for s in &inputs {
+                        s.mark_obsolete();
+                    }
+                    report.partitions += 1;
+                    report.segments_in += inputs.len();
+                    report.segments_out += 1;
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Merges sorted, non-overlapping segments of one partition into one, streaming (bounded
+    /// memory): DataFusion's sort-preserving merge over one Parquet scan per segment.
+    fn compact_partition(
+        &self,
+        data_dir: &Path,
+        manifest: &crate::storage::manifest::Manifest,
+        table: &Arc<Table>,
+        partition: i64,
+        inputs: &[Arc<Segment>],
+    ) -> Result<SegmentMeta, Error> {
+        use futures::StreamExt;
+
+        let schema = table.schema();
+        let sort_key = table.settings.read().sort_key.clone();
+        let plan = crate::query::segment_scan::merge_plan(&schema, &sort_key, inputs)?;
+        let max_seq = inputs.iter().map(|s| s.meta.max_seq).max().unwrap_or(0);
+        let id = manifest.next_id()?;
+        let rel = table_dir(&table.db, &table.name)
+            .join(partition_dir(partition, self.partition_len()))
+            .join(format!("{id:016x}.parquet"));
+        let path = data_dir.join(&rel);
+        let mut writer = SegmentWriter::create(&path, schema.arrow(), &sort_key)?;
+        // DataFusion needs a runtime; a scoped thread keeps this callable from async code too.
+        let streamed: Result<(), Error> = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(|e| Error::io("starting", Path::new("compaction runtime"), e))?;
+                    rt.block_on(async {
+                        let ctx = datafusion::execution::TaskContext::default();
+                        let mut stream = plan.execute(0, Arc::new(ctx))?;
+                        while let Some(batch) = stream.next().await {
+                            writer.write(&batch?)?;
+                        }
+                        Ok::<(), Error>(())
+                    })
+                })
+                .join()
+                .unwrap_or_else(|_| Err(Error::Config("the compaction thread panicked".into())))
+        });
+        streamed?;
+        let (rows, min_time, max_time, bytes) = writer.finish()?;
+        Ok(SegmentMeta {
+            id,
+            table_id: table.id,
+            partition,
+            min_time,
+            max_time,
+            rows,
+            bytes,
+            max_seq,
+            path: rel.to_string_lossy().into_owned(),
+            format: SEGMENT_FORMAT_VERSION,
+        })
+    }
+
+    /// Drops the partitions of tables with a retention that lie wholly before now − retention.
+    pub(crate) fn apply_retention(&self) -> Result<usize, Error> {
+        let Some(manifest) = &self.manifest else {
+            return Ok(0);
+        };
+        let _compacting = self.compact_lock.lock();
+        let now = self.config.clock.now_ns();
+        let len = self.partition_len();
+        let mut dropped = 0;
+        for db in self.catalog.databases() {
+            for table in db.tables() {
+                let Some(retention) = table.settings.read().retention else {
+                    continue;
+                };
+                let cutoff = now.saturating_sub(retention);
+                let expired: Vec<Arc<Segment>> = table
+                    .buffer
+                    .read()
+                    .segments()
+                    .iter()
+                    .filter(|s| s.meta.partition.saturating_add(len) <= cutoff)
+                    .cloned()
+                    .collect();
+                if expired.is_empty() {
+                    continue;
+                }
+                let metas: Vec<SegmentMeta> = expired.iter().map(|s| s.meta.clone()).collect();
+                manifest.commit(&[], &metas, None)?;
+                let ids: Vec<u64> = metas.iter().map(|m| m.id).collect();
+                table
+                    .buffer
+                    .write()
+                    .replace_segments(&ids, Vec::new(), false);
+                for s in &expired {
+                    s.mark_obsolete();
+                }
+                dropped += expired.len();
+            }
+        }
+        Ok(dropped)
+    }
+}
+
+/// Reads a segment projected onto the table schema (columns it lacks are null).
+fn read_projected(path: &Path, schema: &TableSchema) -> Result<Vec<RecordBatch>, Error> {
+    let all: Vec<usize> = (0..schema.columns().len()).collect();
+    read_segment(path)?
+        .into_iter()
+        .map(|batch| {
+            let rows = batch.num_rows();
+            let chunk = Chunk {
+                seq: 0,
+                batch,
+                series: vec![0; rows].into(),
+                min_time: 0,
+                max_time: 0,
+                overlaps: false,
+                merged: false,
+            };
+            Ok(chunk.project(schema, &all, schema.arrow())?)
+        })
+        .collect()
+}
+
+/// Splits rows by time partition.
+fn split_partitions(rows: &RecordBatch, len: i64) -> Result<Vec<(i64, RecordBatch)>, Error> {
+    let times = time_values(rows)?;
+    let (lo, hi) = crate::storage::buffer::min_max(times);
+    if rows.num_rows() == 0 {
+        return Ok(Vec::new());
+    }
+    if partition_of(lo, len) == partition_of(hi, len) {
+        return Ok(vec![(partition_of(lo, len), rows.clone())]);
+    }
+    let mut groups: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
+    for (i, &t) in times.iter().enumerate() {
+        groups
+            .entry(partition_of(t, len))
+            .or_default()
+            .push(i as u32);
+    }
+    groups
+        .into_iter()
+        .map(|(p, idx)| Ok((p, take_record_batch(rows, &UInt32Array::from(idx))?)))
+        .collect()
+}
+
+fn remove_files(paths: &[PathBuf]) {
+    for p in paths {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+/// Removes files under `data_dir/tables` that the manifest does not list (left by a crash
+/// between writing a segment and registering it, or before deleting a replaced one).
+pub(crate) fn remove_orphans(
+    data_dir: &Path,
+    known: &HashSet<PathBuf>,
+) -> Result<usize, SegmentError> {
+    let root = data_dir.join("tables");
+    let mut removed = 0;
+    let mut stack = vec![root];
+    while let Some(dir) = stack.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(crate::storage::segment::io_err("listing", &dir)(e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(crate::storage::segment::io_err("listing", &dir))?;
+            let path = entry.path();
+            let kind = entry
+                .file_type()
+                .map_err(crate::storage::segment::io_err("listing", &path))?;
+            if kind.is_dir() {
+                stack.push(path);
+            } else if !known.contains(&path) {
+                tracing::info!(path = %path.display(), "removing a segment file the manifest does not list");
+                std::fs::remove_file(&path)
+                    .map_err(crate::storage::segment::io_err("removing", &path))?;
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
+}

@@ -1,0 +1,91 @@
+//! Execution plans over segment files: the Parquet scan queries use (projection, row-group and
+//! page pruning by the query's filters) and the sorted merge compaction uses.
+
+use std::sync::Arc;
+
+use arrow::compute::SortOptions;
+use datafusion::datasource::listing::PartitionedFile;
+use datafusion::datasource::object_store::ObjectStoreUrl;
+use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::error::Result;
+use datafusion::physical_expr::expressions::col;
+use datafusion::physical_expr::{LexOrdering, PhysicalExpr, PhysicalSortExpr};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
+
+use crate::storage::catalog::{TIME_COLUMN, TableSchema};
+use crate::storage::segment::Segment;
+
+/// A file of the scan, holding its segment alive (and its file undeleted) while the plan
+/// exists.
+fn file(segment: &Arc<Segment>) -> PartitionedFile {
+    let path = segment.path.to_string_lossy().into_owned();
+    PartitionedFile::new(path, segment.meta.bytes).with_extension(segment.clone())
+}
+
+/// Scans `segments` (projected onto `projection` of the table schema), spreading them over
+/// `partitions` file groups; `predicate` prunes row groups and pages.
+pub(crate) fn scan(
+    schema: &TableSchema,
+    segments: &[Arc<Segment>],
+    projection: &[usize],
+    predicate: Option<Arc<dyn PhysicalExpr>>,
+    partitions: usize,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    let mut source = ParquetSource::new(schema.arrow().clone());
+    if let Some(p) = predicate {
+        source = source.with_predicate(p);
+    }
+    let mut groups: Vec<Vec<PartitionedFile>> =
+        vec![Vec::new(); partitions.max(1).min(segments.len().max(1))];
+    for (i, s) in segments.iter().enumerate() {
+        let n = groups.len();
+        groups[i % n].push(file(s));
+    }
+    let config = FileScanConfigBuilder::new(ObjectStoreUrl::local_filesystem(), Arc::new(source))
+        .with_file_groups(groups.into_iter().map(FileGroup::new).collect())
+        .with_projection_indices(Some(projection.to_vec()))?
+        .build();
+    Ok(DataSourceExec::from_data_source(config))
+}
+
+/// The sort order of segment rows: the sort key's tags then `time`, ascending, nulls first.
+pub(crate) fn ordering(schema: &TableSchema, sort_key: &[Arc<str>]) -> Result<Option<LexOrdering>> {
+    let arrow = schema.arrow();
+    let options = SortOptions {
+        descending: false,
+        nulls_first: true,
+    };
+    let mut exprs = Vec::new();
+    for name in sort_key.iter().map(|s| s.as_ref()).chain([TIME_COLUMN]) {
+        if arrow.index_of(name).is_ok() {
+            exprs.push(PhysicalSortExpr::new(col(name, arrow)?, options));
+        }
+    }
+    Ok(LexOrdering::new(exprs))
+}
+
+/// Merges sorted segments (whose rows never share a series and time) into one sorted stream,
+/// one Parquet scan per segment.
+pub(crate) fn merge_plan(
+    schema: &TableSchema,
+    sort_key: &[Arc<str>],
+    segments: &[Arc<Segment>],
+) -> Result<Arc<dyn ExecutionPlan>> {
+    let ordering = ordering(schema, sort_key)?.ok_or_else(|| {
+        datafusion::error::DataFusionError::Internal("a table has a time column".to_string())
+    })?;
+    let source = ParquetSource::new(schema.arrow().clone());
+    let config = FileScanConfigBuilder::new(ObjectStoreUrl::local_filesystem(), Arc::new(source))
+        .with_file_groups(
+            segments
+                .iter()
+                .map(|s| FileGroup::new(vec![file(s)]))
+                .collect(),
+        )
+        .with_output_ordering(vec![ordering.clone()])
+        .build();
+    let scan = DataSourceExec::from_data_source(config);
+    Ok(Arc::new(SortPreservingMergeExec::new(ordering, scan)))
+}
