@@ -64,12 +64,14 @@ pub struct Config {
     pub partition: Duration,
     /// The buffer is persisted to segments once it holds this much Arrow memory. Default: 64 MiB.
     pub persist_bytes: usize,
-    /// ... or once its oldest write is this old. Default: 5 minutes.
+    /// ... or when this long has passed since the last persist and the buffer holds rows.
+    /// Default: 5 minutes.
     pub persist_age: Duration,
     /// Past this much buffer memory, writes wait for persistence instead of growing memory.
     /// Default: 1 GiB.
     pub max_buffer_bytes: usize,
-    /// A partition with this many segments is compacted into one. Default: 4.
+    /// When a partition holds this many segments of similar size (rows within a power of 4),
+    /// the background merges them into one. Default: 4.
     pub compaction_segments: usize,
     /// Persist the buffer when the database is closed, so the next open replays nothing.
     /// Default: true. (False leaves the buffered writes to WAL replay: a faster close.)

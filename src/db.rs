@@ -243,6 +243,7 @@ impl Db {
         let manifest = match &config.data_dir {
             Some(dir) => {
                 let manifest = Manifest::open(catalog.sled())?;
+                manifest.check_partition((config.partition.as_nanos() as i64).max(1))?;
                 persisted_seq = load_segments(&catalog, &manifest, dir)?;
                 Some(manifest)
             }
@@ -538,7 +539,7 @@ impl Db {
     /// background once a partition has `compaction_segments`). Blocks, like [`Db::persist`].
     pub fn compact(&self) -> Result<CompactReport, Error> {
         self.inner.check_open()?;
-        self.inner.compact(2)
+        self.inner.compact(2, true)
     }
 
     /// Drops the time partitions that are past their table's retention now (normally done in
@@ -712,7 +713,7 @@ impl DbInner {
         } else if bytes == 0 {
             *self.last_persist.lock() = std::time::Instant::now();
         }
-        self.compact(self.config.compaction_segments)?;
+        self.compact(self.config.compaction_segments, false)?;
         self.apply_retention()?;
         Ok(())
     }
@@ -950,8 +951,17 @@ impl DbInner {
                 let _ = handle.join();
             }
         }
-        if self.config.persist_on_close && self.manifest.is_some() && self.commit.check().is_ok() {
-            self.persist()?;
+        let persisted = if self.config.persist_on_close
+            && self.manifest.is_some()
+            && self.commit.check().is_ok()
+        {
+            self.persist().map(|_| ())
+        } else {
+            Ok(())
+        };
+        if let Err(e) = &persisted {
+            // The WAL still holds everything: flush it, then report the failure.
+            tracing::error!(error = %e, "persisting on close failed; the WAL keeps the data");
         }
         if let Some((handle, stop)) = self.syncer.lock().take() {
             *stop.0.lock() = true;
@@ -961,7 +971,8 @@ impl DbInner {
                 let _ = handle.join();
             }
         }
-        self.flush()
+        self.flush()?;
+        persisted
     }
 }
 

@@ -1,7 +1,8 @@
 //! Property test of "same series and time = same point, last write wins per field": random
 //! write sequences (out of order, overwrites of some fields, many small batches or one big one,
-//! a query — which merges the buffer — in the middle, a reopen in the middle) must read back
-//! exactly what a plain map of the same writes holds.
+//! a query — which merges the buffer — in the middle, a reopen in the middle, persistence to
+//! segments and compaction in the middle, across several time partitions) must read back
+//! exactly what a plain map of the same writes holds, and so must a query between any of them.
 
 use std::collections::BTreeMap;
 
@@ -89,6 +90,11 @@ fn read_back(
     out
 }
 
+/// Points in the first `i + 1` chunks.
+fn written(chunks: &[&[Point]], i: usize) -> usize {
+    chunks[..=i].iter().map(|c| c.len()).sum()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
@@ -98,12 +104,22 @@ proptest! {
         batch in 1usize..8,
         query_at in 0usize..60,
         reopen_at in 0usize..60,
+        persist_at in proptest::collection::vec(0usize..60, 0..4),
+        compact_at in 0usize..60,
+        persist_on_close in any::<bool>(),
     ) {
         // Both fields exist from the first write on, so the query can name them.
         let mut points = points;
         points.insert(0, Point { host: 9, time: 0, a: Some(0), b: Some(0) });
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = || Config { durability: Durability::None, ..Config::with_dir(dir.path()) };
+        let config = || Config {
+            durability: Durability::None,
+            // Points span times 0..12 s: three partitions.
+            partition: std::time::Duration::from_secs(4),
+            background: false,
+            persist_on_close,
+            ..Config::with_dir(dir.path())
+        };
         let rt = tokio::runtime::Builder::new_current_thread().build().expect("rt");
         let mut db = Db::open_with(config()).expect("open");
         let chunks: Vec<&[Point]> = points.chunks(batch).collect();
@@ -112,7 +128,14 @@ proptest! {
             db.write_lines("main", &body.join("\n"), Precision::Second).expect("write");
             if i == query_at % chunks.len() {
                 // A read in the middle merges the chunks so far; later writes must still win.
-                let _ = read_back(&db, &rt);
+                prop_assert_eq!(read_back(&db, &rt), oracle(&points[..written(&chunks, i)]));
+            }
+            if persist_at.iter().any(|&p| i == p % chunks.len()) {
+                db.persist().expect("persist");
+                prop_assert_eq!(read_back(&db, &rt), oracle(&points[..written(&chunks, i)]));
+            }
+            if i == compact_at % chunks.len() {
+                db.compact().expect("compact");
             }
             if i == reopen_at % chunks.len() {
                 db.close().expect("close");

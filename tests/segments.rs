@@ -365,3 +365,38 @@ fn writes_past_the_buffer_cap_persist_instead_of_growing() {
     );
     std::thread::sleep(Duration::from_millis(1));
 }
+
+#[test]
+fn overwrites_of_persisted_points_read_like_an_all_in_memory_database() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = open(dir.path());
+    let memory = Db::open_in_memory().expect("memory");
+    let both = |text: &str| {
+        db.write_lines("main", text, Precision::Second)
+            .expect("write");
+        memory
+            .write_lines("main", text, Precision::Second)
+            .expect("write memory");
+    };
+    both(&lines(3, 2, 120));
+    db.persist().expect("persist");
+    // Overwrites in the middle of day 1 (one field) and at the end of day 2, plus new points.
+    both("cpu,host=h1,dc=dc1 usage=-1 1704110400\ncpu,host=h2,dc=dc2 n=-5i 1704239880");
+    both(&lines(1, 1, 3600).replace("h0", "h7"));
+    let queries = [
+        "SELECT count(*), sum(usage), sum(n) FROM cpu",
+        "SELECT host, usage FROM cpu ORDER BY host, usage",
+        "SELECT host, time, usage, n FROM cpu WHERE time >= '2024-01-01T11:00:00Z' AND time < '2024-01-01T13:00:00Z' ORDER BY host, time",
+        "SELECT host, time, usage, n FROM cpu WHERE time >= '2024-01-02T23:00:00Z' ORDER BY host, time",
+        "SELECT dc, max(usage), min(n) FROM cpu WHERE host <> 'h0' GROUP BY dc ORDER BY dc",
+    ];
+    let expect: Vec<String> = queries.iter().map(|q| table(&memory, q)).collect();
+    let got: Vec<String> = queries.iter().map(|q| table(&db, q)).collect();
+    assert_eq!(got, expect, "overwrites in the buffer over segments");
+    db.persist().expect("persist the overwrites");
+    let got: Vec<String> = queries.iter().map(|q| table(&db, q)).collect();
+    assert_eq!(got, expect, "after merging them into the segments");
+    db.compact().expect("compact");
+    let got: Vec<String> = queries.iter().map(|q| table(&db, q)).collect();
+    assert_eq!(got, expect, "after compaction");
+}

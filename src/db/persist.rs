@@ -83,8 +83,12 @@ impl DbInner {
             self.commit.check().map_err(WriteError::from)?;
             seq = w.next_seq - 1;
             self.commit.wait(seq).map_err(WriteError::from)?;
-            if let Some(wal) = &mut w.wal {
-                wal.rotate().map_err(WriteError::from)?;
+            if let Some(wal) = &mut w.wal
+                && let Err(e) = wal.rotate()
+            {
+                // A failed fsync: nothing may be reported durable again.
+                self.commit.poison(e.to_string());
+                return Err(WriteError::from(e).into());
             }
             for db in self.catalog.databases() {
                 for table in db.tables() {
@@ -128,7 +132,11 @@ impl DbInner {
         let added: Vec<SegmentMeta> = outputs.iter().flat_map(|o| o.added.clone()).collect();
         let removed: Vec<SegmentMeta> = outputs.iter().flat_map(|o| o.removed.clone()).collect();
         if let Err(e) = manifest.commit(&added, &removed, Some(seq)) {
-            remove_files(&written);
+            // The batch may be applied in sled without being flushed: the files stay (unlisted
+            // ones are removed on the next open) and the database stops taking writes, so no
+            // second persist can register the same rows again. Reopening sorts it out.
+            self.commit
+                .poison(format!("the segment manifest could not be updated: {e}"));
             return Err(e.into());
         }
 
@@ -241,11 +249,15 @@ impl DbInner {
         written: &mut Vec<PathBuf>,
     ) -> Result<SegmentMeta, Error> {
         let id = manifest.next_id()?;
-        let rel = table_dir(&table.db, &table.name)
+        let rel = table_dir(&table.db, &table.name, table.id)
             .join(partition_dir(partition, self.partition_len()))
             .join(format!("{id:016x}.parquet"));
         let path = data_dir.join(&rel);
-        let schema = table.schema().arrow().clone();
+        // The rows' own schema: a column added since they were read is not in them.
+        let schema = batches
+            .first()
+            .map(|b| b.schema())
+            .unwrap_or_else(|| table.schema().arrow().clone());
         let mut writer = SegmentWriter::create(&path, &schema, sort_key)?;
         for b in batches {
             writer.write(b)?;
@@ -298,6 +310,8 @@ impl DbInner {
         added.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
         let mut key = current;
         key.extend(added.into_iter().map(|(_, n)| n.clone()));
+        // Under the write lock, like every other save of the table record.
+        let _w = self.writer.lock();
         table.settings.write().sort_key = key.clone();
         if let Some(db) = self.catalog.database(&table.db) {
             self.catalog.save_table(&db, table)?;
@@ -323,7 +337,7 @@ impl DbInner {
     }
 
     /// Compacts every partition holding at least `min_segments` segments into one segment.
-    pub(crate) fn compact(&self, min_segments: usize) -> Result<CompactReport, Error> {
+    pub(crate) fn compact(&self, min_segments: usize, full: bool) -> Result<CompactReport, Error> {
         let (Some(manifest), Some(data_dir)) = (&self.manifest, &self.data_dir) else {
             return Ok(CompactReport::default());
         };
@@ -332,24 +346,37 @@ impl DbInner {
         for db in self.catalog.databases() {
             for table in db.tables() {
                 let segments = table.buffer.read().segments();
-                let mut by_partition: BTreeMap<i64, Vec<Arc<Segment>>> = BTreeMap::new();
+                // Size tiers (rows, powers of 4) within each partition: merging segments of
+                // similar size keeps the rewrite cost of a growing partition logarithmic. A full
+                // compaction merges the whole partition.
+                let mut groups: BTreeMap<(i64, u32), Vec<Arc<Segment>>> = BTreeMap::new();
                 for s in segments.iter() {
-                    by_partition
-                        .entry(s.meta.partition)
+                    let tier = if full {
+                        0
+                    } else {
+                        s.meta.rows.max(1).ilog2() / 2
+                    };
+                    groups
+                        .entry((s.meta.partition, tier))
                         .or_default()
                         .push(s.clone());
                 }
-                for (partition, inputs) in by_partition {
+                for ((partition, _), inputs) in groups {
                     if inputs.len() < min_segments.max(2) {
                         continue;
                     }
                     let meta =
                         self.compact_partition(data_dir, manifest, &table, partition, &inputs)?;
-                    manifest.commit(
+                    if let Err(e) = manifest.commit(
                         std::slice::from_ref(&meta),
                         &inputs.iter().map(|s| s.meta.clone()).collect::<Vec<_>>(),
                         None,
-                    )?;
+                    ) {
+                        // As in persist: sled may hold the change unflushed; stop writes.
+                        self.commit
+                            .poison(format!("the segment manifest could not be updated: {e}"));
+                        return Err(e.into());
+                    }
                     let ids: Vec<u64> = inputs.iter().map(|s| s.meta.id).collect();
                     table.buffer.write().replace_segments(
                         &ids,
@@ -385,7 +412,7 @@ impl DbInner {
         let plan = crate::query::segment_scan::merge_plan(&schema, &sort_key, inputs)?;
         let max_seq = inputs.iter().map(|s| s.meta.max_seq).max().unwrap_or(0);
         let id = manifest.next_id()?;
-        let rel = table_dir(&table.db, &table.name)
+        let rel = table_dir(&table.db, &table.name, table.id)
             .join(partition_dir(partition, self.partition_len()))
             .join(format!("{id:016x}.parquet"));
         let path = data_dir.join(&rel);

@@ -21,11 +21,16 @@ use super::segment_scan;
 use crate::db::DbInner;
 use crate::storage::buffer::{Chunk, merge_batches, merge_chunks, projected_schema};
 use crate::storage::catalog::{TIME_COLUMN, TableSchema};
-use crate::storage::segment::{Segment, read_segment};
+use crate::storage::segment::Segment;
 use crate::storage::table::Table;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::common::DFSchema;
+use datafusion::logical_expr::col;
 use datafusion::logical_expr::utils::conjunction;
+use datafusion::physical_expr::expressions::col as physical_col;
+use datafusion::physical_plan::collect;
+use datafusion::physical_plan::filter::FilterExec;
+use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::union::UnionExec;
 
 /// Reads one table.
@@ -49,19 +54,20 @@ impl BufferTableProvider {
         }
     }
 
-    /// What the query reads in `[lo, hi]`: in-memory batches (projected) and segment files.
+    /// What the query reads in `[lo, hi]`.
     ///
     /// Live chunks that may overwrite each other are merged first (and the merge installed, so
-    /// later queries reuse it). When some chunk may overwrite older points, the segments it may
-    /// overwrite and all buffered chunks are merged into one deduplicated batch; otherwise no
-    /// two sources share a point and they are read as they are.
+    /// later queries reuse it). When no chunk may overwrite older points, no two sources share
+    /// a point and they are read as they are. Otherwise the overwritten points can only lie in
+    /// the time ranges of the chunks that may overwrite: the segments' rows in those ranges
+    /// are merged with the buffered rows, the rest of those segments is read as it is.
     fn sources(
         &self,
         snapshot_seq: Option<u64>,
         columns: &[usize],
         out_schema: &SchemaRef,
         (lo, hi): (i64, i64),
-    ) -> Result<(Vec<RecordBatch>, Vec<Arc<Segment>>)> {
+    ) -> Result<Sources> {
         let db = self
             .db
             .upgrade()
@@ -81,13 +87,13 @@ impl BufferTableProvider {
             snap.chunks = vec![merged];
         }
         let in_range = |c: &&Arc<Chunk>| c.max_time >= lo && c.min_time <= hi;
-        let overwriting: Vec<(i64, i64)> = snap
+        let ranges: Vec<(i64, i64)> = snap
             .frozen
             .iter()
             .chain(&snap.chunks)
             .filter(in_range)
             .filter(|c| c.overlaps)
-            .map(|c| (c.min_time, c.max_time))
+            .map(|c| (c.min_time.max(lo), c.max_time.min(hi)))
             .collect();
         let segments: Vec<Arc<Segment>> = snap
             .segments
@@ -101,42 +107,122 @@ impl BufferTableProvider {
             .chain(&snap.chunks)
             .filter(in_range)
             .collect();
-        if overwriting.is_empty() {
+        let (involved, files): (Vec<_>, Vec<_>) = segments
+            .into_iter()
+            .partition(|s| ranges.iter().any(|&(a, b)| s.overlaps(a, b)));
+        if involved.is_empty() && ranges.is_empty() {
             let batches = chunks
                 .iter()
                 .map(|c| c.project(&self.schema, columns, out_schema))
                 .collect::<std::result::Result<Vec<_>, _>>()?;
-            return Ok((batches, segments));
+            return Ok(Sources {
+                batches,
+                files,
+                overwrite: None,
+            });
         }
-        let (involved, files): (Vec<_>, Vec<_>) = segments
-            .into_iter()
-            .partition(|s| overwriting.iter().any(|&(a, b)| s.overlaps(a, b)));
         let schema = self.table.schema();
         let all: Vec<usize> = (0..schema.columns().len()).collect();
+        let buffered = chunks
+            .iter()
+            .map(|c| c.project(&schema, &all, schema.arrow()))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(Sources {
+            batches: Vec::new(),
+            files,
+            overwrite: Some(Overwrite {
+                schema,
+                buffered,
+                involved,
+                ranges,
+            }),
+        })
+    }
+
+    /// Plans the overwrite case of [`Self::sources`]: returns the merged rows (projected) and
+    /// a plan for the involved segments' rows outside the overwritten ranges.
+    async fn plan_overwrite(
+        &self,
+        state: &dyn Session,
+        ow: Overwrite,
+        columns: &[usize],
+        out_schema: &SchemaRef,
+        filters: &[Expr],
+    ) -> Result<(RecordBatch, Option<Arc<dyn ExecutionPlan>>)> {
+        let partitions = state.config().target_partitions().max(1);
+        let table_df = DFSchema::try_from(self.schema.arrow().as_ref().clone())?;
+        let time_lit = |v: i64| {
+            Expr::Literal(
+                ScalarValue::TimestampNanosecond(Some(v), Some("UTC".into())),
+                None,
+            )
+        };
+        let in_ranges = ow
+            .ranges
+            .iter()
+            .map(|&(a, b)| col(TIME_COLUMN).between(time_lit(a), time_lit(b)))
+            .reduce(Expr::or);
         let mut inputs = Vec::new();
-        for s in &involved {
-            db.segments_scanned
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            for batch in
-                read_segment(&s.path).map_err(|e| DataFusionError::External(Box::new(e)))?
-            {
+        let mut rest = None;
+        if let (Some(in_ranges), false) = (in_ranges, ow.involved.is_empty()) {
+            // a. The involved segments' rows in the ranges (pruned by page index, filtered).
+            let all: Vec<usize> = (0..self.schema.columns().len()).collect();
+            let predicate = state.create_physical_expr(in_ranges.clone(), &table_df)?;
+            let scan = segment_scan::scan(
+                &self.schema,
+                &ow.involved,
+                &all,
+                Some(predicate.clone()),
+                partitions,
+            )?;
+            let filtered: Arc<dyn ExecutionPlan> = Arc::new(FilterExec::try_new(predicate, scan)?);
+            for batch in collect(filtered, state.task_ctx()).await? {
                 let rows = batch.num_rows();
                 let chunk = Chunk {
                     seq: 0,
                     batch,
                     series: vec![0; rows].into(),
-                    min_time: lo,
-                    max_time: hi,
+                    min_time: 0,
+                    max_time: 0,
                     overlaps: false,
                     merged: false,
                 };
-                inputs.push(chunk.project(&schema, &all, schema.arrow())?);
+                let all_now: Vec<usize> = (0..ow.schema.columns().len()).collect();
+                inputs.push(chunk.project(&ow.schema, &all_now, ow.schema.arrow())?);
             }
+            // b. Their rows outside the ranges, as they are.
+            let outside = Expr::Not(Box::new(in_ranges));
+            let mut cols = columns.to_vec();
+            if let Some(t) = self
+                .schema
+                .columns()
+                .iter()
+                .position(|c| c.name.as_ref() == TIME_COLUMN)
+                && !cols.contains(&t)
+            {
+                cols.push(t);
+            }
+            let pruning = conjunction(filters.iter().cloned().chain([outside.clone()]))
+                .and_then(|e| state.create_physical_expr(e, &table_df).ok());
+            let scan = segment_scan::scan(&self.schema, &ow.involved, &cols, pruning, partitions)?;
+            let scan_df = DFSchema::try_from(scan.schema().as_ref().clone())?;
+            let keep = state.create_physical_expr(outside, &scan_df)?;
+            let filtered: Arc<dyn ExecutionPlan> = Arc::new(FilterExec::try_new(keep, scan)?);
+            let exprs = out_schema
+                .fields()
+                .iter()
+                .map(|f| {
+                    Ok((
+                        physical_col(f.name(), &filtered.schema())?,
+                        f.name().clone(),
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            rest =
+                Some(Arc::new(ProjectionExec::try_new(exprs, filtered)?) as Arc<dyn ExecutionPlan>);
         }
-        for c in chunks {
-            inputs.push(c.project(&schema, &all, schema.arrow())?);
-        }
-        let merged = merge_batches(&schema, &inputs)?;
+        inputs.extend(ow.buffered);
+        let merged = merge_batches(&ow.schema, &inputs)?;
         let projected = out_schema
             .fields()
             .iter()
@@ -151,8 +237,29 @@ impl BufferTableProvider {
             projected,
             &arrow::array::RecordBatchOptions::new().with_row_count(Some(merged.num_rows())),
         )?;
-        Ok((vec![batch], files))
+        Ok((batch, rest))
     }
+}
+
+/// What a scan reads (see [`BufferTableProvider::sources`]).
+struct Sources {
+    /// Buffered rows, projected.
+    batches: Vec<RecordBatch>,
+    /// Segments read as they are.
+    files: Vec<Arc<Segment>>,
+    /// Set when buffered rows may overwrite segment rows.
+    overwrite: Option<Overwrite>,
+}
+
+struct Overwrite {
+    /// The table schema now (covering every buffered column).
+    schema: Arc<TableSchema>,
+    /// Buffered rows in the query range, in that schema, oldest first.
+    buffered: Vec<RecordBatch>,
+    /// Segments whose rows may be overwritten.
+    involved: Vec<Arc<Segment>>,
+    /// Time ranges of the chunks that may overwrite.
+    ranges: Vec<(i64, i64)>,
 }
 
 /// Nanoseconds of a timestamp literal.
@@ -251,21 +358,40 @@ impl TableProvider for BufferTableProvider {
         };
         let out_schema = projected_schema(&self.schema, &columns);
         let partitions = state.config().target_partitions().max(1);
-        let (batches, segments) = if lo <= hi {
+        let sources = if lo <= hi {
             let snapshot = state
                 .config()
                 .get_extension::<QuerySnapshot>()
                 .map(|s| s.seq);
             self.sources(snapshot, &columns, &out_schema, (lo, hi))?
         } else {
-            (Vec::new(), Vec::new())
-        };
-        let mut inputs: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
-        if !segments.is_empty() {
-            if let Some(db) = self.db.upgrade() {
-                db.segments_scanned
-                    .fetch_add(segments.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            Sources {
+                batches: Vec::new(),
+                files: Vec::new(),
+                overwrite: None,
             }
+        };
+        let Sources {
+            mut batches,
+            files: segments,
+            overwrite,
+        } = sources;
+        let mut inputs: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
+        let opened = segments.len() + overwrite.as_ref().map_or(0, |o| o.involved.len());
+        if opened > 0
+            && let Some(db) = self.db.upgrade()
+        {
+            db.segments_scanned
+                .fetch_add(opened as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        if let Some(ow) = overwrite {
+            let (merged, rest) = self
+                .plan_overwrite(state, ow, &columns, &out_schema, filters)
+                .await?;
+            batches.push(merged);
+            inputs.extend(rest);
+        }
+        if !segments.is_empty() {
             let df_schema = DFSchema::try_from(self.schema.arrow().as_ref().clone())?;
             let predicate = conjunction(filters.iter().cloned())
                 .and_then(|e| state.create_physical_expr(e, &df_schema).ok());

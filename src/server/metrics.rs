@@ -135,6 +135,31 @@ impl Metrics {
             "Memory of the mutable buffers.",
             db.buffer_bytes.to_string(),
         );
+        gauge(
+            "rivulet_persisted_sequence",
+            "Every write up to this sequence is in segments.",
+            db.persisted_seq.to_string(),
+        );
+        gauge(
+            "rivulet_segments",
+            "Segment files.",
+            db.segments.to_string(),
+        );
+        gauge(
+            "rivulet_segment_rows",
+            "Rows in segments.",
+            db.segment_rows.to_string(),
+        );
+        gauge(
+            "rivulet_segment_bytes",
+            "Bytes of segment files.",
+            db.segment_bytes.to_string(),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP rivulet_segments_scanned_total Segment files opened by queries.\n# TYPE rivulet_segments_scanned_total counter\nrivulet_segments_scanned_total {}",
+            db.segments_scanned
+        );
         let _ = writeln!(
             out,
             "# HELP rivulet_wal_fsync_seconds WAL fsyncs and the time spent in them.\n# TYPE rivulet_wal_fsync_seconds summary\nrivulet_wal_fsync_seconds_sum {}\nrivulet_wal_fsync_seconds_count {}",

@@ -5,7 +5,8 @@
 //! flushed to disk, after its file and directory entry are durable; files the manifest does not
 //! list are removed on open. Keys (values JSON): `seg/<table id:016x>/<segment id:016x>` →
 //! [`SegmentMeta`]; `meta/persisted_seq` → every write up to it is in registered segments (the
-//! WAL before it may be deleted, and replay skips it).
+//! WAL before it may be deleted, and replay skips it); `meta/partition_ns` → the partition
+//! length the directory was created with.
 
 use super::segment::{SegmentError, SegmentMeta};
 
@@ -60,6 +61,34 @@ impl Manifest {
                 .ok_or_else(|| err("meta/persisted_seq is not a number"))?,
         };
         Ok((segments, persisted))
+    }
+
+    /// Records the partition length on first use and refuses a different one later: segments
+    /// never span a partition, and retention drops whole ones, only if it never changes.
+    pub(crate) fn check_partition(&self, len_ns: i64) -> Result<(), SegmentError> {
+        match self.tree.get("meta/partition_ns").map_err(err)? {
+            None => {
+                self.tree
+                    .insert("meta/partition_ns", len_ns.to_string().as_bytes())
+                    .map_err(err)?;
+                Ok(())
+            }
+            Some(v) => {
+                let stored: i64 = std::str::from_utf8(&v)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| err("meta/partition_ns is not a number"))?;
+                if stored == len_ns {
+                    Ok(())
+                } else {
+                    Err(err(format!(
+                        "this data directory uses time partitions of {} s; the configuration asks for {} s (the partition length cannot change)",
+                        stored / 1_000_000_000,
+                        len_ns / 1_000_000_000
+                    )))
+                }
+            }
+        }
     }
 
     /// A fresh segment id, unique across restarts.

@@ -171,12 +171,20 @@ pub(crate) fn path_component(name: &str) -> String {
     out
 }
 
-/// Directory of a table's segments, relative to the data directory.
-pub(crate) fn table_dir(db: &str, table: &str) -> PathBuf {
-    Path::new("tables")
-        .join(path_component(db))
-        .join(path_component(table))
+/// Directory of a table's segments, relative to the data directory: `tables/<db>/<table>`,
+/// names escaped by [`path_component`]; a name whose escaped form is too long for a file
+/// name is cut and suffixed with `~<table id>` to stay unique.
+pub(crate) fn table_dir(db: &str, table: &str, table_id: u64) -> PathBuf {
+    let mut name = path_component(table);
+    if name.len() > MAX_COMPONENT {
+        name.truncate(MAX_COMPONENT - 17);
+        name.push_str(&format!("~{table_id:016x}"));
+    }
+    Path::new("tables").join(path_component(db)).join(name)
 }
+
+/// Longest escaped table name used as a directory name (file systems allow 255 bytes).
+const MAX_COMPONENT: usize = 200;
 
 /// Sorts `batch` by `sort_key` (tag column names, absent ones skipped) then `time`, nulls first.
 pub(crate) fn sort_batch(
