@@ -99,6 +99,11 @@ fn queries(c: &mut Criterion) {
                 .to_string(),
         ),
         (
+            "lastpoint-last_cache",
+            "SELECT hostname, time, usage_user FROM last_cache('cpu') ORDER BY hostname"
+                .to_string(),
+        ),
+        (
             "groupby-orderby-limit",
             format!(
                 "SELECT date_bin(INTERVAL '1 minute', time) AS t, max(usage_user) FROM cpu \

@@ -662,6 +662,30 @@ fn load_segments(catalog: &Catalog, manifest: &Manifest, dir: &Path) -> Result<u
         table.series.lock().raise_floor(latest);
         table.buffer.write().replace_segments(&[], segments, false);
     }
+    // Each table's last-point state as of the persisted sequence (replay adds later writes).
+    for (id, table) in &tables {
+        let Some(bytes) = manifest.get(&format!("last/{id:016x}"))? else {
+            continue;
+        };
+        let schema = table.schema();
+        let all: Vec<usize> = (0..schema.columns().len()).collect();
+        let mut series = table.series.lock();
+        let mut last = table.last.lock();
+        for batch in persist::decode_ipc(&bytes)? {
+            let rows = batch.num_rows();
+            let projected = crate::storage::buffer::Chunk {
+                seq: 0,
+                batch,
+                series: vec![0; rows].into(),
+                min_time: 0,
+                max_time: 0,
+                overlaps: false,
+                merged: false,
+            }
+            .project(&schema, &all, schema.arrow())?;
+            last.load(&schema, projected, &mut series)?;
+        }
+    }
     persist::remove_orphans(dir, &known)?;
     Ok(persisted_seq)
 }
@@ -738,7 +762,7 @@ fn replay_record(catalog: &Catalog, payload: &[u8], persisted_seq: u64) -> Resul
             prepare_batch(catalog, &record.db, table, batch).map_err(|e| fail(e.to_string()))?;
         let chunks = publish(catalog, prepared, seq).map_err(|e| fail(e.to_string()))?;
         for (table, chunk) in chunks {
-            table.buffer.write().push(chunk);
+            table.apply(chunk);
         }
     }
     Ok(seq)

@@ -9,6 +9,7 @@
 pub(crate) mod admin;
 mod catalog;
 mod insert;
+mod last_cache;
 pub(crate) mod segment_scan;
 mod table;
 
@@ -61,6 +62,10 @@ impl QueryEngine {
             .with_default_features()
             .build();
         let ctx = SessionContext::new_with_state(template);
+        ctx.register_udtf(
+            "last_cache",
+            Arc::new(last_cache::LastCacheFunction { db: db.clone() }),
+        );
         ctx.register_catalog(CATALOG_NAME, Arc::new(catalog::RivuletCatalog::new(db)));
         Ok(QueryEngine {
             template: ctx.state(),

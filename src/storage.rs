@@ -3,6 +3,7 @@
 pub(crate) mod buffer;
 pub(crate) mod catalog;
 pub(crate) mod commit;
+pub(crate) mod last;
 pub(crate) mod manifest;
 pub(crate) mod segment;
 pub(crate) mod table;

@@ -236,6 +236,18 @@ fn kill_during_ingest_loses_no_acknowledged_write() {
                 "round {round}: partial write {key} is visible"
             );
         }
+        // Every series was written once (rewrites are identical): one latest point each.
+        if !present.is_empty() {
+            let n = runtime
+                .block_on(db.sql("SELECT count(*) FROM last_cache('crash')"))
+                .expect("last_cache");
+            let n = n[0].column(0).as_primitive::<Int64Type>().value(0);
+            assert_eq!(
+                n,
+                present.len() as i64 * ROWS as i64,
+                "round {round}: last_cache has one row per series"
+            );
+        }
         // No segment file on disk is unregistered (orphans are removed on open).
         let files = parquet_files(&dir.path().join("tables"));
         segments_seen = segments_seen.max(files);

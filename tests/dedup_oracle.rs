@@ -90,6 +90,54 @@ fn read_back(
     out
 }
 
+/// (host, time) → (a, b), as the oracle and the readers produce them.
+type Key = (String, u8);
+type Fields = (Option<i16>, Option<i16>);
+type Points = BTreeMap<Key, Fields>;
+
+/// The oracle's latest point per host.
+fn latest(all: &Points) -> Points {
+    let mut out: BTreeMap<String, (Key, Fields)> = BTreeMap::new();
+    for (k, v) in all {
+        out.insert(k.0.clone(), (k.clone(), *v)); // keys ascend by time within a host
+    }
+    out.into_values().collect()
+}
+
+/// `last_cache('m')` as the same map.
+fn last_points(
+    db: &Db,
+    rt: &tokio::runtime::Runtime,
+) -> BTreeMap<(String, u8), (Option<i16>, Option<i16>)> {
+    let batches = rt
+        .block_on(db.sql(
+            "SELECT CAST(host AS VARCHAR) AS host, CAST(time AS BIGINT) AS t, a, b FROM last_cache('m')",
+        ))
+        .expect("last_cache");
+    let mut out = BTreeMap::new();
+    for batch in batches {
+        use arrow::array::{Array, AsArray};
+        use arrow::datatypes::Int64Type;
+        let host =
+            arrow::compute::cast(batch.column(0), &arrow::datatypes::DataType::Utf8).expect("cast");
+        let host = host.as_string::<i32>();
+        let t = batch.column(1).as_primitive::<Int64Type>();
+        let a = batch.column(2).as_primitive::<Int64Type>();
+        let b = batch.column(3).as_primitive::<Int64Type>();
+        for i in 0..batch.num_rows() {
+            let get = |c: &arrow::array::Int64Array| c.is_valid(i).then(|| c.value(i) as i16);
+            out.insert(
+                (
+                    host.value(i).to_string(),
+                    (t.value(i) / 1_000_000_000) as u8,
+                ),
+                (get(a), get(b)),
+            );
+        }
+    }
+    out
+}
+
 /// Points in the first `i + 1` chunks.
 fn written(chunks: &[&[Point]], i: usize) -> usize {
     chunks[..=i].iter().map(|c| c.len()).sum()
@@ -143,6 +191,7 @@ proptest! {
             }
         }
         prop_assert_eq!(read_back(&db, &rt), oracle(&points));
+        prop_assert_eq!(last_points(&db, &rt), latest(&oracle(&points)));
         // One big write of the same sequence gives the same answer.
         let one = Db::open_in_memory().expect("memory");
         let body: Vec<String> = points.iter().map(line).collect();

@@ -400,3 +400,75 @@ fn overwrites_of_persisted_points_read_like_an_all_in_memory_database() {
     let got: Vec<String> = queries.iter().map(|q| table(&db, q)).collect();
     assert_eq!(got, expect, "after compaction");
 }
+
+#[test]
+fn last_cache_holds_the_latest_point_of_every_series_across_persist_and_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cached = "SELECT host, dc, time, usage, n FROM last_cache('cpu') ORDER BY host, dc";
+    let scanned = "SELECT host, dc, time, usage, n FROM (SELECT *, row_number() OVER \
+                   (PARTITION BY host, dc ORDER BY time DESC) AS rn FROM cpu) s WHERE rn = 1 \
+                   ORDER BY host, dc";
+    let check = |db: &Db, when: &str| {
+        let (a, b) = (table(db, cached), table(db, scanned));
+        assert_eq!(a, b, "{when}");
+        a
+    };
+    let config = |persist_on_close| Config {
+        durability: Durability::None,
+        background: false,
+        persist_on_close,
+        ..Config::with_dir(dir.path())
+    };
+    let db = Db::open_with(config(true)).expect("open");
+    db.write_lines("main", &lines(4, 1, 3600), Precision::Second)
+        .expect("write");
+    check(&db, "buffer");
+    // Out of order (older than the latest: no change), an overwrite of one field of the
+    // latest point of h1, a new series, a newer point for h2.
+    db.write_lines(
+        "main",
+        "cpu,host=h0,dc=dc0 usage=1 1704067200\n\
+         cpu,host=h1,dc=dc1 n=-7i 1704150000\n\
+         cpu,host=h9,dc=dc0 usage=9 1704070000\n\
+         cpu,host=h2,dc=dc2 usage=2.5 1704200000",
+        Precision::Second,
+    )
+    .expect("write");
+    let before = check(&db, "after overwrites");
+    assert!(
+        before.contains("| h1   | dc1 | 2024-01-01T23:00:00Z |"),
+        "{before}"
+    );
+    db.persist().expect("persist");
+    assert_eq!(check(&db, "after persist"), before);
+    db.write_lines(
+        "main",
+        "cpu,host=h3,dc=dc0 usage=0.25 1704300000",
+        Precision::Second,
+    )
+    .expect("write");
+    let after = check(&db, "buffer over persisted state");
+    db.close().expect("close");
+    let db = Db::open_with(config(false)).expect("reopen");
+    assert_eq!(check(&db, "reopened (persisted state)"), after);
+    db.write_lines(
+        "main",
+        "cpu,host=h0,dc=dc0 usage=5 1704400000",
+        Precision::Second,
+    )
+    .expect("write");
+    let last = check(&db, "more writes");
+    db.close().expect("close without persisting");
+    let db = Db::open_with(config(true)).expect("reopen");
+    assert_eq!(check(&db, "reopened (persisted state + WAL replay)"), last);
+    for bad in [
+        "SELECT * FROM last_cache('nope')",
+        "SELECT * FROM last_cache(1)",
+    ] {
+        let err = rt().block_on(db.sql(bad)).expect_err(bad);
+        assert!(
+            err.to_string().contains("not found") || err.to_string().contains("table name"),
+            "{err}"
+        );
+    }
+}

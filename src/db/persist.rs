@@ -26,6 +26,7 @@ use crate::error::Error;
 use crate::ingest::WriteError;
 use crate::storage::buffer::{Chunk, merge_batches, merge_chunks, time_values};
 use crate::storage::catalog::{ColumnKind, TableSchema};
+use crate::storage::last::LastSnapshot;
 use crate::storage::segment::{
     SEGMENT_FORMAT_VERSION, Segment, SegmentError, SegmentMeta, SegmentWriter, distinct_count,
     partition_dir, partition_of, read_segment, sort_batch, table_dir,
@@ -77,6 +78,7 @@ impl DbInner {
         };
         // 1. Freeze.
         let mut frozen: Vec<(Arc<Table>, Vec<Arc<Chunk>>)> = Vec::new();
+        let mut last_points: Vec<(Arc<Table>, LastSnapshot)> = Vec::new();
         let seq;
         {
             let mut w = self.writer.lock();
@@ -94,6 +96,9 @@ impl DbInner {
                 for table in db.tables() {
                     let chunks = table.buffer.write().freeze();
                     if !chunks.is_empty() {
+                        // The last-point state exactly as of `seq` (every write up to it is
+                        // applied, none after it yet).
+                        last_points.push((table.clone(), table.last.lock().snapshot()));
                         frozen.push((table, chunks));
                     }
                 }
@@ -128,10 +133,33 @@ impl DbInner {
             }
         }
 
+        // The last-point states, stored with the segments (one compact batch per table).
+        let mut extra = Vec::new();
+        let mut rebases = Vec::new();
+        for (table, snapshot) in &last_points {
+            if snapshot.is_empty() {
+                continue;
+            }
+            let schema = table.schema();
+            let encoded = snapshot
+                .to_batch(&schema)
+                .map_err(Error::from)
+                .and_then(|(batch, sids)| Ok((encode_ipc(&batch)?, batch, sids)));
+            let (bytes, batch, sids) = match encoded {
+                Ok(v) => v,
+                Err(e) => {
+                    remove_files(&written);
+                    return Err(e);
+                }
+            };
+            extra.push((format!("last/{:016x}", table.id), bytes));
+            rebases.push((table.clone(), snapshot, batch, sids));
+        }
+
         // 3. Register.
         let added: Vec<SegmentMeta> = outputs.iter().flat_map(|o| o.added.clone()).collect();
         let removed: Vec<SegmentMeta> = outputs.iter().flat_map(|o| o.removed.clone()).collect();
-        if let Err(e) = manifest.commit(&added, &removed, Some(seq)) {
+        if let Err(e) = manifest.commit(&added, &removed, Some(seq), &extra) {
             // The batch may be applied in sled without being flushed: the files stay (unlisted
             // ones are removed on the next open) and the database stops taking writes, so no
             // second persist can register the same rows again. Reopening sorts it out.
@@ -157,6 +185,20 @@ impl DbInner {
             buffer.replace_segments(&removed_ids, segments, true);
         }
         drop(merge_guard);
+        // Entries unchanged since the snapshot now point at the compact batch, not at chunks.
+        for (table, snapshot, batch, sids) in rebases {
+            let (lo, hi) = crate::storage::buffer::min_max(time_values(&batch)?);
+            let compact = Arc::new(Chunk {
+                seq,
+                batch,
+                series: sids.clone().into(),
+                min_time: lo,
+                max_time: hi,
+                overlaps: false,
+                merged: true,
+            });
+            table.last.lock().rebase(snapshot, &compact, &sids);
+        }
         self.persisted_seq
             .store(seq, std::sync::atomic::Ordering::Release);
 
@@ -371,6 +413,7 @@ impl DbInner {
                         std::slice::from_ref(&meta),
                         &inputs.iter().map(|s| s.meta.clone()).collect::<Vec<_>>(),
                         None,
+                        &[],
                     ) {
                         // As in persist: sled may hold the change unflushed; stop writes.
                         self.commit
@@ -480,7 +523,7 @@ impl DbInner {
                     continue;
                 }
                 let metas: Vec<SegmentMeta> = expired.iter().map(|s| s.meta.clone()).collect();
-                manifest.commit(&[], &metas, None)?;
+                manifest.commit(&[], &metas, None, &[])?;
                 let ids: Vec<u64> = metas.iter().map(|m| m.id).collect();
                 table
                     .buffer
@@ -538,6 +581,23 @@ fn split_partitions(rows: &RecordBatch, len: i64) -> Result<Vec<(i64, RecordBatc
         .into_iter()
         .map(|(p, idx)| Ok((p, take_record_batch(rows, &UInt32Array::from(idx))?)))
         .collect()
+}
+
+/// One batch as an Arrow IPC stream.
+pub(crate) fn encode_ipc(batch: &RecordBatch) -> Result<Vec<u8>, Error> {
+    let mut out = Vec::new();
+    {
+        let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut out, &batch.schema())?;
+        w.write(batch)?;
+        w.finish()?;
+    }
+    Ok(out)
+}
+
+/// The batches of an Arrow IPC stream.
+pub(crate) fn decode_ipc(bytes: &[u8]) -> Result<Vec<RecordBatch>, Error> {
+    let reader = arrow::ipc::reader::StreamReader::try_new(bytes, None)?;
+    Ok(reader.collect::<Result<Vec<_>, _>>()?)
 }
 
 fn remove_files(paths: &[PathBuf]) {

@@ -132,7 +132,7 @@ impl CommitQueue {
                 for item in batch {
                     for (table, chunk) in item.chunks {
                         bytes += chunk.batch.get_array_memory_size();
-                        table.buffer.write().push(chunk);
+                        table.apply(chunk);
                     }
                 }
                 self.buffer_bytes.fetch_add(bytes, Ordering::Relaxed);

@@ -6,7 +6,8 @@
 //! list are removed on open. Keys (values JSON): `seg/<table id:016x>/<segment id:016x>` →
 //! [`SegmentMeta`]; `meta/persisted_seq` → every write up to it is in registered segments (the
 //! WAL before it may be deleted, and replay skips it); `meta/partition_ns` → the partition
-//! length the directory was created with.
+//! length the directory was created with; `last/<table id:016x>` → the table's last-point state
+//! as of `persisted_seq` (an Arrow IPC stream, one row per series).
 
 use super::segment::{SegmentError, SegmentMeta};
 
@@ -91,6 +92,11 @@ impl Manifest {
         }
     }
 
+    /// The stored value of `key` (e.g. a table's last-point state, `last/<table id:016x>`).
+    pub(crate) fn get(&self, key: &str) -> Result<Option<Vec<u8>>, SegmentError> {
+        Ok(self.tree.get(key).map_err(err)?.map(|v| v.to_vec()))
+    }
+
     /// A fresh segment id, unique across restarts.
     pub(crate) fn next_id(&self) -> Result<u64, SegmentError> {
         self.sled.generate_id().map_err(err)
@@ -103,8 +109,12 @@ impl Manifest {
         added: &[SegmentMeta],
         removed: &[SegmentMeta],
         persisted_seq: Option<u64>,
+        extra: &[(String, Vec<u8>)],
     ) -> Result<(), SegmentError> {
         let mut batch = sled::Batch::default();
+        for (k, v) in extra {
+            batch.insert(k.as_bytes(), v.as_slice());
+        }
         for meta in removed {
             batch.remove(key(meta).as_bytes());
         }

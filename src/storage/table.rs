@@ -10,8 +10,9 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 
-use super::buffer::TableBuffer;
+use super::buffer::{Chunk, TableBuffer};
 use super::catalog::TableSchema;
+use super::last::LastPoints;
 
 /// A table of a database.
 #[derive(Debug)]
@@ -29,6 +30,8 @@ pub(crate) struct Table {
     pub(crate) buffer: RwLock<TableBuffer>,
     /// Sort key and retention.
     pub(crate) settings: RwLock<TableSettings>,
+    /// Latest point per series.
+    pub(crate) last: Mutex<LastPoints>,
 }
 
 /// Per-table storage settings, kept in the catalog.
@@ -52,12 +55,22 @@ impl Table {
             series: Mutex::new(SeriesIndex::default()),
             buffer: RwLock::new(TableBuffer::default()),
             settings: RwLock::new(TableSettings::default()),
+            last: Mutex::new(LastPoints::default()),
         }
     }
 
     /// The current schema.
     pub(crate) fn schema(&self) -> Arc<TableSchema> {
         self.schema.read().clone()
+    }
+
+    /// Makes a committed chunk visible: appends it to the buffer and records its rows in the
+    /// last-point state.
+    pub(crate) fn apply(&self, chunk: Arc<Chunk>) {
+        if let Err(e) = self.last.lock().observe(&chunk) {
+            tracing::error!(table = %self.name, error = %e, "could not update the last-point state");
+        }
+        self.buffer.write().push(chunk);
     }
 
     /// Replaces the schema (the writer adds columns).
