@@ -21,14 +21,21 @@ fn ts(offset_s: i64) -> String {
     format!("to_timestamp_nanos({ns})")
 }
 
-fn open() -> (Db, Option<tempfile::TempDir>) {
+/// Opens the data set read-only in effect: no background work, no persist on close, so the
+/// segments measured are the ones `rivulet write` left.
+fn open_dir(dir: &std::path::Path, pushdown: bool) -> Db {
+    Db::open_with(Config {
+        persist_on_close: false,
+        background: false,
+        parquet_filter_pushdown: pushdown,
+        ..Config::with_dir(dir)
+    })
+    .expect("open the TSBS data directory")
+}
+
+fn open() -> (std::path::PathBuf, Option<tempfile::TempDir>) {
     if let Some(dir) = std::env::var_os("RIVULET_TSBS_DIR") {
-        let db = Db::open_with(Config {
-            persist_on_close: false,
-            ..Config::with_dir(dir)
-        })
-        .expect("open RIVULET_TSBS_DIR");
-        return (db, None);
+        return (dir.into(), None);
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let db = Db::open_with(Config {
@@ -44,12 +51,20 @@ fn open() -> (Db, Option<tempfile::TempDir>) {
             .expect("load");
     }
     db.persist().expect("persist");
-    db.compact().expect("compact");
-    (db, Some(dir))
+    db.close().expect("close");
+    (dir.path().to_path_buf(), Some(dir))
 }
 
 fn queries(c: &mut Criterion) {
-    let (db, _dir) = open();
+    let (path, _dir) = open();
+    for pushdown in [false, true] {
+        let db = open_dir(&path, pushdown);
+        run(c, &db, if pushdown { "tsbs-pushdown" } else { "tsbs" });
+        db.close().expect("close");
+    }
+}
+
+fn run(c: &mut Criterion, db: &Db, group: &str) {
     let stats = db.stats();
     let values = (stats.segment_rows + stats.buffer_rows as u64) * 10;
     eprintln!(
@@ -112,7 +127,7 @@ fn queries(c: &mut Criterion) {
             ),
         ),
     ];
-    let mut g = c.benchmark_group("tsbs");
+    let mut g = c.benchmark_group(group);
     g.sample_size(10);
     for (name, sql) in &queries {
         let rows: usize = rt
@@ -121,7 +136,7 @@ fn queries(c: &mut Criterion) {
             .iter()
             .map(|b| b.num_rows())
             .sum();
-        eprintln!("tsbs/{name}: {rows} rows");
+        eprintln!("{group}/{name}: {rows} rows");
         g.bench_function(*name, |b| {
             b.iter(|| rt.block_on(db.sql(sql)).expect("query"))
         });

@@ -73,6 +73,11 @@ pub struct Config {
     /// When a partition holds this many segments of similar size (rows within a power of 4),
     /// the background merges them into one. Default: 4.
     pub compaction_segments: usize,
+    /// Apply a query's filters while decoding segment files (late materialization: other
+    /// columns are decoded only for rows that pass), not only to prune row groups and pages.
+    /// Default: false (on the TSBS benchmark it was 2–8% slower: pruning already skips most
+    /// rows, and the filters are evaluated again above the scan).
+    pub parquet_filter_pushdown: bool,
     /// Persist the buffer when the database is closed, so the next open replays nothing.
     /// Default: true. (False leaves the buffered writes to WAL replay: a faster close.)
     pub persist_on_close: bool,
@@ -98,6 +103,7 @@ impl Default for Config {
             compaction_segments: 4,
             background: true,
             persist_on_close: true,
+            parquet_filter_pushdown: false,
         }
     }
 }

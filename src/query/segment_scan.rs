@@ -32,10 +32,16 @@ pub(crate) fn scan(
     projection: &[usize],
     predicate: Option<Arc<dyn PhysicalExpr>>,
     partitions: usize,
+    pushdown: bool,
 ) -> Result<Arc<dyn ExecutionPlan>> {
     let mut source = ParquetSource::new(schema.arrow().clone());
     if let Some(p) = predicate {
-        source = source.with_predicate(p);
+        // With `pushdown`, filters are also applied while decoding (late materialization):
+        // columns other than the filtered ones are only decoded for the rows that pass.
+        source = source
+            .with_predicate(p)
+            .with_pushdown_filters(pushdown)
+            .with_reorder_filters(pushdown);
     }
     let mut groups: Vec<Vec<PartitionedFile>> =
         vec![Vec::new(); partitions.max(1).min(segments.len().max(1))];

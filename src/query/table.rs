@@ -54,6 +54,13 @@ impl BufferTableProvider {
         }
     }
 
+    /// Whether segment scans apply filters while decoding (`Config::parquet_filter_pushdown`).
+    fn pushdown(&self) -> bool {
+        self.db
+            .upgrade()
+            .is_some_and(|db| db.config.parquet_filter_pushdown)
+    }
+
     /// What the query reads in `[lo, hi]`.
     ///
     /// Live chunks that may overwrite each other are merged first (and the merge installed, so
@@ -174,6 +181,7 @@ impl BufferTableProvider {
                 &all,
                 Some(predicate.clone()),
                 partitions,
+                self.pushdown(),
             )?;
             let filtered: Arc<dyn ExecutionPlan> = Arc::new(FilterExec::try_new(predicate, scan)?);
             for batch in collect(filtered, state.task_ctx()).await? {
@@ -204,7 +212,14 @@ impl BufferTableProvider {
             }
             let pruning = conjunction(filters.iter().cloned().chain([outside.clone()]))
                 .and_then(|e| state.create_physical_expr(e, &table_df).ok());
-            let scan = segment_scan::scan(&self.schema, &ow.involved, &cols, pruning, partitions)?;
+            let scan = segment_scan::scan(
+                &self.schema,
+                &ow.involved,
+                &cols,
+                pruning,
+                partitions,
+                self.pushdown(),
+            )?;
             let scan_df = DFSchema::try_from(scan.schema().as_ref().clone())?;
             let keep = state.create_physical_expr(outside, &scan_df)?;
             let filtered: Arc<dyn ExecutionPlan> = Arc::new(FilterExec::try_new(keep, scan)?);
@@ -401,6 +416,7 @@ impl TableProvider for BufferTableProvider {
                 &columns,
                 predicate,
                 partitions,
+                self.pushdown(),
             )?);
         }
         if !batches.is_empty() || inputs.is_empty() {
