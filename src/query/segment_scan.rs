@@ -33,6 +33,7 @@ pub(crate) fn scan(
     predicate: Option<Arc<dyn PhysicalExpr>>,
     partitions: usize,
     pushdown: bool,
+    sort_key: &[Arc<str>],
 ) -> Result<Arc<dyn ExecutionPlan>> {
     let mut source = ParquetSource::new(schema.arrow().clone());
     if let Some(p) = predicate {
@@ -43,18 +44,33 @@ pub(crate) fn scan(
             .with_pushdown_filters(pushdown)
             .with_reorder_filters(pushdown);
     }
-    let mut groups: Vec<Vec<PartitionedFile>> =
-        vec![Vec::new(); partitions.max(1).min(segments.len().max(1))];
+    // A few files: one per group, with their sort order declared (each file is sorted by the
+    // sort key then time), so aggregations over a sort-key prefix can stream. Many files: spread
+    // round-robin (a group of several files has no order).
+    let ordered = segments.len() <= MAX_ORDERED_FILES;
+    let n = if ordered {
+        segments.len().max(1)
+    } else {
+        partitions.max(1).min(segments.len().max(1))
+    };
+    let mut groups: Vec<Vec<PartitionedFile>> = vec![Vec::new(); n];
     for (i, s) in segments.iter().enumerate() {
-        let n = groups.len();
         groups[i % n].push(file(s));
     }
-    let config = FileScanConfigBuilder::new(ObjectStoreUrl::local_filesystem(), Arc::new(source))
-        .with_file_groups(groups.into_iter().map(FileGroup::new).collect())
+    let mut builder =
+        FileScanConfigBuilder::new(ObjectStoreUrl::local_filesystem(), Arc::new(source))
+            .with_file_groups(groups.into_iter().map(FileGroup::new).collect());
+    if ordered && let Some(order) = ordering(schema, sort_key)? {
+        builder = builder.with_output_ordering(vec![order]);
+    }
+    let config = builder
         .with_projection_indices(Some(projection.to_vec()))?
         .build();
     Ok(DataSourceExec::from_data_source(config))
 }
+
+/// Up to this many segment files are scanned one per partition with their order declared.
+const MAX_ORDERED_FILES: usize = 8;
 
 /// The sort order of segment rows: the sort key's tags then `time`, ascending, nulls first.
 pub(crate) fn ordering(schema: &TableSchema, sort_key: &[Arc<str>]) -> Result<Option<LexOrdering>> {

@@ -182,6 +182,7 @@ impl BufferTableProvider {
                 Some(predicate.clone()),
                 partitions,
                 self.pushdown(),
+                &self.table.settings.read().sort_key.clone(),
             )?;
             let filtered: Arc<dyn ExecutionPlan> = Arc::new(FilterExec::try_new(predicate, scan)?);
             for batch in collect(filtered, state.task_ctx()).await? {
@@ -219,6 +220,7 @@ impl BufferTableProvider {
                 pruning,
                 partitions,
                 self.pushdown(),
+                &self.table.settings.read().sort_key.clone(),
             )?;
             let scan_df = DFSchema::try_from(scan.schema().as_ref().clone())?;
             let keep = state.create_physical_expr(outside, &scan_df)?;
@@ -417,6 +419,7 @@ impl TableProvider for BufferTableProvider {
                 predicate,
                 partitions,
                 self.pushdown(),
+                &self.table.settings.read().sort_key.clone(),
             )?);
         }
         if !batches.is_empty() || inputs.is_empty() {
