@@ -660,7 +660,7 @@ fn load_segments(catalog: &Catalog, manifest: &Manifest, dir: &Path) -> Result<u
             .max()
             .unwrap_or(i64::MIN);
         table.series.lock().raise_floor(latest);
-        table.buffer.write().replace_segments(&[], segments, false);
+        table.buffer.write().replace_segments(&[], segments, None);
     }
     // Each table's last-point state as of the persisted sequence (replay adds later writes).
     for (id, table) in &tables {

@@ -182,7 +182,7 @@ impl DbInner {
                     s.mark_obsolete();
                 }
             }
-            buffer.replace_segments(&removed_ids, segments, true);
+            buffer.replace_segments(&removed_ids, segments, Some(seq));
         }
         drop(merge_guard);
         // Entries unchanged since the snapshot now point at the compact batch, not at chunks.
@@ -424,7 +424,7 @@ impl DbInner {
                     table.buffer.write().replace_segments(
                         &ids,
                         vec![Arc::new(Segment::new(meta, data_dir))],
-                        false,
+                        None,
                     );
                     for s in &inputs {
                         s.mark_obsolete();
@@ -528,7 +528,7 @@ impl DbInner {
                 table
                     .buffer
                     .write()
-                    .replace_segments(&ids, Vec::new(), false);
+                    .replace_segments(&ids, Vec::new(), None);
                 for s in &expired {
                     s.mark_obsolete();
                 }

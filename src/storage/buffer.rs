@@ -87,6 +87,18 @@ pub(crate) struct TableBuffer {
     frozen: Vec<Arc<Chunk>>,
     /// Persisted segments, sorted by (partition, min time).
     segments: Arc<[Arc<Segment>]>,
+    /// The table as it was before the last persist swapped its frozen chunks for segments.
+    before: Option<Before>,
+}
+
+/// What a query that reads up to a sequence older than the last persist sees instead of its
+/// segments (which hold writes the query must not see). Kept until the next persist.
+#[derive(Debug, Clone)]
+pub(crate) struct Before {
+    /// The persist's sequence.
+    seq: u64,
+    frozen: Vec<Arc<Chunk>>,
+    segments: Arc<[Arc<Segment>]>,
 }
 
 /// What a reader took from a table.
@@ -98,12 +110,22 @@ pub(crate) struct BufferSnapshot {
     pub frozen: Vec<Arc<Chunk>>,
     /// Segments (older than every chunk).
     pub segments: Arc<[Arc<Segment>]>,
+    before: Option<Before>,
 }
 
 impl BufferSnapshot {
     /// Keeps only chunks of writes up to `seq` (chunks are in sequence order). With one `seq`
     /// per query, a query never sees part of a write that touches several tables.
     pub(crate) fn up_to(mut self, seq: u64) -> BufferSnapshot {
+        if let Some(before) = self.before.take()
+            && seq < before.seq
+        {
+            // A persist finished after this query's sequence was taken: its segments hold later
+            // writes, so read the table as it was before it (each table alike, so a write to
+            // several tables is still seen whole or not at all).
+            self.segments = before.segments;
+            self.frozen = before.frozen;
+        }
         let keep = self.chunks.partition_point(|c| c.seq <= seq);
         self.chunks.truncate(keep);
         let keep = self.frozen.partition_point(|c| c.seq <= seq);
@@ -130,14 +152,22 @@ impl TableBuffer {
         self.segments.clone()
     }
 
-    /// Swaps segments: drops those with an id in `removed`, adds `added`; with `persisted`, the
-    /// frozen chunks are now in segments and leave the buffer in the same step.
+    /// Swaps segments: drops those with an id in `removed`, adds `added`; with `persisted` (the
+    /// persist's sequence), the frozen chunks are now in segments and leave the buffer in the
+    /// same step (kept aside for queries reading up to an older sequence, see [`Before`]).
     pub(crate) fn replace_segments(
         &mut self,
         removed: &[u64],
         added: Vec<Arc<Segment>>,
-        persisted: bool,
+        persisted: Option<u64>,
     ) {
+        if let Some(seq) = persisted {
+            self.before = Some(Before {
+                seq,
+                frozen: std::mem::take(&mut self.frozen),
+                segments: self.segments.clone(),
+            });
+        }
         let mut segments: Vec<Arc<Segment>> = self
             .segments
             .iter()
@@ -147,9 +177,6 @@ impl TableBuffer {
             .collect();
         segments.sort_by_key(|s| (s.meta.partition, s.meta.min_time, s.meta.id));
         self.segments = segments.into();
-        if persisted {
-            self.frozen.clear();
-        }
     }
 
     /// Appends the chunk of a committed write. Commits arrive in sequence order.
@@ -174,6 +201,7 @@ impl TableBuffer {
             chunks: self.chunks.clone(),
             frozen: self.frozen.clone(),
             segments: self.segments.clone(),
+            before: self.before.clone(),
         }
     }
 
@@ -348,4 +376,68 @@ pub(crate) fn projected_schema(schema: &TableSchema, columns: &[usize]) -> Schem
         .map(|&i| schema.arrow().field(i).clone())
         .collect();
     Arc::new(Schema::new(fields))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::segment::SegmentMeta;
+
+    fn chunk(seq: u64, time: i64) -> Arc<Chunk> {
+        let times = arrow::array::TimestampNanosecondArray::from(vec![time]).with_timezone("UTC");
+        let batch = RecordBatch::try_from_iter([(TIME_COLUMN, Arc::new(times) as ArrayRef)])
+            .expect("batch");
+        Arc::new(Chunk {
+            seq,
+            batch,
+            series: vec![0].into(),
+            min_time: time,
+            max_time: time,
+            overlaps: false,
+            merged: false,
+        })
+    }
+
+    fn segment(id: u64, max_seq: u64) -> Arc<Segment> {
+        let meta = SegmentMeta {
+            id,
+            table_id: 1,
+            partition: 0,
+            min_time: 0,
+            max_time: 10,
+            rows: 1,
+            bytes: 1,
+            max_seq,
+            path: format!("{id}.parquet"),
+            format: 1,
+        };
+        Arc::new(Segment::new(meta, std::path::Path::new("/nonexistent")))
+    }
+
+    #[test]
+    fn a_query_older_than_a_persist_reads_the_table_as_before_it() {
+        let mut buffer = TableBuffer::default();
+        buffer.replace_segments(&[], vec![segment(1, 1)], Some(1));
+        for seq in 2..=4 {
+            buffer.push(chunk(seq, seq as i64));
+        }
+        // Persist everything up to 4 into segment 2, while writes 5 and 6 arrive.
+        buffer.freeze();
+        buffer.push(chunk(5, 5));
+        buffer.replace_segments(&[], vec![segment(2, 4)], Some(4));
+        buffer.push(chunk(6, 6));
+
+        let ids = |s: &BufferSnapshot| s.segments.iter().map(|s| s.meta.id).collect::<Vec<_>>();
+        let seqs = |c: &[Arc<Chunk>]| c.iter().map(|c| c.seq).collect::<Vec<_>>();
+        // Planned at sequence 3: the old segment list and the frozen chunks up to 3.
+        let old = buffer.snapshot().up_to(3);
+        assert_eq!(ids(&old), [1]);
+        assert_eq!(seqs(&old.frozen), [2, 3]);
+        assert!(old.chunks.is_empty());
+        // Planned at 5: the new segment (writes up to 4) and live write 5.
+        let new = buffer.snapshot().up_to(5);
+        assert_eq!(ids(&new), [1, 2]);
+        assert!(new.frozen.is_empty());
+        assert_eq!(seqs(&new.chunks), [5]);
+    }
 }
