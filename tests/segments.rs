@@ -472,3 +472,52 @@ fn last_cache_holds_the_latest_point_of_every_series_across_persist_and_restart(
         );
     }
 }
+
+/// `(total, matched)` of the first `row_groups_pruned_statistics` metric in an EXPLAIN ANALYZE.
+fn row_groups(explain: &str) -> (u64, u64) {
+    let at = explain
+        .find("row_groups_pruned_statistics=")
+        .unwrap_or_else(|| panic!("no row group metric in {explain}"));
+    let rest = &explain[at + "row_groups_pruned_statistics=".len()..];
+    let numbers: Vec<u64> = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .take(2)
+        .map(|s| s.parse().expect("number"))
+        .collect();
+    (numbers[0], numbers[1])
+}
+
+#[test]
+fn a_tag_filter_prunes_row_groups_of_a_segment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = open(dir.path());
+    // 4 hosts × 40,000 points: one segment of three 65,536-row row groups, sorted by host.
+    let mut text = String::new();
+    for h in 0..4 {
+        for t in 0..40_000 {
+            text.push_str(&format!("cpu,host=h{h} v={t}i {}\n", 1_704_067_200 + t));
+        }
+    }
+    db.write_lines("main", &text, Precision::Second)
+        .expect("write");
+    db.persist().expect("persist");
+    assert_eq!(db.stats().segments, 1);
+    let explain = table(
+        &db,
+        "EXPLAIN ANALYZE SELECT count(*), sum(v) FROM cpu WHERE host = 'h3'",
+    );
+    let (total, matched) = row_groups(&explain);
+    assert_eq!(total, 3, "{explain}");
+    assert!(
+        matched < total,
+        "host = 'h3' should skip row groups: {explain}"
+    );
+    assert_eq!(
+        table(
+            &db,
+            "SELECT count(*) AS n, sum(v) AS s FROM cpu WHERE host = 'h3'"
+        ),
+        table(&db, "SELECT 40000 AS n, 799980000 AS s")
+    );
+}
