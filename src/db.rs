@@ -680,6 +680,7 @@ fn load_segments(catalog: &Catalog, manifest: &Manifest, dir: &Path) -> Result<u
                 min_time: 0,
                 max_time: 0,
                 overlaps: false,
+                over_persisted: false,
                 merged: false,
             }
             .project(&schema, &all, schema.arrow())?;

@@ -94,6 +94,9 @@ impl DbInner {
             }
             for db in self.catalog.databases() {
                 for table in db.tables() {
+                    // From now on a point at or before a series' latest time may overwrite
+                    // persisted data (the frozen rows).
+                    table.series.lock().mark_persisted();
                     let chunks = table.buffer.write().freeze();
                     if !chunks.is_empty() {
                         // The last-point state exactly as of `seq` (every write up to it is
@@ -115,7 +118,7 @@ impl DbInner {
         };
         let mut merge_guard = None;
         for (table, chunks) in &frozen {
-            let may_overwrite = chunks.iter().any(|c| c.overlaps);
+            let may_overwrite = chunks.iter().any(|c| c.over_persisted);
             if may_overwrite && merge_guard.is_none() {
                 // Merging with existing segments: compaction must not replace them meanwhile.
                 merge_guard = Some(self.compact_lock.lock());
@@ -195,6 +198,7 @@ impl DbInner {
                 min_time: lo,
                 max_time: hi,
                 overlaps: false,
+                over_persisted: false,
                 merged: true,
             });
             table.last.lock().rebase(snapshot, &compact, &sids);
@@ -223,8 +227,10 @@ impl DbInner {
         written: &mut Vec<PathBuf>,
     ) -> Result<TableOutput, Error> {
         let schema = table.schema();
-        let may_overwrite = chunks.iter().any(|c| c.overlaps);
-        let rows = if may_overwrite {
+        // Rows that may overwrite each other are deduplicated; rows that may overwrite
+        // persisted points are merged with the segments holding them below.
+        let may_overwrite = chunks.iter().any(|c| c.over_persisted);
+        let rows = if chunks.iter().any(|c| c.overlaps) {
             merge_chunks(&schema, chunks)?.batch
         } else {
             let all: Vec<usize> = (0..schema.columns().len()).collect();
@@ -553,6 +559,7 @@ fn read_projected(path: &Path, schema: &TableSchema) -> Result<Vec<RecordBatch>,
                 min_time: 0,
                 max_time: 0,
                 overlaps: false,
+                over_persisted: false,
                 merged: false,
             };
             Ok(chunk.project(schema, &all, schema.arrow())?)

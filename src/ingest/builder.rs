@@ -17,6 +17,7 @@ use arrow::error::ArrowError;
 
 use crate::storage::buffer::{Chunk, min_max};
 use crate::storage::catalog::{ColumnKind, FieldType, TIME_COLUMN, time_type};
+use crate::storage::table::{OVER_PERSISTED, OVERLAPS};
 
 type FastMap<K, V> = HashMap<K, V, ahash::RandomState>;
 
@@ -110,7 +111,8 @@ pub(crate) struct ChunkBuilder {
     by_name: FastMap<Arc<str>, usize>,
     time: Vec<i64>,
     series: Vec<u32>,
-    overlaps: bool,
+    /// `OVERLAPS` / `OVER_PERSISTED` flags of the rows so far.
+    overlaps: u8,
     /// Series id → range of `series_tags` holding its (slot, key) pairs in this chunk.
     local_series: FastMap<u32, (u32, u32)>,
     series_tags: Vec<(u32, i32)>,
@@ -126,7 +128,7 @@ impl ChunkBuilder {
             by_name: FastMap::default(),
             time: Vec::new(),
             series: Vec::new(),
-            overlaps: false,
+            overlaps: 0,
             local_series: FastMap::default(),
             series_tags: Vec::new(),
         }
@@ -226,7 +228,7 @@ impl ChunkBuilder {
     }
 
     /// Ends the current row.
-    pub(crate) fn finish_row(&mut self, time: i64, sid: u32, overlaps: bool) {
+    pub(crate) fn finish_row(&mut self, time: i64, sid: u32, overlaps: u8) {
         self.time.push(time);
         self.series.push(sid);
         self.overlaps |= overlaps;
@@ -278,7 +280,8 @@ impl ChunkBuilder {
             series: self.series.into(),
             min_time,
             max_time,
-            overlaps: self.overlaps,
+            overlaps: self.overlaps & OVERLAPS != 0,
+            over_persisted: self.overlaps & OVER_PERSISTED != 0,
             merged: false,
         }))
     }

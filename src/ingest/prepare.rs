@@ -20,7 +20,7 @@ use crate::storage::catalog::{
     Catalog, ColumnDef, ColumnKind, Database, FieldType, TIME_COLUMN, TableSchema, check_name,
     tag_type, time_type,
 };
-use crate::storage::table::{Table, canonical_key};
+use crate::storage::table::{OVER_PERSISTED, OVERLAPS, Table, canonical_key};
 
 /// One table's part of a write.
 pub(crate) struct PreparedTable {
@@ -536,7 +536,7 @@ pub(crate) fn prepare_batch(
         .map(|(_, d)| d.values().as_string::<i32>().clone())
         .collect();
     let mut series_ids = Vec::with_capacity(rows);
-    let mut overlaps = false;
+    let mut overlaps = 0u8;
     let mut key = Vec::new();
     let mut pairs: Vec<(&str, &str)> = Vec::with_capacity(dicts.len());
     {
@@ -606,7 +606,8 @@ pub(crate) fn prepare_batch(
                 series: series_ids.into(),
                 min_time,
                 max_time,
-                overlaps,
+                overlaps: overlaps & OVERLAPS != 0,
+                over_persisted: overlaps & OVER_PERSISTED != 0,
                 merged: false,
             },
         });

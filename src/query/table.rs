@@ -99,7 +99,8 @@ impl BufferTableProvider {
             .iter()
             .chain(&snap.chunks)
             .filter(in_range)
-            .filter(|c| c.overlaps)
+            // Frozen chunks were not necessarily merged with each other.
+            .filter(|c| c.over_persisted || (c.overlaps && !c.merged))
             .map(|c| (c.min_time.max(lo), c.max_time.min(hi)))
             .collect();
         let segments: Vec<Arc<Segment>> = snap
@@ -194,6 +195,7 @@ impl BufferTableProvider {
                     min_time: 0,
                     max_time: 0,
                     overlaps: false,
+                    over_persisted: false,
                     merged: false,
                 };
                 let all_now: Vec<usize> = (0..ow.schema.columns().len()).collect();

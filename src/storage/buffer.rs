@@ -32,6 +32,9 @@ pub(crate) struct Chunk {
     /// Some row may overwrite an earlier point (same series and time), in the buffer or in
     /// segments.
     pub overlaps: bool,
+    /// Some row may overwrite a point that is in segments or being persisted (so reads and the
+    /// next persist must merge with segments).
+    pub over_persisted: bool,
     /// Already deduplicated against the buffer chunks it was merged from.
     pub merged: bool,
 }
@@ -246,6 +249,7 @@ pub(crate) fn merge_chunks(
     let mut merged = merge_rows(schema, &batch, &series)?;
     merged.seq = chunks.last().map_or(0, |c| c.seq);
     merged.overlaps = chunks.iter().any(|c| c.overlaps);
+    merged.over_persisted = chunks.iter().any(|c| c.over_persisted);
     Ok(merged)
 }
 
@@ -358,6 +362,7 @@ fn merge_rows(
         min_time,
         max_time,
         overlaps: false,
+        over_persisted: false,
         merged: true,
     })
 }
@@ -394,6 +399,7 @@ mod tests {
             min_time: time,
             max_time: time,
             overlaps: false,
+            over_persisted: false,
             merged: false,
         })
     }

@@ -115,6 +115,7 @@ impl LastPoints {
             min_time: lo,
             max_time: hi,
             overlaps: false,
+            over_persisted: false,
             merged: true,
         });
         self.observe(&chunk)
@@ -142,6 +143,7 @@ fn fold(
             min_time: lo,
             max_time: hi,
             overlaps: false,
+            over_persisted: false,
             merged: true,
         }),
         0,
@@ -186,6 +188,7 @@ fn project_row(schema: &TableSchema, chunk: &Chunk, row: u32) -> Result<RecordBa
         min_time: 0,
         max_time: 0,
         overlaps: false,
+        over_persisted: false,
         merged: false,
     };
     single.project(schema, &all, schema.arrow())
@@ -230,6 +233,7 @@ impl LastSnapshot {
                 min_time: 0,
                 max_time: 0,
                 overlaps: false,
+                over_persisted: false,
                 merged: false,
             }
             .project(schema, &all, schema.arrow())?;

@@ -93,6 +93,8 @@ pub(crate) struct SeriesIndex {
     canonical: FastMap<Box<[u8]>, u32>,
     /// Latest time seen per series id.
     max_time: Vec<i64>,
+    /// Latest time per series id in segments or being persisted (`max_time` at the last freeze).
+    persisted: Vec<i64>,
     /// The latest time in the table's segments: a series first seen since open may have points
     /// up to it there, so its points up to it may overwrite.
     floor: i64,
@@ -104,6 +106,7 @@ impl Default for SeriesIndex {
             raw: FastMap::default(),
             canonical: FastMap::default(),
             max_time: Vec::new(),
+            persisted: Vec::new(),
             floor: i64::MIN,
         }
     }
@@ -113,7 +116,7 @@ impl SeriesIndex {
     /// Sets the latest persisted time (see `floor`); only raises it.
     pub(crate) fn raise_floor(&mut self, time: i64) {
         self.floor = self.floor.max(time);
-        for t in &mut self.max_time {
+        for t in self.max_time.iter_mut().chain(self.persisted.iter_mut()) {
             *t = (*t).max(time);
         }
     }
@@ -139,21 +142,35 @@ impl SeriesIndex {
         let id = self.max_time.len() as u32;
         self.canonical.insert(key.into(), id);
         self.max_time.push(self.floor);
+        self.persisted.push(self.floor);
         id
     }
 
-    /// Records a point of series `id` at `time`; true when it may overwrite an earlier point.
+    /// Records a point of series `id` at `time`: [`OVERLAPS`] when it may overwrite an earlier
+    /// point, plus [`OVER_PERSISTED`] when that point may be in segments (or being persisted).
     #[inline]
-    pub(crate) fn observe(&mut self, id: u32, time: i64) -> bool {
+    pub(crate) fn observe(&mut self, id: u32, time: i64) -> u8 {
         let slot = &mut self.max_time[id as usize];
         if time > *slot {
             *slot = time;
-            false
+            0
+        } else if time > self.persisted[id as usize] {
+            OVERLAPS
         } else {
-            true
+            OVERLAPS | OVER_PERSISTED
         }
     }
+
+    /// Everything observed so far is being persisted (called under the write lock at freeze).
+    pub(crate) fn mark_persisted(&mut self) {
+        self.persisted.copy_from_slice(&self.max_time);
+    }
 }
+
+/// [`SeriesIndex::observe`]: the point may overwrite an earlier one.
+pub(crate) const OVERLAPS: u8 = 1;
+/// [`SeriesIndex::observe`]: ... and that one may be persisted.
+pub(crate) const OVER_PERSISTED: u8 = 2;
 
 /// Writes the canonical series key for `tags` (any order) into `out`: tags sorted by name, each
 /// name and value length-prefixed, so no byte in a value can make two tag sets collide.
