@@ -738,6 +738,11 @@ impl DbInner {
         } else if bytes == 0 {
             *self.last_persist.lock() = std::time::Instant::now();
         }
+        for db in self.catalog.databases() {
+            for table in db.tables() {
+                table.buffer.write().expire_before();
+            }
+        }
         self.compact(self.config.compaction_segments, false)?;
         self.apply_retention()?;
         Ok(())

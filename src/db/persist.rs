@@ -529,7 +529,12 @@ impl DbInner {
                     continue;
                 }
                 let metas: Vec<SegmentMeta> = expired.iter().map(|s| s.meta.clone()).collect();
-                manifest.commit(&[], &metas, None, &[])?;
+                if let Err(e) = manifest.commit(&[], &metas, None, &[]) {
+                    // As in persist: sled may hold the change unflushed; stop writes.
+                    self.commit
+                        .poison(format!("the segment manifest could not be updated: {e}"));
+                    return Err(e.into());
+                }
                 let ids: Vec<u64> = metas.iter().map(|m| m.id).collect();
                 table
                     .buffer

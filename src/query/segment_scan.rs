@@ -81,9 +81,12 @@ pub(crate) fn ordering(schema: &TableSchema, sort_key: &[Arc<str>]) -> Result<Op
     };
     let mut exprs = Vec::new();
     for name in sort_key.iter().map(|s| s.as_ref()).chain([TIME_COLUMN]) {
-        if arrow.index_of(name).is_ok() {
-            exprs.push(PhysicalSortExpr::new(col(name, arrow)?, options));
+        if arrow.index_of(name).is_err() {
+            // A key column this (planning-time) schema lacks: files are sorted by it, so the
+            // declared order stops here (later columns are only sorted within it).
+            break;
         }
+        exprs.push(PhysicalSortExpr::new(col(name, arrow)?, options));
     }
     Ok(LexOrdering::new(exprs))
 }

@@ -94,12 +94,18 @@ pub(crate) struct TableBuffer {
     before: Option<Before>,
 }
 
+/// How long the pre-persist state is kept: longer than a query takes to plan.
+const BEFORE_KEEP: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// What a query that reads up to a sequence older than the last persist sees instead of its
 /// segments (which hold writes the query must not see). Kept until the next persist.
 #[derive(Debug, Clone)]
 pub(crate) struct Before {
     /// The persist's sequence.
     seq: u64,
+    /// When it was set aside: dropped after [`BEFORE_KEEP`], since only queries planned before
+    /// the persist (and still being planned) read it.
+    at: std::time::Instant,
     frozen: Vec<Arc<Chunk>>,
     segments: Arc<[Arc<Segment>]>,
 }
@@ -129,10 +135,14 @@ impl BufferSnapshot {
             self.segments = before.segments;
             self.frozen = before.frozen;
         }
-        let keep = self.chunks.partition_point(|c| c.seq <= seq);
-        self.chunks.truncate(keep);
-        let keep = self.frozen.partition_point(|c| c.seq <= seq);
-        self.frozen.truncate(keep);
+        // A merged chunk carries the newest write it holds and may also hold writes up to `seq`:
+        // it is kept (showing, in that rare race, writes newer than `seq`) rather than losing
+        // the older rows it holds.
+        let keep = |c: &Arc<Chunk>| c.seq <= seq || c.merged;
+        let n = self.chunks.iter().take_while(|c| keep(c)).count();
+        self.chunks.truncate(n);
+        let n = self.frozen.iter().take_while(|c| keep(c)).count();
+        self.frozen.truncate(n);
         self
     }
 
@@ -148,6 +158,18 @@ impl TableBuffer {
     pub(crate) fn freeze(&mut self) -> Vec<Arc<Chunk>> {
         self.frozen.append(&mut self.chunks);
         self.frozen.clone()
+    }
+
+    /// Drops the pre-persist state once no query can still need it, freeing its chunks (and
+    /// letting replaced segment files go).
+    pub(crate) fn expire_before(&mut self) {
+        if self
+            .before
+            .as_ref()
+            .is_some_and(|b| b.at.elapsed() >= BEFORE_KEEP)
+        {
+            self.before = None;
+        }
     }
 
     /// The segments.
@@ -167,6 +189,7 @@ impl TableBuffer {
         if let Some(seq) = persisted {
             self.before = Some(Before {
                 seq,
+                at: std::time::Instant::now(),
                 frozen: std::mem::take(&mut self.frozen),
                 segments: self.segments.clone(),
             });
@@ -418,6 +441,38 @@ mod tests {
             format: 1,
         };
         Arc::new(Segment::new(meta, std::path::Path::new("/nonexistent")))
+    }
+
+    #[test]
+    fn a_merged_chunk_newer_than_the_query_is_kept_not_lost() {
+        let mut buffer = TableBuffer::default();
+        for seq in 5..=12 {
+            buffer.push(chunk(seq, seq as i64));
+        }
+        // A query at sequence 12 merged everything and installed it; a query planned at 10
+        // scans afterwards: it must still see writes 5..=10 (and sees 11, 12 with them).
+        let all = buffer.snapshot().chunks;
+        let mut merged = Chunk {
+            seq: 12,
+            batch: all[0].batch.clone(),
+            series: vec![0].into(),
+            min_time: 5,
+            max_time: 12,
+            overlaps: true,
+            over_persisted: false,
+            merged: true,
+        };
+        merged.min_time = 5;
+        assert!(buffer.install_merged(&all, Arc::new(merged)));
+        buffer.push(chunk(13, 13));
+        let seqs: Vec<u64> = buffer
+            .snapshot()
+            .up_to(10)
+            .chunks
+            .iter()
+            .map(|c| c.seq)
+            .collect();
+        assert_eq!(seqs, [12]);
     }
 
     #[test]

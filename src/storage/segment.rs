@@ -141,7 +141,7 @@ impl Drop for Segment {
 
 /// Start of the partition holding `time`, for partitions of `len` nanoseconds.
 pub(crate) fn partition_of(time: i64, len: i64) -> i64 {
-    time.div_euclid(len) * len
+    time.div_euclid(len).saturating_mul(len)
 }
 
 /// Directory name of a partition: `partition=2024-01-01` for whole days, with the time of day
@@ -310,7 +310,10 @@ impl SegmentWriter {
         let bytes = file.metadata().map_err(io_err("stat", &self.tmp))?.len();
         drop(file);
         std::fs::rename(&self.tmp, &self.path).map_err(io_err("renaming", &self.tmp))?;
-        if let Some(dir) = self.path.parent() {
+        // The file's directory, and the entries of the directories that may have been created
+        // for it (partition, table, database, `tables`) in theirs: a crash must not lose them
+        // once the manifest lists the file and the WAL is gone.
+        for dir in self.path.ancestors().skip(1).take(5) {
             sync_dir(dir)?;
         }
         Ok((self.rows, self.min_time, self.max_time, bytes))
