@@ -668,22 +668,10 @@ fn load_segments(catalog: &Catalog, manifest: &Manifest, dir: &Path) -> Result<u
             continue;
         };
         let schema = table.schema();
-        let all: Vec<usize> = (0..schema.columns().len()).collect();
         let mut series = table.series.lock();
         let mut last = table.last.lock();
         for batch in persist::decode_ipc(&bytes)? {
-            let rows = batch.num_rows();
-            let projected = crate::storage::buffer::Chunk {
-                seq: 0,
-                batch,
-                series: vec![0; rows].into(),
-                min_time: 0,
-                max_time: 0,
-                overlaps: false,
-                over_persisted: false,
-                merged: false,
-            }
-            .project(&schema, &all, schema.arrow())?;
+            let projected = crate::storage::buffer::to_table_schema(&batch, &schema)?;
             last.load(&schema, projected, &mut series)?;
         }
     }

@@ -43,8 +43,8 @@ fn line(p: &Point) -> String {
 }
 
 /// The oracle: a map from (host, time) to the latest value of each field.
-fn oracle(points: &[Point]) -> BTreeMap<(String, u8), (Option<i16>, Option<i16>)> {
-    let mut m: BTreeMap<(String, u8), (Option<i16>, Option<i16>)> = BTreeMap::new();
+fn oracle(points: &[Point]) -> Points {
+    let mut m: Points = BTreeMap::new();
     for p in points {
         let e = m.entry((format!("h{}", p.host), p.time)).or_default();
         if p.a.is_some() {
@@ -57,15 +57,16 @@ fn oracle(points: &[Point]) -> BTreeMap<(String, u8), (Option<i16>, Option<i16>)
     m
 }
 
-fn read_back(
-    db: &Db,
-    rt: &tokio::runtime::Runtime,
-) -> BTreeMap<(String, u8), (Option<i16>, Option<i16>)> {
-    let batches = rt
-        .block_on(
-            db.sql("SELECT CAST(host AS VARCHAR) AS host, CAST(time AS BIGINT) AS t, a, b FROM m"),
-        )
-        .expect("query");
+fn read_back(db: &Db, rt: &tokio::runtime::Runtime) -> Points {
+    points_of(db, rt, "m")
+}
+
+/// `SELECT host, time, a, b FROM <from>` as a map; a point read twice fails the test.
+fn points_of(db: &Db, rt: &tokio::runtime::Runtime, from: &str) -> Points {
+    let sql = format!(
+        "SELECT CAST(host AS VARCHAR) AS host, CAST(time AS BIGINT) AS t, a, b FROM {from}"
+    );
+    let batches = rt.block_on(db.sql(&sql)).expect(&sql);
     let mut out = BTreeMap::new();
     for batch in batches {
         use arrow::array::{Array, AsArray};
@@ -105,37 +106,8 @@ fn latest(all: &Points) -> Points {
 }
 
 /// `last_cache('m')` as the same map.
-fn last_points(
-    db: &Db,
-    rt: &tokio::runtime::Runtime,
-) -> BTreeMap<(String, u8), (Option<i16>, Option<i16>)> {
-    let batches = rt
-        .block_on(db.sql(
-            "SELECT CAST(host AS VARCHAR) AS host, CAST(time AS BIGINT) AS t, a, b FROM last_cache('m')",
-        ))
-        .expect("last_cache");
-    let mut out = BTreeMap::new();
-    for batch in batches {
-        use arrow::array::{Array, AsArray};
-        use arrow::datatypes::Int64Type;
-        let host =
-            arrow::compute::cast(batch.column(0), &arrow::datatypes::DataType::Utf8).expect("cast");
-        let host = host.as_string::<i32>();
-        let t = batch.column(1).as_primitive::<Int64Type>();
-        let a = batch.column(2).as_primitive::<Int64Type>();
-        let b = batch.column(3).as_primitive::<Int64Type>();
-        for i in 0..batch.num_rows() {
-            let get = |c: &arrow::array::Int64Array| c.is_valid(i).then(|| c.value(i) as i16);
-            out.insert(
-                (
-                    host.value(i).to_string(),
-                    (t.value(i) / 1_000_000_000) as u8,
-                ),
-                (get(a), get(b)),
-            );
-        }
-    }
-    out
+fn last_points(db: &Db, rt: &tokio::runtime::Runtime) -> Points {
+    points_of(db, rt, "last_cache('m')")
 }
 
 /// Points in the first `i + 1` chunks.

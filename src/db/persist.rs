@@ -24,7 +24,7 @@ use arrow::compute::{concat_batches, take_record_batch};
 use super::DbInner;
 use crate::error::Error;
 use crate::ingest::WriteError;
-use crate::storage::buffer::{Chunk, merge_batches, merge_chunks, time_values};
+use crate::storage::buffer::{Chunk, merge_batches, merge_chunks, time_values, to_table_schema};
 use crate::storage::catalog::{ColumnKind, TableSchema};
 use crate::storage::last::LastSnapshot;
 use crate::storage::segment::{
@@ -296,11 +296,7 @@ impl DbInner {
         sort_key: &[Arc<str>],
         written: &mut Vec<PathBuf>,
     ) -> Result<SegmentMeta, Error> {
-        let id = manifest.next_id()?;
-        let rel = table_dir(&table.db, &table.name, table.id)
-            .join(partition_dir(partition, self.partition_len()))
-            .join(format!("{id:016x}.parquet"));
-        let path = data_dir.join(&rel);
+        let (id, rel, path) = self.new_segment_path(data_dir, manifest, table, partition)?;
         // The rows' own schema: a column added since they were read is not in them.
         let schema = batches
             .first()
@@ -310,20 +306,27 @@ impl DbInner {
         for b in batches {
             writer.write(b)?;
         }
-        let (rows, min_time, max_time, bytes) = writer.finish()?;
+        let finished = writer.finish()?;
         written.push(path);
-        Ok(SegmentMeta {
-            id,
-            table_id: table.id,
-            partition,
-            min_time,
-            max_time,
-            rows,
-            bytes,
-            max_seq,
-            path: rel.to_string_lossy().into_owned(),
-            format: SEGMENT_FORMAT_VERSION,
-        })
+        Ok(segment_meta(
+            id, table.id, partition, max_seq, &rel, finished,
+        ))
+    }
+
+    /// A fresh segment id and its file: relative to the data directory, and absolute.
+    fn new_segment_path(
+        &self,
+        data_dir: &Path,
+        manifest: &crate::storage::manifest::Manifest,
+        table: &Table,
+        partition: i64,
+    ) -> Result<(u64, PathBuf, PathBuf), Error> {
+        let id = manifest.next_id()?;
+        let rel = table_dir(&table.db, &table.name, table.id)
+            .join(partition_dir(partition, self.partition_len()))
+            .join(format!("{id:016x}.parquet"));
+        let path = data_dir.join(&rel);
+        Ok((id, rel, path))
     }
 
     /// The table's sort key covering every tag column, choosing or extending it (and saving it
@@ -460,11 +463,7 @@ impl DbInner {
         let sort_key = table.settings.read().sort_key.clone();
         let plan = crate::query::segment_scan::merge_plan(&schema, &sort_key, inputs)?;
         let max_seq = inputs.iter().map(|s| s.meta.max_seq).max().unwrap_or(0);
-        let id = manifest.next_id()?;
-        let rel = table_dir(&table.db, &table.name, table.id)
-            .join(partition_dir(partition, self.partition_len()))
-            .join(format!("{id:016x}.parquet"));
-        let path = data_dir.join(&rel);
+        let (id, rel, path) = self.new_segment_path(data_dir, manifest, table, partition)?;
         let mut writer = SegmentWriter::create(&path, schema.arrow(), &sort_key)?;
         // DataFusion needs a runtime; a scoped thread keeps this callable from async code too.
         let streamed: Result<(), Error> = std::thread::scope(|scope| {
@@ -487,19 +486,14 @@ impl DbInner {
                 .unwrap_or_else(|_| Err(Error::Config("the compaction thread panicked".into())))
         });
         streamed?;
-        let (rows, min_time, max_time, bytes) = writer.finish()?;
-        Ok(SegmentMeta {
+        Ok(segment_meta(
             id,
-            table_id: table.id,
+            table.id,
             partition,
-            min_time,
-            max_time,
-            rows,
-            bytes,
             max_seq,
-            path: rel.to_string_lossy().into_owned(),
-            format: SEGMENT_FORMAT_VERSION,
-        })
+            &rel,
+            writer.finish()?,
+        ))
     }
 
     /// Drops the partitions of tables with a retention that lie wholly before now − retention.
@@ -550,25 +544,35 @@ impl DbInner {
     }
 }
 
+/// The manifest record of a finished segment file (`finished` as `SegmentWriter::finish`
+/// returns it: rows, min time, max time, bytes).
+fn segment_meta(
+    id: u64,
+    table_id: u64,
+    partition: i64,
+    max_seq: u64,
+    rel: &Path,
+    (rows, min_time, max_time, bytes): (u64, i64, i64, u64),
+) -> SegmentMeta {
+    SegmentMeta {
+        id,
+        table_id,
+        partition,
+        min_time,
+        max_time,
+        rows,
+        bytes,
+        max_seq,
+        path: rel.to_string_lossy().into_owned(),
+        format: SEGMENT_FORMAT_VERSION,
+    }
+}
+
 /// Reads a segment projected onto the table schema (columns it lacks are null).
 fn read_projected(path: &Path, schema: &TableSchema) -> Result<Vec<RecordBatch>, Error> {
-    let all: Vec<usize> = (0..schema.columns().len()).collect();
     read_segment(path)?
-        .into_iter()
-        .map(|batch| {
-            let rows = batch.num_rows();
-            let chunk = Chunk {
-                seq: 0,
-                batch,
-                series: vec![0; rows].into(),
-                min_time: 0,
-                max_time: 0,
-                overlaps: false,
-                over_persisted: false,
-                merged: false,
-            };
-            Ok(chunk.project(schema, &all, schema.arrow())?)
-        })
+        .iter()
+        .map(|batch| Ok(to_table_schema(batch, schema)?))
         .collect()
 }
 

@@ -19,7 +19,9 @@ use super::QuerySnapshot;
 use super::insert::TableSink;
 use super::segment_scan;
 use crate::db::DbInner;
-use crate::storage::buffer::{Chunk, merge_batches, merge_chunks, projected_schema};
+use crate::storage::buffer::{
+    Chunk, merge_batches, merge_chunks, project_batch, projected_schema, to_table_schema,
+};
 use crate::storage::catalog::{TIME_COLUMN, TableSchema};
 use crate::storage::segment::Segment;
 use crate::storage::table::Table;
@@ -187,19 +189,7 @@ impl BufferTableProvider {
             )?;
             let filtered: Arc<dyn ExecutionPlan> = Arc::new(FilterExec::try_new(predicate, scan)?);
             for batch in collect(filtered, state.task_ctx()).await? {
-                let rows = batch.num_rows();
-                let chunk = Chunk {
-                    seq: 0,
-                    batch,
-                    series: vec![0; rows].into(),
-                    min_time: 0,
-                    max_time: 0,
-                    overlaps: false,
-                    over_persisted: false,
-                    merged: false,
-                };
-                let all_now: Vec<usize> = (0..ow.schema.columns().len()).collect();
-                inputs.push(chunk.project(&ow.schema, &all_now, ow.schema.arrow())?);
+                inputs.push(to_table_schema(&batch, &ow.schema)?);
             }
             // b. Their rows outside the ranges, as they are.
             let outside = Expr::Not(Box::new(in_ranges));
@@ -242,20 +232,7 @@ impl BufferTableProvider {
         }
         inputs.extend(ow.buffered);
         let merged = merge_batches(&ow.schema, &inputs)?;
-        let projected = out_schema
-            .fields()
-            .iter()
-            .map(|f| {
-                merged.column_by_name(f.name()).cloned().ok_or_else(|| {
-                    DataFusionError::Internal(format!("merged rows lack column {}", f.name()))
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let batch = RecordBatch::try_new_with_options(
-            out_schema.clone(),
-            projected,
-            &arrow::array::RecordBatchOptions::new().with_row_count(Some(merged.num_rows())),
-        )?;
+        let batch = project_batch(&merged, &self.schema, columns, out_schema)?;
         Ok((batch, rest))
     }
 }

@@ -52,23 +52,42 @@ impl Chunk {
         columns: &[usize],
         out_schema: &SchemaRef,
     ) -> Result<RecordBatch, ArrowError> {
-        let rows = self.rows();
-        let arrays: Vec<ArrayRef> = columns
-            .iter()
-            .map(|&i| {
-                let def = &schema.columns()[i];
-                match self.batch.column_by_name(&def.name) {
-                    Some(a) => a.clone(),
-                    None => new_null_array(&def.kind.data_type(), rows),
-                }
-            })
-            .collect();
-        RecordBatch::try_new_with_options(
-            out_schema.clone(),
-            arrays,
-            &RecordBatchOptions::new().with_row_count(Some(rows)),
-        )
+        project_batch(&self.batch, schema, columns, out_schema)
     }
+}
+
+/// Projects `batch` onto `columns` of `schema` (by name), with nulls for absent columns.
+pub(crate) fn project_batch(
+    batch: &RecordBatch,
+    schema: &TableSchema,
+    columns: &[usize],
+    out_schema: &SchemaRef,
+) -> Result<RecordBatch, ArrowError> {
+    let rows = batch.num_rows();
+    let arrays: Vec<ArrayRef> = columns
+        .iter()
+        .map(|&i| {
+            let def = &schema.columns()[i];
+            match batch.column_by_name(&def.name) {
+                Some(a) => a.clone(),
+                None => new_null_array(&def.kind.data_type(), rows),
+            }
+        })
+        .collect();
+    RecordBatch::try_new_with_options(
+        out_schema.clone(),
+        arrays,
+        &RecordBatchOptions::new().with_row_count(Some(rows)),
+    )
+}
+
+/// `batch` in the whole table schema (columns it lacks are null).
+pub(crate) fn to_table_schema(
+    batch: &RecordBatch,
+    schema: &TableSchema,
+) -> Result<RecordBatch, ArrowError> {
+    let all: Vec<usize> = (0..schema.columns().len()).collect();
+    project_batch(batch, schema, &all, schema.arrow())
 }
 
 /// The raw nanosecond values of a batch's `time` column.

@@ -15,7 +15,7 @@ use arrow::array::{Array, AsArray, RecordBatch, UInt32Array};
 use arrow::compute::{concat_batches, take_record_batch};
 use arrow::error::ArrowError;
 
-use super::buffer::{Chunk, merge_batches, time_values};
+use super::buffer::{Chunk, merge_batches, time_values, to_table_schema};
 use super::catalog::{ColumnKind, TableSchema};
 use super::table::{SeriesIndex, canonical_key};
 
@@ -179,19 +179,8 @@ fn kind_of(f: &arrow::datatypes::Field) -> Option<ColumnKind> {
 }
 
 fn project_row(schema: &TableSchema, chunk: &Chunk, row: u32) -> Result<RecordBatch, ArrowError> {
-    let all: Vec<usize> = (0..schema.columns().len()).collect();
     let one = take_record_batch(&chunk.batch, &UInt32Array::from(vec![row]))?;
-    let single = Chunk {
-        seq: 0,
-        batch: one,
-        series: vec![0].into(),
-        min_time: 0,
-        max_time: 0,
-        overlaps: false,
-        over_persisted: false,
-        merged: false,
-    };
-    single.project(schema, &all, schema.arrow())
+    to_table_schema(&one, schema)
 }
 
 impl LastSnapshot {
@@ -206,7 +195,6 @@ impl LastSnapshot {
         &self,
         schema: &TableSchema,
     ) -> Result<(RecordBatch, Vec<u32>), ArrowError> {
-        let all: Vec<usize> = (0..schema.columns().len()).collect();
         // Single-row entries: one `take` per chunk.
         let mut by_chunk: HashMap<*const Chunk, RowsOfChunk> = HashMap::new();
         let mut multi: Vec<(u32, &Entry)> = Vec::new();
@@ -226,18 +214,7 @@ impl LastSnapshot {
         let mut sids = Vec::new();
         for (chunk, rows, ids) in by_chunk.into_values() {
             let taken = take_record_batch(&chunk.batch, &UInt32Array::from(rows))?;
-            let projected = Chunk {
-                seq: 0,
-                batch: taken,
-                series: ids.clone().into(),
-                min_time: 0,
-                max_time: 0,
-                overlaps: false,
-                over_persisted: false,
-                merged: false,
-            }
-            .project(schema, &all, schema.arrow())?;
-            batches.push(projected);
+            batches.push(to_table_schema(&taken, schema)?);
             sids.extend(ids);
         }
         for (sid, e) in multi {
