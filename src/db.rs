@@ -589,12 +589,31 @@ pub(crate) async fn collect(
 }
 
 fn start_syncer(inner: &Arc<DbInner>, every: std::time::Duration) {
+    *inner.syncer.lock() = spawn_periodic(inner, "rivulet-wal-sync", every, |inner| {
+        match inner.commit.sync_now() {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "interval WAL fsync failed");
+                false
+            }
+        }
+    });
+}
+
+/// A thread named `name` that calls `step` every `every` until the handle is closed or dropped,
+/// or `step` returns false. Stop it with [`stop_periodic`].
+fn spawn_periodic(
+    inner: &Arc<DbInner>,
+    name: &str,
+    every: std::time::Duration,
+    step: impl Fn(&DbInner) -> bool + Send + 'static,
+) -> Option<(JoinHandle<()>, Arc<StopSignal>)> {
     let stop: Arc<StopSignal> =
         Arc::new((parking_lot::Mutex::new(false), parking_lot::Condvar::new()));
     let weak = Arc::downgrade(inner);
     let stop2 = stop.clone();
     let handle = std::thread::Builder::new()
-        .name("rivulet-wal-sync".to_string())
+        .name(name.to_string())
         .spawn(move || {
             loop {
                 {
@@ -607,15 +626,29 @@ fn start_syncer(inner: &Arc<DbInner>, every: std::time::Duration) {
                     }
                 }
                 let Some(inner) = weak.upgrade() else { return };
-                if let Err(e) = inner.commit.sync_now() {
-                    tracing::error!(error = %e, "interval WAL fsync failed");
+                if !step(&inner) {
                     return;
                 }
             }
         });
     match handle {
-        Ok(h) => *inner.syncer.lock() = Some((h, stop)),
-        Err(e) => tracing::error!(error = %e, "could not start the WAL sync thread"),
+        Ok(h) => Some((h, stop)),
+        Err(e) => {
+            tracing::error!(error = %e, thread = name, "could not start a background thread");
+            None
+        }
+    }
+}
+
+/// Stops a thread started by [`spawn_periodic`] and waits for it (unless it is the caller: the
+/// thread may itself drop the last handle).
+fn stop_periodic(slot: &Mutex<Option<(JoinHandle<()>, Arc<StopSignal>)>>) {
+    if let Some((handle, stop)) = slot.lock().take() {
+        *stop.0.lock() = true;
+        stop.1.notify_all();
+        if handle.thread().id() != std::thread::current().id() {
+            let _ = handle.join();
+        }
     }
 }
 
@@ -681,36 +714,14 @@ fn load_segments(catalog: &Catalog, manifest: &Manifest, dir: &Path) -> Result<u
 
 /// Starts the thread that persists by size and age, compacts and applies retention.
 fn start_persister(inner: &Arc<DbInner>) {
-    let stop: Arc<StopSignal> =
-        Arc::new((parking_lot::Mutex::new(false), parking_lot::Condvar::new()));
-    let weak = Arc::downgrade(inner);
-    let stop2 = stop.clone();
-    let handle = std::thread::Builder::new()
-        .name("rivulet-persist".to_string())
-        .spawn(move || {
-            loop {
-                {
-                    let mut stopped = stop2.0.lock();
-                    if !*stopped {
-                        stop2
-                            .1
-                            .wait_for(&mut stopped, std::time::Duration::from_millis(250));
-                    }
-                    if *stopped {
-                        return;
-                    }
-                }
-                let Some(inner) = weak.upgrade() else { return };
-                if let Err(e) = inner.background_step() {
-                    tracing::error!(error = %e, "background persistence failed; retrying");
-                    std::thread::sleep(std::time::Duration::from_secs(1));
-                }
-            }
-        });
-    match handle {
-        Ok(h) => *inner.persister.lock() = Some((h, stop)),
-        Err(e) => tracing::error!(error = %e, "could not start the persistence thread"),
-    }
+    let every = std::time::Duration::from_millis(250);
+    *inner.persister.lock() = spawn_periodic(inner, "rivulet-persist", every, |inner| {
+        if let Err(e) = inner.background_step() {
+            tracing::error!(error = %e, "background persistence failed; retrying");
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+        true
+    });
 }
 
 impl DbInner {
@@ -962,13 +973,7 @@ impl DbInner {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        if let Some((handle, stop)) = self.persister.lock().take() {
-            *stop.0.lock() = true;
-            stop.1.notify_all();
-            if handle.thread().id() != std::thread::current().id() {
-                let _ = handle.join();
-            }
-        }
+        stop_periodic(&self.persister);
         let persisted = if self.config.persist_on_close
             && self.manifest.is_some()
             && self.commit.check().is_ok()
@@ -981,14 +986,7 @@ impl DbInner {
             // The WAL still holds everything: flush it, then report the failure.
             tracing::error!(error = %e, "persisting on close failed; the WAL keeps the data");
         }
-        if let Some((handle, stop)) = self.syncer.lock().take() {
-            *stop.0.lock() = true;
-            stop.1.notify_all();
-            // The sync thread may itself drop the last handle; it must not join itself.
-            if handle.thread().id() != std::thread::current().id() {
-                let _ = handle.join();
-            }
-        }
+        stop_periodic(&self.syncer);
         self.flush()?;
         persisted
     }
