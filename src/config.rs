@@ -84,6 +84,12 @@ pub struct Config {
     /// Run persistence, compaction and retention in a background thread (with a data
     /// directory). Default: true. Tests turn it off and call [`Db::persist`](crate::Db::persist).
     pub background: bool,
+    /// How long a query waits for the materialized views it reads to reflect the writes
+    /// visible when it started (read-your-writes) before failing. Default: 30 s.
+    pub view_wait: Duration,
+    /// Bytes of written rows waiting for view maintenance before writers wait for it to catch
+    /// up. Default: 256 MiB.
+    pub view_queue_bytes: usize,
 }
 
 impl Default for Config {
@@ -104,6 +110,8 @@ impl Default for Config {
             background: true,
             persist_on_close: true,
             parquet_filter_pushdown: false,
+            view_wait: Duration::from_secs(30),
+            view_queue_bytes: 256 << 20,
         }
     }
 }

@@ -32,7 +32,9 @@ use crate::storage::segment::Segment;
 use crate::storage::wal::{self, ReplayReport, WalError, WalWriter};
 
 mod persist;
+mod views;
 pub use persist::{CompactReport, PersistReport};
+pub use views::ViewError;
 
 /// How a line protocol write is interpreted.
 #[derive(Debug, Clone, Copy)]
@@ -141,6 +143,11 @@ pub(crate) struct DbInner {
     persister: Mutex<Option<(JoinHandle<()>, Arc<StopSignal>)>>,
     /// Segment files included in query scans.
     pub(crate) segments_scanned: std::sync::atomic::AtomicU64,
+    /// Materialized views: registry, maintenance queue and worker.
+    pub(crate) views: Arc<crate::views::ViewsShared>,
+    /// Held by the view worker during a round (dropping a view waits for it).
+    pub(crate) view_round: Mutex<()>,
+    view_worker: Mutex<Option<JoinHandle<()>>>,
     /// Holds the data directory's lock for the life of the handle.
     _dir_lock: Option<File>,
 }
@@ -277,6 +284,11 @@ impl Db {
             .as_ref()
             .map(|dir| WalWriter::new(dir, config.wal_segment_bytes, config.io_faults.clone()));
         let commit = CommitQueue::new(next_seq - 1, config.durability, config.io_faults.clone());
+        let views = Arc::new(crate::views::ViewsShared::new(
+            config.view_queue_bytes,
+            next_seq - 1,
+        ));
+        commit.set_observer(views.clone());
         let mut query_error = None;
         let config_dir = config.data_dir.clone();
         let inner = Arc::new_cyclic(|weak: &Weak<DbInner>| DbInner {
@@ -305,6 +317,9 @@ impl Db {
             last_persist: Mutex::new(std::time::Instant::now()),
             persister: Mutex::new(None),
             segments_scanned: std::sync::atomic::AtomicU64::new(0),
+            views,
+            view_round: Mutex::new(()),
+            view_worker: Mutex::new(None),
             _dir_lock: dir_lock,
         });
         if let Some(e) = query_error {
@@ -317,6 +332,7 @@ impl Db {
         if inner.config.background && inner.manifest.is_some() {
             start_persister(&inner);
         }
+        start_view_worker(&inner)?;
         Ok(Db { inner })
     }
 
@@ -361,6 +377,7 @@ impl Db {
         }
         let now = self.inner.config.clock.now_ns();
         let accept_partial = options.accept_partial;
+        self.inner.views.wait_for_room();
         self.inner
             .write(|catalog| prepare_lines(catalog, db, &parsed, now, accept_partial))
     }
@@ -459,6 +476,20 @@ impl Db {
         databases: Option<&[String]>,
     ) -> Result<datafusion::dataframe::DataFrame, Error> {
         self.inner.check_open()?;
+        self.inner.views.wait_loaded();
+        if let Some(statement) = crate::views::ddl::parse(query) {
+            let statement = statement.map_err(|e| Error::View(ViewError::Invalid(e)))?;
+            if !allow_dml && !matches!(statement, crate::views::ddl::ViewStatement::Show) {
+                return Err(Error::Denied(
+                    "materialized view statements need write access (use the statement endpoint)"
+                        .to_string(),
+                ));
+            }
+            return self
+                .inner
+                .run_view_statement(db, statement, databases)
+                .await;
+        }
         if allow_dml && let Some(statement) = crate::query::admin::parse(query) {
             let statement =
                 statement.map_err(|e| Error::Query(datafusion::error::DataFusionError::Plan(e)))?;
@@ -473,7 +504,7 @@ impl Db {
                 "this token may not use database '{other}'"
             )));
         }
-        Ok(df)
+        self.inner.await_views(df, db).await
     }
 
     /// Names of the databases.
@@ -712,6 +743,38 @@ fn load_segments(catalog: &Catalog, manifest: &Manifest, dir: &Path) -> Result<u
     Ok(persisted_seq)
 }
 
+/// Starts the materialized-view maintenance thread (it first loads the stored views).
+fn start_view_worker(inner: &Arc<DbInner>) -> Result<(), Error> {
+    let weak = Arc::downgrade(inner);
+    let shared = inner.views.clone();
+    let handle = std::thread::Builder::new()
+        .name("rivulet-views".to_string())
+        .spawn(move || crate::views::run_worker(weak, shared))
+        .map_err(|e| Error::Config(format!("could not start the view thread: {e}")))?;
+    *inner.view_worker.lock() = Some(handle);
+    Ok(())
+}
+
+impl DbInner {
+    /// Lets the views catch up with every acknowledged write (bounded), then stops their
+    /// worker.
+    fn stop_views(&self) {
+        let seq = self.visible_seq();
+        let views = self.views.views.read().clone();
+        if !views.is_empty()
+            && let Err(e) = self.views.wait(&views, seq, self.config.view_wait)
+        {
+            tracing::warn!(error = %e, "closing before the views caught up; they recover at open");
+        }
+        self.views.stop();
+        if let Some(handle) = self.view_worker.lock().take()
+            && handle.thread().id() != std::thread::current().id()
+        {
+            let _ = handle.join();
+        }
+    }
+}
+
 /// Starts the thread that persists by size and age, compacts and applies retention.
 fn start_persister(inner: &Arc<DbInner>) {
     let every = std::time::Duration::from_millis(250);
@@ -764,7 +827,8 @@ fn replay_record(catalog: &Catalog, payload: &[u8], persisted_seq: u64) -> Resul
     };
     for (table, batch) in &record.tables {
         let prepared =
-            prepare_batch(catalog, &record.db, table, batch).map_err(|e| fail(e.to_string()))?;
+            crate::ingest::prepare::prepare_system_batch(catalog, &record.db, table, batch)
+                .map_err(|e| fail(e.to_string()))?;
         let chunks = publish(catalog, prepared, seq).map_err(|e| fail(e.to_string()))?;
         for (table, chunk) in chunks {
             table.apply(chunk);
@@ -810,6 +874,7 @@ impl DbInner {
         batch: &RecordBatch,
     ) -> Result<WriteReceipt, Error> {
         check_database_name(db).map_err(WriteError::InvalidDatabase)?;
+        self.views.wait_for_room();
         self.write(|catalog| prepare_batch(catalog, db, table, batch))
     }
 
@@ -974,6 +1039,7 @@ impl DbInner {
             return Ok(());
         }
         stop_periodic(&self.persister);
+        self.stop_views();
         let persisted = if self.config.persist_on_close
             && self.manifest.is_some()
             && self.commit.check().is_ok()

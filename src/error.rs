@@ -45,6 +45,9 @@ pub enum Error {
     /// The caller may not touch a database the statement names.
     #[error("{0}")]
     Denied(String),
+    /// A materialized-view statement failed, or a view did not catch up in time.
+    #[error(transparent)]
+    View(#[from] crate::db::ViewError),
     /// The database was closed.
     #[error("the database is closed")]
     Closed,

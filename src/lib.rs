@@ -51,10 +51,11 @@ mod ingest;
 mod query;
 pub mod server;
 mod storage;
+mod views;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{Config, Durability};
-pub use db::{CompactReport, Db, DbStats, PersistReport, WriteOptions, WriteReceipt};
+pub use db::{CompactReport, Db, DbStats, PersistReport, ViewError, WriteOptions, WriteReceipt};
 pub use error::Error;
 pub use ingest::WriteError;
 pub use ingest::line_protocol::{self, LineError, Precision};

@@ -13,8 +13,11 @@ mod last_cache;
 pub(crate) mod segment_scan;
 mod table;
 
+pub(crate) use table::BufferTableProvider;
+
 use std::sync::{Arc, Weak};
 
+use arrow::array::RecordBatch;
 use datafusion::common::tree_node::TreeNode;
 use datafusion::dataframe::DataFrame;
 use datafusion::error::DataFusionError;
@@ -30,10 +33,36 @@ use crate::db::DbInner;
 /// The DataFusion catalog name under which databases appear as schemas.
 pub(crate) const CATALOG_NAME: &str = "rivulet";
 
-/// The write sequence a query reads up to, fixed when it is planned.
-#[derive(Debug)]
+/// The write sequence a query reads up to, fixed when it is planned (and raised once, after
+/// waiting for the materialized views it reads to catch up), plus what view maintenance reads
+/// instead of whole tables.
+#[derive(Debug, Default)]
 pub(crate) struct QuerySnapshot {
-    pub(crate) seq: u64,
+    pub(crate) seq: std::sync::atomic::AtomicU64,
+    /// By table id: read these rows instead of the table, or only a time range of it.
+    pub(crate) overrides: std::collections::HashMap<u64, TableOverride>,
+}
+
+impl QuerySnapshot {
+    pub(crate) fn new(seq: u64) -> QuerySnapshot {
+        QuerySnapshot {
+            seq: std::sync::atomic::AtomicU64::new(seq),
+            overrides: Default::default(),
+        }
+    }
+
+    pub(crate) fn seq(&self) -> u64 {
+        self.seq.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// What a view-maintenance query reads of one table.
+#[derive(Debug, Clone)]
+pub(crate) enum TableOverride {
+    /// Only these rows (a write's delta), in any subset of the table's columns.
+    Rows(Vec<RecordBatch>),
+    /// Only rows with `lo <= time <= hi`.
+    Range(i64, i64),
 }
 
 /// Plans and runs SQL for one [`Db`](crate::Db).
@@ -72,12 +101,27 @@ impl QueryEngine {
         })
     }
 
+    /// Names (and aliases) of the aggregate functions queries can call.
+    pub(crate) fn aggregate_names(&self) -> std::collections::HashSet<String> {
+        crate::views::plan::aggregate_names(&self.template)
+    }
+
     /// An engine without databases, only used to finish constructing a handle whose real engine
     /// failed to build (the handle is then dropped and the error returned).
     pub(crate) fn fallback() -> QueryEngine {
         QueryEngine {
             template: SessionStateBuilder::new().build(),
         }
+    }
+
+    /// A session with `db` as the default database, reading `snapshot`.
+    pub(crate) fn context(&self, db: &str, snapshot: QuerySnapshot) -> SessionContext {
+        let mut state = self.template.clone();
+        state.config_mut().options_mut().catalog.default_schema = db.to_string();
+        // One visible sequence for the whole query: every table scan reads up to it, so a
+        // query sees a write to several tables entirely or not at all.
+        state.config_mut().set_extension(Arc::new(snapshot));
+        SessionContext::new_with_state(state)
     }
 
     /// Plans `sql` with `db` as the default database. DDL, session statements and `COPY` are
@@ -89,14 +133,7 @@ impl QueryEngine {
         allow_dml: bool,
         visible_seq: u64,
     ) -> Result<DataFrame, DataFusionError> {
-        let mut state = self.template.clone();
-        state.config_mut().options_mut().catalog.default_schema = db.to_string();
-        // One visible sequence for the whole query: every table scan reads up to it, so a
-        // query sees a write to several tables entirely or not at all.
-        state
-            .config_mut()
-            .set_extension(Arc::new(QuerySnapshot { seq: visible_seq }));
-        let ctx = SessionContext::new_with_state(state);
+        let ctx = self.context(db, QuerySnapshot::new(visible_seq));
         let options = SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_statements(false)

@@ -44,15 +44,30 @@ pub(crate) struct PreparedWrite {
     pub(crate) rows: usize,
 }
 
+/// Tables whose names start with this are Rivulet's own (e.g. view progress).
+pub(crate) const RESERVED_PREFIX: &str = "__rivulet";
+
 /// Resolves a table for writing: the catalog's, or a new unregistered one.
+/// Only `system` writes (view maintenance, WAL replay) may write view tables or reserved names.
 fn resolve_table(
     catalog: &Catalog,
     db: Option<&Arc<Database>>,
     db_name: &Arc<str>,
     name: &str,
+    system: bool,
 ) -> Result<(Arc<Table>, bool), String> {
     if let Some(t) = db.and_then(|d| d.table(name)) {
+        if !system && t.settings.read().view {
+            return Err(format!(
+                "'{name}' is a materialized view: only its definition writes it"
+            ));
+        }
         return Ok((t, false));
+    }
+    if !system && name.starts_with(RESERVED_PREFIX) {
+        return Err(format!(
+            "invalid table name '{name}': names starting with '{RESERVED_PREFIX}' are reserved"
+        ));
     }
     check_name(name).map_err(|e| format!("invalid table name '{name}': {e}"))?;
     let table = Table::new(
@@ -205,7 +220,7 @@ pub(crate) fn prepare_lines(
     let mut scratch = String::new();
     let mut tag_scratch: Vec<(Cow<'_, str>, Cow<'_, str>)> = Vec::new();
     for (name, line_ids) in &groups {
-        let (table, is_new) = match resolve_table(catalog, db.as_ref(), &db_name, name) {
+        let (table, is_new) = match resolve_table(catalog, db.as_ref(), &db_name, name, false) {
             Ok(t) => t,
             Err(reason) => {
                 for &i in line_ids {
@@ -409,6 +424,27 @@ pub(crate) fn prepare_batch(
     table_name: &str,
     batch: &RecordBatch,
 ) -> Result<PreparedWrite, WriteError> {
+    prepare_batch_as(catalog, db_name, table_name, batch, false)
+}
+
+/// [`prepare_batch`] for Rivulet's own writes (view maintenance, WAL replay), which may write
+/// view tables and reserved names.
+pub(crate) fn prepare_system_batch(
+    catalog: &Catalog,
+    db_name: &str,
+    table_name: &str,
+    batch: &RecordBatch,
+) -> Result<PreparedWrite, WriteError> {
+    prepare_batch_as(catalog, db_name, table_name, batch, true)
+}
+
+fn prepare_batch_as(
+    catalog: &Catalog,
+    db_name: &str,
+    table_name: &str,
+    batch: &RecordBatch,
+    system: bool,
+) -> Result<PreparedWrite, WriteError> {
     let invalid = |reason: String| WriteError::InvalidBatch {
         db: db_name.to_string(),
         table: table_name.to_string(),
@@ -417,7 +453,7 @@ pub(crate) fn prepare_batch(
     let db_name_arc: Arc<str> = db_name.into();
     let db = catalog.database(db_name);
     let (table, is_new) =
-        resolve_table(catalog, db.as_ref(), &db_name_arc, table_name).map_err(invalid)?;
+        resolve_table(catalog, db.as_ref(), &db_name_arc, table_name, system).map_err(invalid)?;
     let schema = table.schema();
     let mut columns = Columns {
         schema: &schema,

@@ -15,9 +15,9 @@ use datafusion::logical_expr::dml::InsertOp;
 use datafusion::logical_expr::{Between, BinaryExpr, Expr, Operator, TableProviderFilterPushDown};
 use datafusion::physical_plan::ExecutionPlan;
 
-use super::QuerySnapshot;
 use super::insert::TableSink;
 use super::segment_scan;
+use super::{QuerySnapshot, TableOverride};
 use crate::db::DbInner;
 use crate::storage::buffer::{
     Chunk, merge_batches, merge_chunks, project_batch, projected_schema, to_table_schema,
@@ -342,7 +342,7 @@ impl TableProvider for BufferTableProvider {
         filters: &[Expr],
         _limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let (lo, hi) = filters
+        let (mut lo, mut hi) = filters
             .iter()
             .filter_map(time_bounds)
             .fold((i64::MIN, i64::MAX), |(lo, hi), (a, b)| {
@@ -354,12 +354,30 @@ impl TableProvider for BufferTableProvider {
         };
         let out_schema = projected_schema(&self.schema, &columns);
         let partitions = state.config().target_partitions().max(1);
+        let snapshot = state.config().get_extension::<QuerySnapshot>();
+        let mut range_filter = None;
+        match snapshot
+            .as_ref()
+            .and_then(|s| s.overrides.get(&self.table.id))
+        {
+            Some(TableOverride::Rows(rows)) => {
+                // View maintenance over a write's delta: exactly these rows.
+                let batches = rows
+                    .iter()
+                    .map(|b| project_batch(b, &self.schema, &columns, &out_schema))
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                return MemorySourceConfig::try_new_exec(&[batches], out_schema, None)
+                    .map(|e| e as Arc<dyn ExecutionPlan>);
+            }
+            Some(TableOverride::Range(a, b)) => {
+                lo = lo.max(*a);
+                hi = hi.min(*b);
+                range_filter = Some((*a, *b));
+            }
+            None => {}
+        }
         let sources = if lo <= hi {
-            let snapshot = state
-                .config()
-                .get_extension::<QuerySnapshot>()
-                .map(|s| s.seq);
-            self.sources(snapshot, &columns, &out_schema, (lo, hi))?
+            self.sources(snapshot.map(|s| s.seq()), &columns, &out_schema, (lo, hi))?
         } else {
             Sources {
                 batches: Vec::new(),
@@ -410,9 +428,19 @@ impl TableProvider for BufferTableProvider {
             if parts.is_empty() {
                 parts.push(Vec::new());
             }
-            inputs.push(MemorySourceConfig::try_new_exec(&parts, out_schema, None)?);
+            inputs.push(MemorySourceConfig::try_new_exec(
+                &parts,
+                out_schema.clone(),
+                None,
+            )?);
         }
-        UnionExec::try_new(inputs)
+        let union = UnionExec::try_new(inputs)?;
+        match range_filter {
+            // Pruning is inexact; a range override must be exact (and the time column may not
+            // be projected, so filter before projecting it away).
+            Some((a, b)) => range_exec(union, &out_schema, a, b),
+            None => Ok(union),
+        }
     }
 
     async fn insert_into(
@@ -434,4 +462,29 @@ impl TableProvider for BufferTableProvider {
         );
         Ok(Arc::new(DataSinkExec::new(input, Arc::new(sink), None)))
     }
+}
+
+/// Keeps the rows of `input` with `lo <= time <= hi`. A scan that does not read `time` keeps
+/// everything: view maintenance only restricts queries whose time buckets read `time`.
+fn range_exec(
+    input: Arc<dyn ExecutionPlan>,
+    out_schema: &SchemaRef,
+    lo: i64,
+    hi: i64,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    use datafusion::physical_expr::expressions::{BinaryExpr, Column, Literal};
+    let Ok(idx) = out_schema.index_of(TIME_COLUMN) else {
+        return Ok(input);
+    };
+    let time = Arc::new(Column::new(TIME_COLUMN, idx));
+    let lit = |v: i64| {
+        Arc::new(Literal::new(ScalarValue::TimestampNanosecond(
+            Some(v),
+            Some("UTC".into()),
+        )))
+    };
+    let ge = Arc::new(BinaryExpr::new(time.clone(), Operator::GtEq, lit(lo)));
+    let le = Arc::new(BinaryExpr::new(time, Operator::LtEq, lit(hi)));
+    let both = Arc::new(BinaryExpr::new(ge, Operator::And, le));
+    Ok(Arc::new(FilterExec::try_new(both, input)?))
 }

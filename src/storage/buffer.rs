@@ -376,7 +376,7 @@ fn merge_rows(
     for (col_idx, def) in schema.columns().iter().enumerate() {
         let array = batch.column(col_idx);
         let indices = match def.kind {
-            ColumnKind::Field(_) if array.null_count() > 0 => {
+            ColumnKind::Field(_) if array.null_count() > 0 && !schema.is_whole_rows() => {
                 UInt32Array::from_iter_values(groups.iter().map(|&(s, e)| {
                     let rows = &order[s as usize..e as usize];
                     rows.iter()

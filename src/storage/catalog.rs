@@ -149,6 +149,9 @@ impl ColumnKind {
     }
 }
 
+/// A stored view definition: (database name, JSON).
+pub(crate) type StoredView = (Arc<str>, Vec<u8>);
+
 /// One column of a table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct ColumnDef {
@@ -162,6 +165,9 @@ pub(crate) struct ColumnDef {
 #[derive(Debug)]
 pub(crate) struct TableSchema {
     columns: Vec<ColumnDef>,
+    /// A later write of a point replaces the whole row (nulls included) instead of only the
+    /// fields it carries: materialized-view tables, whose rows are always written whole.
+    whole_rows: bool,
     by_name: HashMap<Arc<str>, usize>,
     arrow: SchemaRef,
 }
@@ -193,6 +199,7 @@ impl TableSchema {
             .collect();
         TableSchema {
             columns,
+            whole_rows: false,
             by_name,
             arrow: Arc::new(Schema::new(fields)),
         }
@@ -217,7 +224,18 @@ impl TableSchema {
     pub(crate) fn with_columns(&self, added: &[ColumnDef]) -> TableSchema {
         let mut cols = self.columns.clone();
         cols.extend(added.iter().cloned());
-        TableSchema::new(cols)
+        TableSchema::new(cols).whole_rows(self.whole_rows)
+    }
+
+    /// The schema with [`Self::is_whole_rows`] set to `on`.
+    pub(crate) fn whole_rows(mut self, on: bool) -> TableSchema {
+        self.whole_rows = on;
+        self
+    }
+
+    /// Whether a later write of a point replaces its whole row.
+    pub(crate) fn is_whole_rows(&self) -> bool {
+        self.whole_rows
     }
 }
 
@@ -245,6 +263,9 @@ pub(crate) struct TableRecord {
     /// Retention in nanoseconds (absent: keep forever).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention_ns: Option<i64>,
+    /// The table stores a materialized view's rows (written only by its maintenance).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub view: bool,
 }
 
 /// A database: a namespace of tables.
@@ -348,11 +369,12 @@ impl Catalog {
                 rec.id,
                 db.name.clone(),
                 rec.name.as_str().into(),
-                TableSchema::new(rec.columns),
+                TableSchema::new(rec.columns).whole_rows(rec.view),
             ));
             *table.settings.write() = super::table::TableSettings {
                 sort_key: rec.sort_key.iter().map(|s| s.as_str().into()).collect(),
                 retention: rec.retention_ns,
+                view: rec.view,
             };
             db.tables.write().insert(table.name.clone(), table);
         }
@@ -419,6 +441,7 @@ impl Catalog {
             columns: schema.columns().to_vec(),
             sort_key: settings.sort_key.iter().map(|s| s.to_string()).collect(),
             retention_ns: settings.retention,
+            view: settings.view,
         };
         let key = format!("table/{:016x}/{}", db.id, table.name);
         let value = serde_json::to_vec(&rec).map_err(|e| corrupt(key.as_bytes(), e))?;
@@ -428,6 +451,53 @@ impl Catalog {
             .entry(table.name.clone())
             .or_insert_with(|| table.clone());
         Ok(())
+    }
+
+    /// Removes `table` from `db` (its data must already be gone from the manifest).
+    pub(crate) fn drop_table(&self, db: &Database, name: &str) -> Result<(), CatalogError> {
+        let key = format!("table/{:016x}/{}", db.id, name);
+        self.tree.remove(key)?;
+        db.tables.write().remove(name);
+        Ok(())
+    }
+
+    /// Stores a materialized view's definition (JSON) under database `db`.
+    pub(crate) fn save_view(
+        &self,
+        db: &Database,
+        name: &str,
+        json: &[u8],
+    ) -> Result<(), CatalogError> {
+        self.tree
+            .insert(format!("view/{:016x}/{}", db.id, name), json)?;
+        Ok(())
+    }
+
+    /// Removes a materialized view's definition.
+    pub(crate) fn remove_view(&self, db: &Database, name: &str) -> Result<(), CatalogError> {
+        self.tree.remove(format!("view/{:016x}/{}", db.id, name))?;
+        Ok(())
+    }
+
+    /// Every stored view definition.
+    pub(crate) fn views(&self) -> Result<Vec<StoredView>, CatalogError> {
+        let by_id: HashMap<u64, Arc<str>> = self
+            .databases()
+            .iter()
+            .map(|d| (d.id, d.name.clone()))
+            .collect();
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix("view/") {
+            let (key, value) = item?;
+            let db = std::str::from_utf8(&key)
+                .ok()
+                .and_then(|k| k.split('/').nth(1))
+                .and_then(|id| u64::from_str_radix(id, 16).ok())
+                .and_then(|id| by_id.get(&id).cloned())
+                .ok_or_else(|| corrupt(&key, "bad key or unknown database"))?;
+            out.push((db, value.to_vec()));
+        }
+        Ok(out)
     }
 
     /// The next write sequence recorded at the last clean close (0 when never recorded).

@@ -23,6 +23,12 @@ use super::table::Table;
 use super::wal::{IoFaults, WalError, WalWriter};
 use crate::config::Durability;
 
+/// Told of every write as it becomes visible, in sequence order (view maintenance). Must not
+/// block: it runs in the group-commit step every writer waits for.
+pub(crate) trait ApplyObserver: Send + Sync {
+    fn applied(&self, seq: u64, chunks: &[(Arc<Table>, Arc<Chunk>)]);
+}
+
 /// A sequenced write waiting to become visible.
 pub(crate) struct PendingApply {
     pub(crate) seq: u64,
@@ -49,6 +55,7 @@ pub(crate) struct CommitQueue {
     fsync_nanos: AtomicU64,
     /// Arrow memory applied to the buffers (recounted after each persist).
     pub(crate) buffer_bytes: std::sync::atomic::AtomicUsize,
+    observer: parking_lot::RwLock<Option<Arc<dyn ApplyObserver>>>,
 }
 
 impl CommitQueue {
@@ -71,7 +78,13 @@ impl CommitQueue {
             fsyncs: AtomicU64::new(0),
             fsync_nanos: AtomicU64::new(0),
             buffer_bytes: std::sync::atomic::AtomicUsize::new(0),
+            observer: parking_lot::RwLock::new(None),
         }
+    }
+
+    /// Sets the observer told of every applied write.
+    pub(crate) fn set_observer(&self, observer: Arc<dyn ApplyObserver>) {
+        *self.observer.write() = Some(observer);
     }
 
     /// Fails if an earlier I/O failure poisoned the log.
@@ -129,10 +142,14 @@ impl CommitQueue {
             let last = batch.last().map(|p| p.seq);
             if synced.is_ok() {
                 let mut bytes = 0;
+                let observer = self.observer.read().clone();
                 for item in batch {
-                    for (table, chunk) in item.chunks {
+                    for (table, chunk) in &item.chunks {
                         bytes += chunk.batch.get_array_memory_size();
-                        table.apply(chunk);
+                        table.apply(chunk.clone());
+                    }
+                    if let Some(o) = &observer {
+                        o.applied(item.seq, &item.chunks);
                     }
                 }
                 self.buffer_bytes.fetch_add(bytes, Ordering::Relaxed);

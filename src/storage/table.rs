@@ -42,6 +42,8 @@ pub(crate) struct TableSettings {
     pub sort_key: Vec<Arc<str>>,
     /// Partitions wholly older than this (ns) are dropped.
     pub retention: Option<i64>,
+    /// The table holds a materialized view's rows: only its maintenance writes it.
+    pub view: bool,
 }
 
 impl Table {

@@ -1,0 +1,593 @@
+//! One view's part of a maintenance round: from the changes to its sources to the rows it
+//! writes (see the strategies in [`super::plan`]).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, BooleanArray, RecordBatch, RecordBatchOptions, StringArray,
+    TimestampNanosecondArray, UInt64Array, new_null_array,
+};
+use arrow::compute::{cast, concat_batches, filter_record_batch};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::common::ScalarValue;
+use datafusion::execution::context::{SQLOptions, SessionContext};
+use datafusion::logical_expr::{col, lit};
+
+use super::plan::{OutColumn, Strategy, TimeMap, ViewPlan, quote};
+use super::provider::DELETED;
+use super::{Change, PROGRESS_TABLE, View};
+use crate::db::DbInner;
+use crate::error::Error;
+use crate::query::{QuerySnapshot, TableOverride};
+use crate::storage::buffer::{Chunk, time_values};
+use crate::storage::catalog::TIME_COLUMN;
+
+/// What a view changed in a round, for the views defined on it.
+pub(crate) struct Out {
+    pub ranges: Vec<(i64, i64)>,
+    pub all: bool,
+}
+
+/// Rows a round writes to the view's storage table.
+#[derive(Default)]
+struct Writes {
+    batches: Vec<RecordBatch>,
+}
+
+fn query_error(m: String) -> Error {
+    Error::Query(datafusion::error::DataFusionError::Execution(m))
+}
+
+/// Applies the round's `changes` to `view`; `upto` is the round's last sequence.
+pub(crate) async fn round(
+    db: &Arc<DbInner>,
+    view: &Arc<View>,
+    changes: &HashMap<u64, Change>,
+    upto: u64,
+) -> Result<Option<Out>, Error> {
+    let plan = &view.plan;
+    let (backfill, mut ranges, mut full, fences, max_before) = {
+        let st = view.status.lock();
+        (
+            st.backfill_pending,
+            st.pending.clone(),
+            st.full,
+            st.fences.clone(),
+            st.max_source_time,
+        )
+    };
+    if backfill {
+        backfill_view(db, view, upto).await?;
+        let mut st = view.status.lock();
+        st.pending.clear();
+        st.full = false;
+        st.fences.retain(|f| f.2 > upto);
+        return Ok(Some(Out {
+            ranges: Vec::new(),
+            all: true,
+        }));
+    }
+    let mut chunks: Vec<Arc<Chunk>> = Vec::new();
+    for id in &view.source_ids {
+        let Some(c) = changes.get(id) else { continue };
+        if Some(*id) == view.primary_id && plan.time != TimeMap::None && !c.all {
+            chunks.extend(c.chunks.iter().cloned());
+            ranges.extend(c.ranges.iter().copied());
+        } else {
+            full = true;
+        }
+    }
+    if plan.time == TimeMap::None && (!ranges.is_empty() || !chunks.is_empty()) {
+        full = true;
+    }
+    if !full && ranges.is_empty() && chunks.is_empty() {
+        return Ok(None);
+    }
+    let max_seen = chunks.iter().map(|c| c.max_time).max();
+    let result = if full {
+        recompute_all(db, view, upto).await
+    } else {
+        incremental(db, view, chunks, ranges, &fences, max_before, upto).await
+    };
+    let out = result?;
+    let mut st = view.status.lock();
+    st.pending.clear();
+    st.full = false;
+    st.fences.retain(|f| f.2 > upto);
+    if let Some(m) = max_seen {
+        st.max_source_time = Some(st.max_source_time.map_or(m, |x| x.max(m)));
+    }
+    Ok(Some(out))
+}
+
+/// Merges overlapping or touching ranges.
+fn coalesce(mut ranges: Vec<(i64, i64)>) -> Vec<(i64, i64)> {
+    ranges.sort_unstable();
+    let mut out: Vec<(i64, i64)> = Vec::with_capacity(ranges.len());
+    for (lo, hi) in ranges {
+        match out.last_mut() {
+            Some(last) if lo <= last.1.saturating_add(1) => last.1 = last.1.max(hi),
+            _ => out.push((lo, hi)),
+        }
+    }
+    out
+}
+
+async fn incremental(
+    db: &Arc<DbInner>,
+    view: &Arc<View>,
+    chunks: Vec<Arc<Chunk>>,
+    mut ranges: Vec<(i64, i64)>,
+    fences: &[(i64, i64, u64)],
+    max_before: Option<i64>,
+    upto: u64,
+) -> Result<Out, Error> {
+    let plan = &view.plan;
+    let options = view.def.lock().options.clone();
+    // Points whose window was already final when they arrived, for `late = 'drop'`.
+    let watermark = match options.late {
+        super::ddl::Late::Drop => max_before.map(|m| m.saturating_sub(options.lateness_ns)),
+        super::ddl::Late::Correct => None,
+    };
+    let mut appends: Vec<Arc<Chunk>> = Vec::new();
+    for c in chunks {
+        let fenced = fences
+            .iter()
+            .any(|&(lo, hi, seq)| c.seq <= seq && c.max_time >= lo && c.min_time <= hi);
+        if plan.strategy == Strategy::Recompute || c.overlaps || c.over_persisted || fenced {
+            ranges.push((c.min_time, c.max_time));
+        } else {
+            appends.push(c);
+        }
+    }
+    // Dirty windows, as whole buckets.
+    let dirty_out: Vec<(i64, i64)> = coalesce(
+        ranges
+            .iter()
+            .filter_map(|&(lo, hi)| {
+                let (lo, hi) = match watermark {
+                    // Final windows are not recomputed (late points stay out).
+                    Some(w) => {
+                        let mut lo = lo;
+                        while plan.time.bucket_end(lo) <= w && lo < hi {
+                            lo = plan.time.bucket_end(lo);
+                        }
+                        if plan.time.bucket_end(lo) <= w {
+                            return None;
+                        }
+                        (lo, hi)
+                    }
+                    None => (lo, hi),
+                };
+                plan.time.out_range(lo, hi)
+            })
+            .collect(),
+    );
+    let mut out_ranges = dirty_out.clone();
+    let dirty_src: Vec<(i64, i64)> = dirty_out
+        .iter()
+        .filter_map(|&(lo, hi)| plan.time.source_range(lo, hi))
+        .collect();
+
+    let mut writes = Writes::default();
+    let mut dropped = 0u64;
+    // Appended rows outside the dirty windows (those are recomputed whole).
+    let mut rows: Vec<RecordBatch> = Vec::new();
+    for c in &appends {
+        let times = time_values(&c.batch)?;
+        let keep: BooleanArray = times
+            .iter()
+            .map(|&t| {
+                let late = watermark.is_some_and(|w| plan.time.bucket_end(t) <= w);
+                if late {
+                    dropped += 1;
+                }
+                Some(!late && !dirty_src.iter().any(|&(lo, hi)| t >= lo && t <= hi))
+            })
+            .collect();
+        let kept = filter_record_batch(&c.batch, &keep)?;
+        if kept.num_rows() > 0 {
+            rows.push(kept);
+        }
+    }
+    if !rows.is_empty() {
+        let produced = run(db, view, Some(TableOverride::Rows(rows))).await?;
+        let mut new = conform(view, &produced, false)?;
+        if new.num_rows() > 0 {
+            let (lo, hi) = crate::storage::buffer::min_max(time_values(&new)?);
+            if plan.strategy == Strategy::Aggregate {
+                let stored = read_stored(db, view, lo, hi).await?;
+                new = merge_states(view, new, stored).await?;
+            }
+            out_ranges.push((lo, hi));
+            writes.batches.push(new);
+        }
+    }
+    let mut fences_added = Vec::new();
+    for &(lo, hi) in &dirty_out {
+        let Some((slo, shi)) = plan.time.source_range(lo, hi) else {
+            continue;
+        };
+        let (new, deleted) = recompute(db, view, Some((slo, shi)), (lo, hi)).await?;
+        fences_added.push((slo, shi, db.visible_seq()));
+        writes.batches.extend(deleted);
+        writes.batches.push(new);
+    }
+    write(db, view, writes, upto).await?;
+    let mut st = view.status.lock();
+    st.late_dropped += dropped;
+    if plan.strategy == Strategy::Aggregate {
+        st.fences.extend(fences_added);
+    }
+    Ok(Out {
+        ranges: coalesce(out_ranges),
+        all: false,
+    })
+}
+
+/// Recomputes the whole view.
+async fn recompute_all(db: &Arc<DbInner>, view: &Arc<View>, upto: u64) -> Result<Out, Error> {
+    let (new, deleted) = recompute(db, view, None, (i64::MIN, i64::MAX)).await?;
+    let mut writes = Writes::default();
+    writes.batches.extend(deleted);
+    writes.batches.push(new);
+    write(db, view, writes, upto).await?;
+    Ok(Out {
+        ranges: Vec::new(),
+        all: true,
+    })
+}
+
+/// Computes the view's rows in view-time range `out` (reading the primary source only in
+/// `source`, or everything) and the deletions of stored rows that are no longer produced.
+async fn recompute(
+    db: &Arc<DbInner>,
+    view: &Arc<View>,
+    source: Option<(i64, i64)>,
+    (lo, hi): (i64, i64),
+) -> Result<(RecordBatch, Option<RecordBatch>), Error> {
+    let produced = run(db, view, source.map(|(a, b)| TableOverride::Range(a, b))).await?;
+    let new = conform(view, &produced, false)?;
+    let stored = read_stored(db, view, lo, hi).await?;
+    let deleted = deletions(view, &stored, &new)?;
+    Ok((new, deleted))
+}
+
+/// Runs the view's storage SQL, with the primary source replaced by `over`.
+async fn run(
+    db: &Arc<DbInner>,
+    view: &View,
+    over: Option<TableOverride>,
+) -> Result<Vec<RecordBatch>, Error> {
+    let mut snapshot = QuerySnapshot::new(db.visible_seq());
+    if let (Some(o), Some(id)) = (over, view.primary_id) {
+        snapshot.overrides.insert(id, o);
+    }
+    let ctx = db.query.context(&view.db, snapshot);
+    let options = SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false);
+    let df = ctx
+        .sql_with_options(&view.plan.storage_sql, options)
+        .await?;
+    Ok(df.collect().await?)
+}
+
+fn ts(v: i64) -> datafusion::logical_expr::Expr {
+    lit(ScalarValue::TimestampNanosecond(
+        Some(v),
+        Some("UTC".into()),
+    ))
+}
+
+/// The view's stored (not deleted) rows with time in `[lo, hi]`, in the storage schema.
+async fn read_stored(
+    db: &Arc<DbInner>,
+    view: &View,
+    lo: i64,
+    hi: i64,
+) -> Result<RecordBatch, Error> {
+    let ctx = db
+        .query
+        .context(&view.db, QuerySnapshot::new(db.visible_seq()));
+    let provider = Arc::new(crate::query::BufferTableProvider::new(
+        Arc::downgrade(db),
+        view.table.clone(),
+    ));
+    let schema = provider_schema(view);
+    let mut filter = col(DELETED).is_not_true();
+    if lo > i64::MIN || hi < i64::MAX {
+        filter = filter.and(col(TIME_COLUMN).between(ts(lo), ts(hi)));
+    }
+    let batches = ctx.read_table(provider)?.filter(filter)?.collect().await?;
+    Ok(concat_batches(&schema, &batches)?)
+}
+
+fn provider_schema(view: &View) -> SchemaRef {
+    view.table.schema().arrow().clone()
+}
+
+/// `batches` (as the storage SQL or a merge produced them) in the storage schema, with
+/// `__deleted` set to `deleted`.
+fn conform(view: &View, batches: &[RecordBatch], deleted: bool) -> Result<RecordBatch, Error> {
+    let schema = provider_schema(view);
+    let mut parts = Vec::with_capacity(batches.len());
+    for b in batches {
+        let rows = b.num_rows();
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
+        for f in schema.fields() {
+            let name = f.name().as_str();
+            let array: ArrayRef = if name == DELETED {
+                Arc::new(BooleanArray::from(vec![deleted; rows]))
+            } else if name == TIME_COLUMN && !view.plan.has_time {
+                Arc::new(TimestampNanosecondArray::from(vec![0i64; rows]).with_timezone("UTC"))
+            } else {
+                match b.column_by_name(name) {
+                    None => new_null_array(f.data_type(), rows),
+                    Some(a) => cast_to(a, f.data_type())?,
+                }
+            };
+            columns.push(array);
+        }
+        parts.push(RecordBatch::try_new_with_options(
+            schema.clone(),
+            columns,
+            &RecordBatchOptions::new().with_row_count(Some(rows)),
+        )?);
+    }
+    Ok(concat_batches(&schema, &parts)?)
+}
+
+fn cast_to(a: &ArrayRef, to: &DataType) -> Result<ArrayRef, Error> {
+    if a.data_type() == to {
+        return Ok(a.clone());
+    }
+    Ok(match to {
+        DataType::Dictionary(_, v) => cast(&cast(a, v)?, to)?,
+        _ => cast(a, to)?,
+    })
+}
+
+/// Stored rows whose key (time and tags) is not among `new`, as deletion rows.
+fn deletions(
+    view: &View,
+    stored: &RecordBatch,
+    new: &RecordBatch,
+) -> Result<Option<RecordBatch>, Error> {
+    if stored.num_rows() == 0 {
+        return Ok(None);
+    }
+    let keys = key_columns(view);
+    let keep: HashSet<Vec<u8>> = key_rows(&keys, new)?.into_iter().collect();
+    let gone: BooleanArray = key_rows(&keys, stored)?
+        .into_iter()
+        .map(|k| Some(!keep.contains(&k)))
+        .collect();
+    let gone = filter_record_batch(stored, &gone)?;
+    if gone.num_rows() == 0 {
+        return Ok(None);
+    }
+    let only_keys: Vec<(String, ArrayRef)> = keys
+        .iter()
+        .filter_map(|k| gone.column_by_name(k).map(|a| (k.clone(), a.clone())))
+        .collect();
+    let batch = RecordBatch::try_from_iter(only_keys)?;
+    // Keep the stored time (also when the view has none: it is 0 there).
+    let mut out = conform(view, &[batch], true)?;
+    if !view.plan.has_time {
+        out = conform_time(out, &gone)?;
+    }
+    Ok(Some(out))
+}
+
+fn conform_time(out: RecordBatch, from: &RecordBatch) -> Result<RecordBatch, Error> {
+    let Some(t) = from.column_by_name(TIME_COLUMN) else {
+        return Ok(out);
+    };
+    let idx = out.schema().index_of(TIME_COLUMN)?;
+    let mut cols = out.columns().to_vec();
+    cols[idx] = t.clone();
+    Ok(RecordBatch::try_new(out.schema(), cols)?)
+}
+
+/// Storage columns that identify a view row: `time` and the key tags.
+fn key_columns(view: &View) -> Vec<String> {
+    let mut keys = vec![TIME_COLUMN.to_string()];
+    keys.extend(
+        view.plan
+            .columns
+            .iter()
+            .filter(|(_, c)| matches!(c, OutColumn::Key))
+            .map(|(n, _)| n.clone()),
+    );
+    keys
+}
+
+fn key_rows(keys: &[String], batch: &RecordBatch) -> Result<Vec<Vec<u8>>, Error> {
+    use arrow::row::{RowConverter, SortField};
+    let columns: Vec<ArrayRef> = keys
+        .iter()
+        .filter_map(|k| batch.column_by_name(k).cloned())
+        .collect();
+    let converter = RowConverter::new(
+        columns
+            .iter()
+            .map(|c| SortField::new(c.data_type().clone()))
+            .collect(),
+    )?;
+    let rows = converter.convert_columns(&columns)?;
+    Ok(rows.iter().map(|r| r.data().to_vec()).collect())
+}
+
+/// Merges delta states `d` with the stored states `s` of the same keys.
+async fn merge_states(view: &View, d: RecordBatch, s: RecordBatch) -> Result<RecordBatch, Error> {
+    let ctx = SessionContext::new();
+    ctx.register_batch("d", d)?;
+    ctx.register_batch("s", s)?;
+    let keys = key_columns(view);
+    let mut list: Vec<String> = keys
+        .iter()
+        .map(|k| format!("d.{q} AS {q}", q = quote(k)))
+        .collect();
+    for (i, (_, c)) in view.plan.columns.iter().enumerate() {
+        if let OutColumn::State(agg) = c {
+            let merges = agg.merges(&|suffix| quote(&ViewPlan::state_column(i, suffix)));
+            for ((suffix, _), m) in agg.states().iter().zip(merges) {
+                list.push(format!(
+                    "{m} AS {}",
+                    quote(&ViewPlan::state_column(i, suffix))
+                ));
+            }
+        }
+    }
+    let on: Vec<String> = keys
+        .iter()
+        .map(|k| format!("d.{q} IS NOT DISTINCT FROM s.{q}", q = quote(k)))
+        .collect();
+    let sql = format!(
+        "SELECT {} FROM d LEFT JOIN s ON {}",
+        list.join(", "),
+        on.join(" AND ")
+    );
+    let batches = ctx.sql(&sql).await?.collect().await?;
+    conform(view, &batches, false)
+}
+
+/// Writes a round's rows and the view's applied sequence as one write.
+async fn write(db: &Arc<DbInner>, view: &View, writes: Writes, upto: u64) -> Result<(), Error> {
+    let schema = provider_schema(view);
+    let batches: Vec<RecordBatch> = writes
+        .batches
+        .into_iter()
+        .filter(|b| b.num_rows() > 0)
+        .collect();
+    let rows = concat_batches(&schema, &batches)?;
+    let progress = progress_batch(&view.name(), upto)?;
+    let name = view.table.name.to_string();
+    let n = rows.num_rows() as u64;
+    let db2 = db.clone();
+    let db_name = view.db.to_string();
+    tokio::task::spawn_blocking(move || {
+        let mut tables = vec![(PROGRESS_TABLE.to_string(), progress)];
+        if rows.num_rows() > 0 {
+            tables.insert(0, (name, rows));
+        }
+        db2.write_system(&db_name, tables)
+    })
+    .await
+    .map_err(|e| query_error(format!("view write task failed: {e}")))??;
+    view.status.lock().rows_written += n;
+    Ok(())
+}
+
+/// The progress table row saying `view` has applied every write up to `upto`.
+pub(crate) fn progress_batch(view: &str, upto: u64) -> Result<RecordBatch, Error> {
+    let dict = cast(
+        &(Arc::new(StringArray::from(vec![view])) as ArrayRef),
+        &DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8)),
+    )?;
+    let schema = Arc::new(Schema::new(vec![
+        Field::new(
+            TIME_COLUMN,
+            DataType::Timestamp(arrow::datatypes::TimeUnit::Nanosecond, Some("UTC".into())),
+            false,
+        ),
+        Field::new("view", dict.data_type().clone(), true),
+        Field::new("applied", DataType::UInt64, true),
+    ]));
+    Ok(RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(TimestampNanosecondArray::from(vec![0i64]).with_timezone("UTC")),
+            dict,
+            Arc::new(UInt64Array::from(vec![upto])),
+        ],
+    )?)
+}
+
+/// The time extent of a table: segments and buffered chunks.
+fn extent(table: &crate::storage::table::Table) -> Option<(i64, i64)> {
+    let snap = table.buffer.read().snapshot();
+    let mut lo = i64::MAX;
+    let mut hi = i64::MIN;
+    for s in snap.segments.iter() {
+        lo = lo.min(s.meta.min_time);
+        hi = hi.max(s.meta.max_time);
+    }
+    for c in snap.frozen.iter().chain(&snap.chunks) {
+        lo = lo.min(c.min_time);
+        hi = hi.max(c.max_time);
+    }
+    (lo <= hi).then_some((lo, hi))
+}
+
+/// Computes a new view over everything stored, one piece (at least a partition long, a whole
+/// number of buckets) at a time, so memory stays bounded by a piece.
+async fn backfill_view(db: &Arc<DbInner>, view: &Arc<View>, upto: u64) -> Result<(), Error> {
+    let plan = &view.plan;
+    let source = view
+        .primary_id
+        .and_then(|id| db.table_by_id(id))
+        .and_then(|t| extent(&t));
+    let stored = extent(&view.table);
+    match (plan.time, source) {
+        (TimeMap::None, _) | (_, None) => {
+            view.status.lock().backfill = Some((0, 1));
+            recompute_all(db, view, upto).await?;
+            view.status.lock().backfill = Some((1, 1));
+        }
+        (time, Some((mut lo, mut hi))) => {
+            if let Some((a, b)) = stored {
+                // Rows left by an interrupted backfill or an earlier definition.
+                lo = lo.min(a);
+                hi = hi.max(b);
+            }
+            let partition = (db.config.partition.as_nanos() as i64).max(1);
+            let (start, step) = match time {
+                TimeMap::Bin { stride, .. } => {
+                    let step = ((partition + stride - 1) / stride)
+                        .max(1)
+                        .saturating_mul(stride);
+                    (time.bucket(lo), step)
+                }
+                _ => (lo, partition),
+            };
+            let total = ((hi as i128 - start as i128) / step as i128 + 1) as u64;
+            view.status.lock().backfill = Some((0, total));
+            let mut a = start;
+            let mut done = 0;
+            loop {
+                let b = a.saturating_add(step - 1);
+                let out = match time {
+                    TimeMap::Bin { stride, .. } => (a, b.saturating_sub(stride - 1).max(a)),
+                    _ => (a, b),
+                };
+                let (new, deleted) = recompute(db, view, Some((a, b)), out).await?;
+                let fence = (a, b, db.visible_seq());
+                let mut writes = Writes::default();
+                writes.batches.extend(deleted);
+                writes.batches.push(new);
+                write(db, view, writes, upto).await?;
+                done += 1;
+                {
+                    let mut st = view.status.lock();
+                    st.backfill = Some((done, total));
+                    if plan.strategy == Strategy::Aggregate {
+                        st.fences.push(fence);
+                    }
+                }
+                if b >= hi || b == i64::MAX {
+                    break;
+                }
+                a = b + 1;
+            }
+        }
+    }
+    db.finish_backfill(view)?;
+    let mut st = view.status.lock();
+    st.backfill = None;
+    st.backfill_pending = false;
+    Ok(())
+}
