@@ -130,6 +130,15 @@ async fn incremental(
         super::ddl::Late::Drop => max_before.map(|m| m.saturating_sub(options.lateness_ns)),
         super::ddl::Late::Correct => None,
     };
+    let mut dropped = 0u64;
+    if let Some(w) = watermark {
+        for c in &chunks {
+            dropped += time_values(&c.batch)?
+                .iter()
+                .filter(|&&t| plan.time.bucket_end(t) <= w)
+                .count() as u64;
+        }
+    }
     let mut appends: Vec<Arc<Chunk>> = Vec::new();
     for c in chunks {
         let fenced = fences
@@ -171,7 +180,6 @@ async fn incremental(
         .collect();
 
     let mut writes = Writes::default();
-    let mut dropped = 0u64;
     // Appended rows outside the dirty windows (those are recomputed whole).
     let mut rows: Vec<RecordBatch> = Vec::new();
     for c in &appends {
@@ -180,9 +188,6 @@ async fn incremental(
             .iter()
             .map(|&t| {
                 let late = watermark.is_some_and(|w| plan.time.bucket_end(t) <= w);
-                if late {
-                    dropped += 1;
-                }
                 Some(!late && !dirty_src.iter().any(|&(lo, hi)| t >= lo && t <= hi))
             })
             .collect();
@@ -444,7 +449,7 @@ async fn merge_states(view: &View, d: RecordBatch, s: RecordBatch) -> Result<Rec
     }
     let on: Vec<String> = keys
         .iter()
-        .map(|k| format!("d.{q} IS NOT DISTINCT FROM s.{q}", q = quote(k)))
+        .map(|k| format!("(d.{q} IS NOT DISTINCT FROM s.{q})", q = quote(k)))
         .collect();
     let sql = format!(
         "SELECT {} FROM d LEFT JOIN s ON {}",
