@@ -117,16 +117,12 @@ pub(crate) enum Agg {
 impl Agg {
     /// (suffix, SQL over the source rows) of each state column.
     pub(crate) fn states(&self) -> Vec<(&'static str, String)> {
-        let dbl = |a: &str| format!("CAST({a} AS DOUBLE)");
         match self {
             Agg::Count(a) => vec![("c", format!("count({a})"))],
             Agg::Sum(a) => vec![("v", format!("sum({a})"))],
             Agg::Min(a) => vec![("v", format!("min({a})"))],
             Agg::Max(a) => vec![("v", format!("max({a})"))],
-            Agg::Avg(a) => vec![
-                ("s", format!("sum({})", dbl(a))),
-                ("c", format!("count({a})")),
-            ],
+            Agg::Avg(a) => vec![("s", format!("sum({a})")), ("c", format!("count({a})"))],
             Agg::First(a) => vec![
                 ("v", format!("first_value({a} ORDER BY \"time\")")),
                 ("t", "min(\"time\")".to_string()),
@@ -137,10 +133,10 @@ impl Agg {
             ],
             Agg::Var { arg, .. } => vec![
                 ("n", format!("count({arg})")),
-                ("m", format!("avg({})", dbl(arg))),
+                ("m", format!("avg({arg})")),
                 (
                     "q",
-                    format!("var_pop({}) * CAST(count({arg}) AS DOUBLE)", dbl(arg)),
+                    format!("var_pop({arg}) * CAST(count({arg}) AS DOUBLE)"),
                 ),
             ],
         }
