@@ -70,6 +70,21 @@ fn crash_child() {
     })
     .expect("child: open");
     let deadline = Instant::now() + Duration::from_secs(60);
+    // Materialized views over the table, created (and backfilled) while the writers run, so
+    // kills also land during view creation, backfill and maintenance.
+    let viewer = db.clone();
+    let views = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("child: runtime");
+        while viewer.stats().tables == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for sql in VIEWS {
+            rt.block_on(viewer.sql(sql)).expect("child: create view");
+        }
+    });
     let mut threads: Vec<_> = (0..WRITERS)
         .map(|w| {
             let db = db.clone();
@@ -99,10 +114,19 @@ fn crash_child() {
             std::thread::sleep(Duration::from_millis(5));
         }
     }));
+    views.join().expect("child views");
     for t in threads {
         t.join().expect("child thread");
     }
 }
+
+/// Views the child creates: the aggregate (state-merge) and projection strategies.
+const VIEWS: &[&str] = &[
+    "CREATE MATERIALIZED VIEW IF NOT EXISTS crash_1m AS SELECT date_bin(INTERVAL '1 minute', time) \
+     AS time, batch, sum(v) AS s, count(*) AS n, max(n) AS top FROM crash GROUP BY 1, 2",
+    "CREATE MATERIALIZED VIEW IF NOT EXISTS crash_high AS SELECT time, batch, row, v FROM crash \
+     WHERE n > 20",
+];
 
 /// Runs the child and kills it `kill_after` after its start, or after its first acknowledged
 /// write when `after_first_ack` (so a long replay does not eat every round).
@@ -200,6 +224,7 @@ fn kill_during_ingest_loses_no_acknowledged_write() {
     let mut max_seq = 0u64;
     let rounds = 6;
     let mut segments_seen = 0;
+    let mut views_checked = 0;
     for round in 0..rounds {
         // Every third round may die during open/replay; the others mid-ingest.
         let kill_after = Duration::from_millis(rng.next() % 500);
@@ -248,6 +273,27 @@ fn kill_during_ingest_loses_no_acknowledged_write() {
                 "round {round}: last_cache has one row per series"
             );
         }
+        // Every view equals the recompute of its definition.
+        let views = runtime
+            .block_on(db.sql("SELECT name FROM system.views ORDER BY name"))
+            .expect("system.views");
+        for batch in &views {
+            let names = batch.column(0).as_string::<i32>();
+            for i in 0..batch.num_rows() {
+                let name = names.value(i);
+                let check = runtime
+                    .block_on(db.sql(&format!("CHECK MATERIALIZED VIEW {name}")))
+                    .expect("check view");
+                let text = arrow::util::pretty::pretty_format_batches(&check)
+                    .expect("format")
+                    .to_string();
+                assert!(
+                    text.contains("| ok "),
+                    "round {round}: view {name} differs from its recompute:\n{text}"
+                );
+                views_checked += 1;
+            }
+        }
         // No segment file on disk is unregistered (orphans are removed on open).
         let files = parquet_files(&dir.path().join("tables"));
         segments_seen = segments_seen.max(files);
@@ -275,6 +321,7 @@ fn kill_during_ingest_loses_no_acknowledged_write() {
         );
     }
     assert!(segments_seen > 0, "the child never persisted a segment");
+    assert!(views_checked > 0, "the child never created its views");
     assert!(
         !acked.is_empty(),
         "no write was acknowledged in {rounds} rounds: the child never made progress"
