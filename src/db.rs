@@ -507,6 +507,22 @@ impl Db {
         self.inner.await_views(df, db).await
     }
 
+    /// Waits until every materialized view reflects every write acknowledged so far (queries
+    /// do this on their own for the views they read), or fails after `Config::view_wait`.
+    pub fn sync_views(&self) -> Result<(), Error> {
+        self.inner.check_open()?;
+        self.inner.views.wait_loaded();
+        let views = self.inner.views.views.read().clone();
+        self.inner
+            .views
+            .wait(
+                &views,
+                self.inner.visible_seq(),
+                self.inner.config.view_wait,
+            )
+            .map_err(|e| Error::View(ViewError::Behind(e)))
+    }
+
     /// Names of the databases.
     pub fn databases(&self) -> Vec<String> {
         self.inner

@@ -88,12 +88,34 @@ impl BufferTableProvider {
             // The schema read after the snapshot covers every column of its chunks: writers
             // publish columns before their chunks become visible.
             let schema = self.table.schema();
-            let merged = Arc::new(merge_chunks(&schema, &snap.chunks)?);
-            self.table
-                .buffer
-                .write()
-                .install_merged(&snap.chunks, merged.clone());
-            snap.chunks = vec![merged];
+            let total: usize = snap.chunks.iter().map(|c| c.rows()).sum();
+            let parts = if lo > i64::MIN || hi < i64::MAX {
+                // All rows of a point share its time, so merging only the rows in the range is
+                // exact for this query. Worth it (nothing installed) when they are few, as for
+                // view maintenance reading the buckets a write touched.
+                let parts = snap
+                    .chunks
+                    .iter()
+                    .filter(|c| c.max_time >= lo && c.min_time <= hi)
+                    .map(|c| restrict(c, lo, hi))
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                let rows: usize = parts.iter().map(|c| c.rows()).sum();
+                (rows * 4 < total).then_some(parts)
+            } else {
+                None
+            };
+            match parts {
+                Some(parts) if parts.is_empty() => snap.chunks.clear(),
+                Some(parts) => snap.chunks = vec![Arc::new(merge_chunks(&schema, &parts)?)],
+                None => {
+                    let merged = Arc::new(merge_chunks(&schema, &snap.chunks)?);
+                    self.table
+                        .buffer
+                        .write()
+                        .install_merged(&snap.chunks, merged.clone());
+                    snap.chunks = vec![merged];
+                }
+            }
         }
         let in_range = |c: &&Arc<Chunk>| c.max_time >= lo && c.min_time <= hi;
         let ranges: Vec<(i64, i64)> = snap
@@ -487,4 +509,33 @@ fn range_exec(
     let le = Arc::new(BinaryExpr::new(time, Operator::LtEq, lit(hi)));
     let both = Arc::new(BinaryExpr::new(ge, Operator::And, le));
     Ok(Arc::new(FilterExec::try_new(both, input)?))
+}
+
+/// The rows of `chunk` with `lo <= time <= hi` (the chunk itself when all are).
+fn restrict(chunk: &Arc<Chunk>, lo: i64, hi: i64) -> Result<Arc<Chunk>> {
+    if chunk.min_time >= lo && chunk.max_time <= hi {
+        return Ok(chunk.clone());
+    }
+    let times = crate::storage::buffer::time_values(&chunk.batch)?;
+    let keep: Vec<usize> = times
+        .iter()
+        .enumerate()
+        .filter(|&(_, &t)| t >= lo && t <= hi)
+        .map(|(i, _)| i)
+        .collect();
+    let indices = arrow::array::UInt32Array::from_iter_values(keep.iter().map(|&i| i as u32));
+    let batch = arrow::compute::take_record_batch(&chunk.batch, &indices)?;
+    let series: Arc<[u32]> = keep.iter().map(|&i| chunk.series[i]).collect();
+    let (min_time, max_time) =
+        crate::storage::buffer::min_max(crate::storage::buffer::time_values(&batch)?);
+    Ok(Arc::new(Chunk {
+        seq: chunk.seq,
+        batch,
+        series,
+        min_time,
+        max_time,
+        overlaps: chunk.overlaps,
+        over_persisted: chunk.over_persisted,
+        merged: chunk.merged,
+    }))
 }

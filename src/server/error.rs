@@ -94,6 +94,14 @@ fn classify(e: &Error) -> ApiError {
         }
         Error::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the database is closing"),
         Error::Denied(_) => ApiError::new(StatusCode::FORBIDDEN, e.to_string()),
+        Error::View(v) => match v {
+            crate::ViewError::Invalid(_) => ApiError::bad_request(e.to_string()),
+            crate::ViewError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
+            crate::ViewError::Exists(_) => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+            crate::ViewError::Behind(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+            }
+        },
         Error::Query(q) => from_datafusion(q, e),
         _ => internal(e),
     }

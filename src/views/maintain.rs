@@ -71,14 +71,16 @@ pub(crate) async fn round(
     let mut chunks: Vec<Arc<Chunk>> = Vec::new();
     for id in &view.source_ids {
         let Some(c) = changes.get(id) else { continue };
-        if Some(*id) == view.primary_id && plan.time != TimeMap::None && !c.all {
+        if Some(*id) == view.primary_id && !c.all {
             chunks.extend(c.chunks.iter().cloned());
             ranges.extend(c.ranges.iter().copied());
         } else {
             full = true;
         }
     }
-    if plan.time == TimeMap::None && (!ranges.is_empty() || !chunks.is_empty()) {
+    if plan.time == TimeMap::None
+        && (!ranges.is_empty() || (plan.strategy == Strategy::Recompute && !chunks.is_empty()))
+    {
         full = true;
     }
     if !full && ranges.is_empty() && chunks.is_empty() {
@@ -150,6 +152,10 @@ async fn incremental(
             appends.push(c);
         }
     }
+    if plan.time == TimeMap::None && !ranges.is_empty() {
+        // Overwrites in a view without time buckets: everything is one window.
+        return recompute_all(db, view, upto).await;
+    }
     // Dirty windows, as whole buckets.
     let dirty_out: Vec<(i64, i64)> = coalesce(
         ranges
@@ -197,12 +203,12 @@ async fn incremental(
         }
     }
     if !rows.is_empty() {
-        let produced = run(db, view, Some(TableOverride::Rows(rows))).await?;
+        let produced = run(db, view, Some(TableOverride::Rows(rows)), upto).await?;
         let mut new = conform(view, &produced, false)?;
         if new.num_rows() > 0 {
             let (lo, hi) = crate::storage::buffer::min_max(time_values(&new)?);
             if plan.strategy == Strategy::Aggregate {
-                let stored = read_stored(db, view, lo, hi).await?;
+                let stored = read_stored(db, view, lo, hi, upto).await?;
                 new = merge_states(view, new, stored).await?;
             }
             out_ranges.push((lo, hi));
@@ -214,8 +220,8 @@ async fn incremental(
         let Some((slo, shi)) = plan.time.source_range(lo, hi) else {
             continue;
         };
-        let (new, deleted) = recompute(db, view, Some((slo, shi)), (lo, hi)).await?;
-        fences_added.push((slo, shi, db.visible_seq()));
+        let (new, deleted) = recompute(db, view, Some((slo, shi)), (lo, hi), upto).await?;
+        fences_added.push((slo, shi, read_seq(db, upto)));
         writes.batches.extend(deleted);
         writes.batches.push(new);
     }
@@ -233,7 +239,7 @@ async fn incremental(
 
 /// Recomputes the whole view.
 async fn recompute_all(db: &Arc<DbInner>, view: &Arc<View>, upto: u64) -> Result<Out, Error> {
-    let (new, deleted) = recompute(db, view, None, (i64::MIN, i64::MAX)).await?;
+    let (new, deleted) = recompute(db, view, None, (i64::MIN, i64::MAX), upto).await?;
     let mut writes = Writes::default();
     writes.batches.extend(deleted);
     writes.batches.push(new);
@@ -251,12 +257,26 @@ async fn recompute(
     view: &Arc<View>,
     source: Option<(i64, i64)>,
     (lo, hi): (i64, i64),
+    upto: u64,
 ) -> Result<(RecordBatch, Option<RecordBatch>), Error> {
-    let produced = run(db, view, source.map(|(a, b)| TableOverride::Range(a, b))).await?;
+    let produced = run(
+        db,
+        view,
+        source.map(|(a, b)| TableOverride::Range(a, b)),
+        upto,
+    )
+    .await?;
     let new = conform(view, &produced, false)?;
-    let stored = read_stored(db, view, lo, hi).await?;
+    let stored = read_stored(db, view, lo, hi, upto).await?;
     let deleted = deletions(view, &stored, &new)?;
     Ok((new, deleted))
+}
+
+/// The sequence maintenance reads at: at least the round's last write. The worker may run
+/// before the commit step that handed it the write has published the visible sequence, but
+/// every write up to `upto` is already applied to the buffers.
+fn read_seq(db: &DbInner, upto: u64) -> u64 {
+    db.visible_seq().max(upto)
 }
 
 /// Runs the view's storage SQL, with the primary source replaced by `over`.
@@ -264,8 +284,9 @@ async fn run(
     db: &Arc<DbInner>,
     view: &View,
     over: Option<TableOverride>,
+    upto: u64,
 ) -> Result<Vec<RecordBatch>, Error> {
-    let mut snapshot = QuerySnapshot::new(db.visible_seq());
+    let mut snapshot = QuerySnapshot::new(read_seq(db, upto));
     if let (Some(o), Some(id)) = (over, view.primary_id) {
         snapshot.overrides.insert(id, o);
     }
@@ -293,10 +314,11 @@ async fn read_stored(
     view: &View,
     lo: i64,
     hi: i64,
+    upto: u64,
 ) -> Result<RecordBatch, Error> {
     let ctx = db
         .query
-        .context(&view.db, QuerySnapshot::new(db.visible_seq()));
+        .context(&view.db, QuerySnapshot::new(read_seq(db, upto)));
     let provider = Arc::new(crate::query::BufferTableProvider::new(
         Arc::downgrade(db),
         view.table.clone(),
@@ -569,8 +591,8 @@ async fn backfill_view(db: &Arc<DbInner>, view: &Arc<View>, upto: u64) -> Result
                     TimeMap::Bin { stride, .. } => (a, b.saturating_sub(stride - 1).max(a)),
                     _ => (a, b),
                 };
-                let (new, deleted) = recompute(db, view, Some((a, b)), out).await?;
-                let fence = (a, b, db.visible_seq());
+                let (new, deleted) = recompute(db, view, Some((a, b)), out, upto).await?;
+                let fence = (a, b, read_seq(db, upto));
                 let mut writes = Writes::default();
                 writes.batches.extend(deleted);
                 writes.batches.push(new);
@@ -591,6 +613,14 @@ async fn backfill_view(db: &Arc<DbInner>, view: &Arc<View>, upto: u64) -> Result
         }
     }
     db.finish_backfill(view)?;
+    if db.manifest.is_some() {
+        // The backfilled rows go to segments now rather than being merged in the buffer by
+        // every maintenance read until the next persist.
+        let db2 = db.clone();
+        tokio::task::spawn_blocking(move || db2.persist())
+            .await
+            .map_err(|e| query_error(format!("persist task failed: {e}")))??;
+    }
     let mut st = view.status.lock();
     st.backfill = None;
     st.backfill_pending = false;
