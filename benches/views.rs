@@ -18,7 +18,10 @@ use arrow::array::{
 };
 use arrow::datatypes::Int32Type;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use rivulet::{Config, Db, Durability};
+use rivulet::{Config, Db, Durability, Precision};
+
+#[path = "common/tsbs.rs"]
+mod tsbs;
 
 const HOSTS: usize = 1000;
 const STEPS_PER_BATCH: usize = 10;
@@ -54,8 +57,11 @@ const DIRTY: &str = "SELECT date_bin(INTERVAL '1 minute', time) AS time, \
      count(DISTINCT hostname) AS hosts, approx_percentile_cont(0.9) WITHIN GROUP \
      (ORDER BY usage_user) AS p90 FROM cpu GROUP BY 1";
 
-/// Ten views of the kinds a dashboard keeps.
+/// Ten views of the kinds a dashboard keeps, over the TSBS cpu table.
 fn ten_views() -> Vec<String> {
+    // A projection keeps every tag (so each row keeps its point's key).
+    let tags = "hostname, region, datacenter, rack, os, arch, team, service, service_version, \
+                service_environment";
     let mut v = Vec::new();
     for (i, bucket) in ["10 seconds", "1 minute", "5 minutes", "1 hour"]
         .iter()
@@ -72,8 +78,12 @@ fn ten_views() -> Vec<String> {
              max(usage_user) AS hi{i}, stddev(usage_user) AS sd{i} FROM cpu GROUP BY 1"
         ));
     }
-    v.push(PROJECTION.to_string());
-    v.push("SELECT time, hostname, usage_user FROM cpu WHERE usage_user < 1".to_string());
+    v.push(format!(
+        "SELECT time, {tags}, usage_user FROM cpu WHERE usage_user > 90"
+    ));
+    v.push(format!(
+        "SELECT time, {tags}, usage_system FROM cpu WHERE usage_system < 1"
+    ));
     v.push(
         "SELECT date_bin(INTERVAL '1 minute', time) AS time, hostname, \
          first_value(usage_user ORDER BY time) AS f, last_value(usage_user ORDER BY time) AS l \
@@ -88,8 +98,14 @@ fn ten_views() -> Vec<String> {
 }
 
 fn open(dir: &std::path::Path) -> Db {
+    open_with(dir, Durability::None)
+}
+
+fn open_with(dir: &std::path::Path, durability: Durability) -> Db {
     Db::open_with(Config {
-        durability: Durability::None,
+        durability,
+        // Backfills over 50M rows take longer than the default wait.
+        view_wait: Duration::from_secs(3600),
         ..Config::with_dir(dir)
     })
     .expect("open")
@@ -161,6 +177,8 @@ fn update_per_batch(c: &mut Criterion) {
     g.finish();
 }
 
+/// Line protocol ingest (TSBS cpu rows, 10 tags and 10 fields, durability `sync`), 20 writes of
+/// 10,000 rows per iteration, timed until every view has applied them.
 fn ingest(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let mut g = c.benchmark_group("views/ingest");
@@ -169,8 +187,16 @@ fn ingest(c: &mut Criterion) {
     g.throughput(Throughput::Elements((BATCH * WRITES) as u64));
     for n in [0usize, 1, 10] {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = open(dir.path());
-        let mut step = load(&db, 100_000);
+        let db = open_with(dir.path(), Durability::Sync);
+        let mut rng = tsbs::Rng::new(11);
+        let mut row = 0usize;
+        db.write_lines(
+            "main",
+            &tsbs::lines(HOSTS, row, 100_000, &mut rng),
+            Precision::Nanosecond,
+        )
+        .expect("history");
+        row += 100_000;
         let views: Vec<String> = match n {
             0 => Vec::new(),
             1 => vec![AGGREGATE.to_string()],
@@ -180,23 +206,27 @@ fn ingest(c: &mut Criterion) {
             rt.block_on(db.sql(&format!("CREATE MATERIALIZED VIEW v{i} AS {sql}")))
                 .expect("create");
         }
-        let last = if n > 0 {
-            format!("v{}", n - 1)
-        } else {
-            "cpu".to_string()
-        };
+        db.sync_views().expect("backfill");
         g.bench_function(format!("{n}_views"), |b| {
-            b.iter(|| {
-                for _ in 0..WRITES {
-                    db.write_batch("main", "cpu", &batch(step, STEPS_PER_BATCH))
-                        .expect("write");
-                    step += STEPS_PER_BATCH;
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let texts: Vec<String> = (0..WRITES)
+                        .map(|_| {
+                            let t = tsbs::lines(HOSTS, row, BATCH, &mut rng);
+                            row += BATCH;
+                            t
+                        })
+                        .collect();
+                    let started = Instant::now();
+                    for t in &texts {
+                        db.write_lines("main", t, Precision::Nanosecond)
+                            .expect("write");
+                    }
+                    db.sync_views().expect("views catch up");
+                    total += started.elapsed();
                 }
-                // The round is done when every view has applied the writes.
-                for i in 0..n {
-                    caught_up(&rt, &db, &format!("v{i}"));
-                }
-                caught_up(&rt, &db, &last);
+                total
             })
         });
         db.close().expect("close");

@@ -988,3 +988,79 @@ async fn multi_member_gzip_and_all_bad_partial_writes() {
     let v: Value = r.json().await.expect("json");
     assert_eq!(v["error"], "parsing failed for write_lp endpoint");
 }
+
+#[tokio::test]
+async fn materialized_views_over_http() {
+    let s = Server::in_memory().await;
+    s.post(
+        "/write?db=main&precision=s",
+        "cpu,host=a usage=1 0\ncpu,host=a usage=3 30\ncpu,host=b usage=5 10",
+    )
+    .await;
+    let statement = |q: &str| {
+        s.client
+            .post(s.url("/api/v1/sql"))
+            .json(&serde_json::json!({"db": "main", "q": q}))
+            .send()
+    };
+    let r = statement(
+        "CREATE MATERIALIZED VIEW cpu_1m AS SELECT date_bin(INTERVAL '1 minute', time) AS time, \
+         host, avg(usage) AS avg_usage, count(*) AS n FROM cpu GROUP BY 1, 2",
+    )
+    .await
+    .expect("send");
+    assert_eq!(r.status(), StatusCode::OK);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(
+        v,
+        serde_json::json!([{"view": "cpu_1m", "strategy": "aggregate-state", "status": "backfilling"}])
+    );
+    // A write acknowledged before a query is in the view the query reads.
+    s.post("/write?db=main&precision=s", "cpu,host=a usage=5 40")
+        .await;
+    let rows = s
+        .json("/api/v3/query_sql?db=main&q=SELECT+host,+avg_usage,+n+FROM+cpu_1m+ORDER+BY+host")
+        .await;
+    assert_eq!(
+        rows,
+        serde_json::json!([{"host": "a", "avg_usage": 3.0, "n": 3}, {"host": "b", "avg_usage": 5.0, "n": 1}])
+    );
+    // Writes to a view are refused; statements need the statement endpoint.
+    let r = s
+        .post("/write?db=main&precision=s", "cpu_1m,host=a n=1i 0")
+        .await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let r = s
+        .client
+        .get(s.url("/api/v3/query_sql"))
+        .query(&[("db", "main"), ("q", "DROP MATERIALIZED VIEW cpu_1m")])
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let r = statement("CREATE MATERIALIZED VIEW cpu_1m AS SELECT time, host, usage FROM cpu")
+        .await
+        .expect("send");
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    let r = statement("CREATE MATERIALIZED VIEW bad AS SELECT * FROM nope")
+        .await
+        .expect("send");
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let r = statement("CHECK MATERIALIZED VIEW cpu_1m")
+        .await
+        .expect("send");
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v[0]["status"], "ok");
+    let r = statement("DROP MATERIALIZED VIEW nope")
+        .await
+        .expect("send");
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let rows = s
+        .json("/api/v3/query_sql?db=main&q=SHOW+MATERIALIZED+VIEWS&format=json")
+        .await;
+    assert_eq!(rows[0]["name"], "cpu_1m");
+    let r = statement("DROP MATERIALIZED VIEW cpu_1m")
+        .await
+        .expect("send");
+    assert_eq!(r.status(), StatusCode::OK);
+}

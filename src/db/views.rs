@@ -766,7 +766,7 @@ impl DbInner {
             ("lateness", Arc::new(StringArray::from(lateness))),
             ("applied_seq", Arc::new(UInt64Array::from(applied))),
             ("lag_ms", Arc::new(Float64Array::from(lag))),
-            ("rows", Arc::new(UInt64Array::from(rows))),
+            ("stored_rows", Arc::new(UInt64Array::from(rows))),
             ("backfill", Arc::new(StringArray::from(backfill))),
             ("late_dropped", Arc::new(UInt64Array::from(late_dropped))),
             (

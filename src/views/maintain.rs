@@ -156,25 +156,29 @@ async fn incremental(
         // Overwrites in a view without time buckets: everything is one window.
         return recompute_all(db, view, upto).await;
     }
-    // Dirty windows, as whole buckets.
+    // Dirty windows, as whole buckets, from `floor` on: with `late = 'drop'` final windows
+    // are not recomputed (late points stay out), and windows whose source rows retention may
+    // have dropped are kept as they are (a recompute would lose what the view still holds).
+    let mut floor = i64::MIN;
+    if let Some(w) = watermark {
+        floor = floor.max(plan.time.bucket(w));
+    }
+    if let Some(h) = retention_horizon(db, view) {
+        let first_whole = plan.time.bucket(h);
+        floor = floor.max(if first_whole < h {
+            plan.time.bucket_end(h)
+        } else {
+            first_whole
+        });
+    }
     let dirty_out: Vec<(i64, i64)> = coalesce(
         ranges
             .iter()
             .filter_map(|&(lo, hi)| {
-                let (lo, hi) = match watermark {
-                    // Final windows are not recomputed (late points stay out).
-                    Some(w) => {
-                        let mut lo = lo;
-                        while plan.time.bucket_end(lo) <= w && lo < hi {
-                            lo = plan.time.bucket_end(lo);
-                        }
-                        if plan.time.bucket_end(lo) <= w {
-                            return None;
-                        }
-                        (lo, hi)
-                    }
-                    None => (lo, hi),
-                };
+                let lo = lo.max(floor);
+                if lo > hi {
+                    return None;
+                }
                 plan.time.out_range(lo, hi)
             })
             .collect(),
@@ -270,6 +274,18 @@ async fn recompute(
     let stored = read_stored(db, view, lo, hi, upto).await?;
     let deleted = deletions(view, &stored, &new)?;
     Ok((new, deleted))
+}
+
+/// Source times below this may have been dropped by the primary source's retention (the
+/// start of the oldest partition retention keeps now).
+fn retention_horizon(db: &DbInner, view: &View) -> Option<i64> {
+    let table = db.table_by_id(view.primary_id?)?;
+    let retention = table.settings.read().retention?;
+    let cutoff = db.config.clock.now_ns().saturating_sub(retention);
+    Some(crate::storage::segment::partition_of(
+        cutoff,
+        db.partition_len(),
+    ))
 }
 
 /// The sequence maintenance reads at: at least the round's last write. The worker may run
