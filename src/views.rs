@@ -103,6 +103,9 @@ impl View {
     }
 }
 
+/// One database's writes of a depth level: (table, rows) and the views they advance.
+type LevelWrite = (Vec<(String, arrow::array::RecordBatch)>, Vec<String>);
+
 /// A write handed to the worker: its sequence and the chunks of watched tables.
 type Item = (u64, Vec<(u64, Arc<Chunk>)>, std::time::Instant);
 
@@ -353,6 +356,24 @@ pub(crate) struct Change {
     pub all: bool,
 }
 
+/// Records a failed round: its changes become pending recomputes, retried next round.
+fn retry_later(view: &View, changes: &HashMap<u64, Change>, error: &str) {
+    tracing::warn!(view = %view.name(), error, "view maintenance failed; will retry");
+    let mut st = view.status.lock();
+    st.last_error = Some(error.to_string());
+    for id in &view.source_ids {
+        if let Some(c) = changes.get(id) {
+            if Some(*id) == view.primary_id && !c.all {
+                st.pending
+                    .extend(c.chunks.iter().map(|c| (c.min_time, c.max_time)));
+                st.pending.extend(c.ranges.iter().copied());
+            } else {
+                st.full = true;
+            }
+        }
+    }
+}
+
 /// Runs the maintenance worker until the views are stopped or the database is gone.
 pub(crate) fn run_worker(db: std::sync::Weak<crate::db::DbInner>, shared: Arc<ViewsShared>) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -388,44 +409,70 @@ pub(crate) fn run_worker(db: std::sync::Weak<crate::db::DbInner>, shared: Arc<Vi
         }
         let views: Vec<Arc<View>> = shared.views.read().clone();
         let mut failed = false;
-        for view in views {
-            let started = std::time::Instant::now();
-            let result = runtime.block_on(maintain::round(&inner, &view, &changes, upto));
-            let mut st = view.status.lock();
-            match result {
-                Ok(out) => {
+        // Views of one depth read only shallower ones: run a depth, write its rows as one write
+        // per database (one WAL record, one fsync), then the next depth reads them.
+        let mut start = 0;
+        while start < views.len() {
+            let depth = views[start].depth;
+            let end = views[start..]
+                .iter()
+                .position(|v| v.depth != depth)
+                .map_or(views.len(), |n| start + n);
+            let level = &views[start..end];
+            start = end;
+            let mut done: Vec<(Arc<View>, maintain::Out, std::time::Instant)> = Vec::new();
+            for view in level {
+                let started = std::time::Instant::now();
+                match runtime.block_on(maintain::round(&inner, view, &changes, upto)) {
+                    Ok(Some(out)) => done.push((view.clone(), out, started)),
+                    Ok(None) => {
+                        let mut st = view.status.lock();
+                        st.applied = st.applied.max(upto);
+                        st.last_error = None;
+                    }
+                    Err(e) => {
+                        failed = true;
+                        retry_later(view, &changes, &e.to_string());
+                    }
+                }
+            }
+            let mut by_db: HashMap<Arc<str>, LevelWrite> = HashMap::new();
+            for (view, out, _) in &mut done {
+                if let Some(rows) = out.rows.take() {
+                    let entry = by_db.entry(view.db.clone()).or_default();
+                    view.status.lock().rows_written += rows.num_rows() as u64;
+                    entry.0.push((view.table.name.to_string(), rows));
+                    entry.1.push(view.name());
+                }
+            }
+            let mut write_error = None;
+            for (db_name, (mut tables, names)) in by_db {
+                let written = maintain::progress_batch(&names, upto).and_then(|p| {
+                    tables.push((PROGRESS_TABLE.to_string(), p));
+                    runtime.block_on(maintain::write_tables(&inner, &db_name, tables))
+                });
+                if let Err(e) = written {
+                    write_error = Some(e.to_string());
+                }
+            }
+            for (view, out, started) in done {
+                if let Some(e) = &write_error {
+                    failed = true;
+                    retry_later(&view, &changes, e);
+                    continue;
+                }
+                {
+                    let mut st = view.status.lock();
                     st.applied = st.applied.max(upto);
                     st.last_error = None;
                     st.last_round_ms = started.elapsed().as_secs_f64() * 1e3;
                     if let Some(t) = oldest {
                         st.lag_ms = t.elapsed().as_secs_f64() * 1e3;
                     }
-                    drop(st);
-                    if let Some(out) = out {
-                        let c = changes.entry(view.table.id).or_default();
-                        c.ranges.extend(out.ranges);
-                        c.all |= out.all;
-                    }
                 }
-                Err(e) => {
-                    failed = true;
-                    tracing::warn!(view = %view.def.lock().name, error = %e, "view maintenance failed; will retry");
-                    st.last_error = Some(e.to_string());
-                    // Retry the round's changes as recompute of what they touched.
-                    for id in &view.source_ids {
-                        if let Some(c) = changes.get(id) {
-                            if Some(*id) == view.primary_id && !c.all {
-                                st.pending
-                                    .extend(c.chunks.iter().map(|c| (c.min_time, c.max_time)));
-                                st.pending.extend(c.ranges.iter().copied());
-                            } else {
-                                st.full = true;
-                            }
-                        }
-                    }
-                    drop(st);
-                    // Downstream views recompute what this one will change when it succeeds.
-                }
+                let c = changes.entry(view.table.id).or_default();
+                c.ranges.extend(out.ranges);
+                c.all |= out.all;
             }
         }
         shared.finish_round(upto, bytes);

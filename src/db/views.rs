@@ -190,7 +190,13 @@ impl DbInner {
             } => {
                 let db = db.unwrap_or_else(|| default_db.to_string());
                 allowed(&db)?;
-                let dropped = self.drop_view(&db, &name, if_exists)?;
+                // Waits for a running maintenance round and persists: off the async threads.
+                let inner = self.clone();
+                let (d, n) = (db.clone(), name.clone());
+                let dropped =
+                    tokio::task::spawn_blocking(move || inner.drop_view(&d, &n, if_exists))
+                        .await
+                        .map_err(|e| invalid(format!("dropping the view failed: {e}")))??;
                 one_row(vec![
                     ("view", Arc::new(StringArray::from(vec![name])) as ArrayRef),
                     (

@@ -23,10 +23,12 @@ use crate::query::{QuerySnapshot, TableOverride};
 use crate::storage::buffer::{Chunk, time_values};
 use crate::storage::catalog::TIME_COLUMN;
 
-/// What a view changed in a round, for the views defined on it.
+/// What a view changed in a round, for the views defined on it, and the rows to write to its
+/// storage table (written by the worker together with the other views of its depth).
 pub(crate) struct Out {
     pub ranges: Vec<(i64, i64)>,
     pub all: bool,
+    pub rows: Option<RecordBatch>,
 }
 
 /// Rows a round writes to the view's storage table.
@@ -66,6 +68,7 @@ pub(crate) async fn round(
         return Ok(Some(Out {
             ranges: Vec::new(),
             all: true,
+            rows: None,
         }));
     }
     let mut chunks: Vec<Arc<Chunk>> = Vec::new();
@@ -229,7 +232,7 @@ async fn incremental(
         writes.batches.extend(deleted);
         writes.batches.push(new);
     }
-    write(db, view, writes, upto).await?;
+    let rows = rows_of(view, writes)?;
     let mut st = view.status.lock();
     st.late_dropped += dropped;
     if plan.strategy == Strategy::Aggregate {
@@ -238,6 +241,7 @@ async fn incremental(
     Ok(Out {
         ranges: coalesce(out_ranges),
         all: false,
+        rows,
     })
 }
 
@@ -247,10 +251,10 @@ async fn recompute_all(db: &Arc<DbInner>, view: &Arc<View>, upto: u64) -> Result
     let mut writes = Writes::default();
     writes.batches.extend(deleted);
     writes.batches.push(new);
-    write(db, view, writes, upto).await?;
     Ok(Out {
         ranges: Vec::new(),
         all: true,
+        rows: rows_of(view, writes)?,
     })
 }
 
@@ -498,8 +502,8 @@ async fn merge_states(view: &View, d: RecordBatch, s: RecordBatch) -> Result<Rec
     conform(view, &batches, false)
 }
 
-/// Writes a round's rows and the view's applied sequence as one write.
-async fn write(db: &Arc<DbInner>, view: &View, writes: Writes, upto: u64) -> Result<(), Error> {
+/// A round's rows for the view's storage table, as one batch (None when there are none).
+fn rows_of(view: &View, writes: Writes) -> Result<Option<RecordBatch>, Error> {
     let schema = provider_schema(view);
     let batches: Vec<RecordBatch> = writes
         .batches
@@ -507,28 +511,44 @@ async fn write(db: &Arc<DbInner>, view: &View, writes: Writes, upto: u64) -> Res
         .filter(|b| b.num_rows() > 0)
         .collect();
     let rows = concat_batches(&schema, &batches)?;
-    let progress = progress_batch(&view.name(), upto)?;
-    let name = view.table.name.to_string();
-    let n = rows.num_rows() as u64;
-    let db2 = db.clone();
-    let db_name = view.db.to_string();
-    tokio::task::spawn_blocking(move || {
-        let mut tables = vec![(PROGRESS_TABLE.to_string(), progress)];
-        if rows.num_rows() > 0 {
-            tables.insert(0, (name, rows));
-        }
-        db2.write_system(&db_name, tables)
-    })
-    .await
-    .map_err(|e| query_error(format!("view write task failed: {e}")))??;
+    Ok((rows.num_rows() > 0).then_some(rows))
+}
+
+/// Writes rows of one view now, with its applied sequence (backfill pieces).
+async fn write(db: &Arc<DbInner>, view: &View, writes: Writes, upto: u64) -> Result<(), Error> {
+    let rows = rows_of(view, writes)?;
+    let n = rows.as_ref().map_or(0, |r| r.num_rows() as u64);
+    let mut tables = vec![(
+        PROGRESS_TABLE.to_string(),
+        progress_batch(&[view.name()], upto)?,
+    )];
+    if let Some(rows) = rows {
+        tables.insert(0, (view.table.name.to_string(), rows));
+    }
+    write_tables(db, &view.db, tables).await?;
     view.status.lock().rows_written += n;
     Ok(())
 }
 
-/// The progress table row saying `view` has applied every write up to `upto`.
-pub(crate) fn progress_batch(view: &str, upto: u64) -> Result<RecordBatch, Error> {
+/// One system write of several tables of database `db` (off the async thread).
+pub(crate) async fn write_tables(
+    db: &Arc<DbInner>,
+    db_name: &str,
+    tables: Vec<(String, RecordBatch)>,
+) -> Result<(), Error> {
+    let db2 = db.clone();
+    let db_name = db_name.to_string();
+    tokio::task::spawn_blocking(move || db2.write_system(&db_name, tables))
+        .await
+        .map_err(|e| query_error(format!("view write task failed: {e}")))?
+}
+
+/// Progress rows saying `views` have applied every write up to `upto`.
+pub(crate) fn progress_batch(views: &[String], upto: u64) -> Result<RecordBatch, Error> {
+    let names: Vec<&str> = views.iter().map(String::as_str).collect();
+    let n = names.len();
     let dict = cast(
-        &(Arc::new(StringArray::from(vec![view])) as ArrayRef),
+        &(Arc::new(StringArray::from(names)) as ArrayRef),
         &DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8)),
     )?;
     let schema = Arc::new(Schema::new(vec![
@@ -543,9 +563,9 @@ pub(crate) fn progress_batch(view: &str, upto: u64) -> Result<RecordBatch, Error
     Ok(RecordBatch::try_new(
         schema,
         vec![
-            Arc::new(TimestampNanosecondArray::from(vec![0i64]).with_timezone("UTC")),
+            Arc::new(TimestampNanosecondArray::from(vec![0i64; n]).with_timezone("UTC")),
             dict,
-            Arc::new(UInt64Array::from(vec![upto])),
+            Arc::new(UInt64Array::from(vec![upto; n])),
         ],
     )?)
 }
@@ -578,7 +598,10 @@ async fn backfill_view(db: &Arc<DbInner>, view: &Arc<View>, upto: u64) -> Result
     match (plan.time, source) {
         (TimeMap::None, _) | (_, None) => {
             view.status.lock().backfill = Some((0, 1));
-            recompute_all(db, view, upto).await?;
+            let out = recompute_all(db, view, upto).await?;
+            let mut writes = Writes::default();
+            writes.batches.extend(out.rows);
+            write(db, view, writes, upto).await?;
             view.status.lock().backfill = Some((1, 1));
         }
         (time, Some((mut lo, mut hi))) => {
