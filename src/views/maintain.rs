@@ -652,14 +652,6 @@ async fn backfill_view(db: &Arc<DbInner>, view: &Arc<View>, upto: u64) -> Result
         }
     }
     db.finish_backfill(view)?;
-    if db.manifest.is_some() {
-        // The backfilled rows go to segments now rather than being merged in the buffer by
-        // every maintenance read until the next persist.
-        let db2 = db.clone();
-        tokio::task::spawn_blocking(move || db2.persist())
-            .await
-            .map_err(|e| query_error(format!("persist task failed: {e}")))??;
-    }
     let mut st = view.status.lock();
     st.backfill = None;
     st.backfill_pending = false;
