@@ -248,6 +248,11 @@ async fn incremental(
 /// Recomputes the whole view.
 async fn recompute_all(db: &Arc<DbInner>, view: &Arc<View>, upto: u64) -> Result<Out, Error> {
     let (new, deleted) = recompute(db, view, None, (i64::MIN, i64::MAX), upto).await?;
+    if view.plan.strategy == Strategy::Aggregate {
+        // The read may have seen writes after `upto`: they must not be merged again.
+        let fence = (i64::MIN, i64::MAX, read_seq(db, upto));
+        view.status.lock().fences.push(fence);
+    }
     let mut writes = Writes::default();
     writes.batches.extend(deleted);
     writes.batches.push(new);
