@@ -106,6 +106,29 @@ pub(crate) async fn round(
     Ok(Some(out))
 }
 
+/// Adds the key tag values of `chunk` to `into`; false when a row lacks one (a null key:
+/// the caller then recomputes whole buckets).
+fn key_values(
+    chunk: &Chunk,
+    keyed: &super::plan::Keyed,
+    into: &mut [std::collections::BTreeSet<String>],
+) -> Result<bool, Error> {
+    for ((_, tag), set) in keyed.tags.iter().zip(into.iter_mut()) {
+        let Some(column) = chunk.batch.column_by_name(tag) else {
+            return Ok(false);
+        };
+        let text = cast(column, &DataType::Utf8)?;
+        let Some(text) = text.as_any().downcast_ref::<StringArray>() else {
+            return Ok(false);
+        };
+        if text.null_count() > 0 {
+            return Ok(false);
+        }
+        set.extend(text.iter().flatten().map(str::to_string));
+    }
+    Ok(true)
+}
+
 /// Merges overlapping or touching ranges.
 fn coalesce(mut ranges: Vec<(i64, i64)>) -> Vec<(i64, i64)> {
     ranges.sort_unstable();
@@ -144,6 +167,13 @@ async fn incremental(
                 .count() as u64;
         }
     }
+    // Dirty windows come from chunks only (no pending or upstream ranges): an aggregate view
+    // keyed by source tags recomputes just the keys those chunks hold.
+    let mut keys: Option<Vec<std::collections::BTreeSet<String>>> = plan
+        .keyed
+        .as_ref()
+        .filter(|_| ranges.is_empty())
+        .map(|k| vec![Default::default(); k.tags.len()]);
     let mut appends: Vec<Arc<Chunk>> = Vec::new();
     for c in chunks {
         let fenced = fences
@@ -151,10 +181,17 @@ async fn incremental(
             .any(|&(lo, hi, seq)| c.seq <= seq && c.max_time >= lo && c.min_time <= hi);
         if plan.strategy == Strategy::Recompute || c.overlaps || c.over_persisted || fenced {
             ranges.push((c.min_time, c.max_time));
+            if let (Some(k), Some(keyed)) = (&mut keys, &plan.keyed)
+                && !key_values(&c, keyed, k)?
+            {
+                keys = None;
+            }
         } else {
             appends.push(c);
         }
     }
+    let keys: Option<Vec<Vec<String>>> =
+        keys.map(|k| k.into_iter().map(|s| s.into_iter().collect()).collect());
     if plan.time == TimeMap::None && !ranges.is_empty() {
         // Overwrites in a view without time buckets: everything is one window.
         return recompute_all(db, view, upto).await;
@@ -210,12 +247,12 @@ async fn incremental(
         }
     }
     if !rows.is_empty() {
-        let produced = run(db, view, Some(TableOverride::Rows(rows)), upto).await?;
+        let produced = run(db, view, Some(TableOverride::Rows(rows)), upto, None).await?;
         let mut new = conform(view, &produced, false)?;
         if new.num_rows() > 0 {
             let (lo, hi) = crate::storage::buffer::min_max(time_values(&new)?);
             if plan.strategy == Strategy::Aggregate {
-                let stored = read_stored(db, view, lo, hi, upto).await?;
+                let stored = read_stored(db, view, lo, hi, upto, None).await?;
                 new = merge_states(view, new, stored).await?;
             }
             out_ranges.push((lo, hi));
@@ -227,7 +264,8 @@ async fn incremental(
         let Some((slo, shi)) = plan.time.source_range(lo, hi) else {
             continue;
         };
-        let (new, deleted) = recompute(db, view, Some((slo, shi)), (lo, hi), upto).await?;
+        let (new, deleted) =
+            recompute(db, view, Some((slo, shi)), (lo, hi), upto, keys.as_deref()).await?;
         fences_added.push((slo, shi, read_seq(db, upto)));
         writes.batches.extend(deleted);
         writes.batches.push(new);
@@ -247,7 +285,7 @@ async fn incremental(
 
 /// Recomputes the whole view.
 async fn recompute_all(db: &Arc<DbInner>, view: &Arc<View>, upto: u64) -> Result<Out, Error> {
-    let (new, deleted) = recompute(db, view, None, (i64::MIN, i64::MAX), upto).await?;
+    let (new, deleted) = recompute(db, view, None, (i64::MIN, i64::MAX), upto, None).await?;
     if view.plan.strategy == Strategy::Aggregate {
         // The read may have seen writes after `upto`: they must not be merged again.
         let fence = (i64::MIN, i64::MAX, read_seq(db, upto));
@@ -265,22 +303,33 @@ async fn recompute_all(db: &Arc<DbInner>, view: &Arc<View>, upto: u64) -> Result
 
 /// Computes the view's rows in view-time range `out` (reading the primary source only in
 /// `source`, or everything) and the deletions of stored rows that are no longer produced.
+///
+/// With `keys` (one value list per key tag of a keyed aggregate view), only those keys'
+/// groups are recomputed and compared.
 async fn recompute(
     db: &Arc<DbInner>,
     view: &Arc<View>,
     source: Option<(i64, i64)>,
     (lo, hi): (i64, i64),
     upto: u64,
+    keys: Option<&[Vec<String>]>,
 ) -> Result<(RecordBatch, Option<RecordBatch>), Error> {
-    let produced = run(
-        db,
-        view,
-        source.map(|(a, b)| TableOverride::Range(a, b)),
-        upto,
-    )
-    .await?;
+    let keyed = view.plan.keyed.as_ref().zip(keys);
+    let sql = keyed.map(|(k, values)| k.sql(values));
+    let over = source.map(|(a, b)| TableOverride::Range(a, b));
+    let produced = run(db, view, over, upto, sql.as_deref()).await?;
     let new = conform(view, &produced, false)?;
-    let stored = read_stored(db, view, lo, hi, upto).await?;
+    let key_filter = keyed.and_then(|(k, values)| {
+        k.tags
+            .iter()
+            .zip(values)
+            .map(|((out, _), vals)| {
+                col(format!("\"{}\"", out.replace('"', "\"\"")))
+                    .in_list(vals.iter().map(|v| lit(v.as_str())).collect(), false)
+            })
+            .reduce(|a, b| a.and(b))
+    });
+    let stored = read_stored(db, view, lo, hi, upto, key_filter).await?;
     let deleted = deletions(view, &stored, &new)?;
     Ok((new, deleted))
 }
@@ -310,6 +359,7 @@ async fn run(
     view: &View,
     over: Option<TableOverride>,
     upto: u64,
+    sql: Option<&str>,
 ) -> Result<Vec<RecordBatch>, Error> {
     let mut snapshot = QuerySnapshot::new(read_seq(db, upto));
     if let (Some(o), Some(id)) = (over, view.primary_id) {
@@ -321,7 +371,7 @@ async fn run(
         .with_allow_dml(false)
         .with_allow_statements(false);
     let df = ctx
-        .sql_with_options(&view.plan.storage_sql, options)
+        .sql_with_options(sql.unwrap_or(&view.plan.storage_sql), options)
         .await?;
     Ok(df.collect().await?)
 }
@@ -340,6 +390,7 @@ async fn read_stored(
     lo: i64,
     hi: i64,
     upto: u64,
+    keys: Option<datafusion::logical_expr::Expr>,
 ) -> Result<RecordBatch, Error> {
     let ctx = db
         .query
@@ -352,6 +403,9 @@ async fn read_stored(
     let mut filter = col(DELETED).is_not_true();
     if lo > i64::MIN || hi < i64::MAX {
         filter = filter.and(col(TIME_COLUMN).between(ts(lo), ts(hi)));
+    }
+    if let Some(k) = keys {
+        filter = filter.and(k);
     }
     let batches = ctx.read_table(provider)?.filter(filter)?.collect().await?;
     Ok(concat_batches(&schema, &batches)?)
@@ -635,7 +689,7 @@ async fn backfill_view(db: &Arc<DbInner>, view: &Arc<View>, upto: u64) -> Result
                     TimeMap::Bin { stride, .. } => (a, b.saturating_sub(stride - 1).max(a)),
                     _ => (a, b),
                 };
-                let (new, deleted) = recompute(db, view, Some((a, b)), out, upto).await?;
+                let (new, deleted) = recompute(db, view, Some((a, b)), out, upto, None).await?;
                 let fence = (a, b, read_seq(db, upto));
                 let mut writes = Writes::default();
                 writes.batches.extend(deleted);

@@ -232,6 +232,37 @@ pub(crate) struct ViewPlan {
     pub(crate) storage_sql: String,
     /// The view has a `time` column (else storage time is 0 and hidden).
     pub(crate) has_time: bool,
+    /// For aggregate views keyed by source tags only: recomputing a bucket can be limited to
+    /// the keys a change touched.
+    pub(crate) keyed: Option<Keyed>,
+}
+
+/// The storage SQL of an aggregate view with a hole for a key predicate, and its keys as
+/// (view column, source tag).
+#[derive(Debug, Clone)]
+pub(crate) struct Keyed {
+    pub(crate) tags: Vec<(String, String)>,
+    prefix: String,
+    suffix: String,
+}
+
+impl Keyed {
+    /// The storage SQL restricted to rows whose key tags take the given values.
+    pub(crate) fn sql(&self, values: &[Vec<String>]) -> String {
+        let pred: Vec<String> = self
+            .tags
+            .iter()
+            .zip(values)
+            .map(|((_, tag), vals)| {
+                let list: Vec<String> = vals
+                    .iter()
+                    .map(|v| format!("'{}'", v.replace('\'', "''")))
+                    .collect();
+                format!("{} IN ({})", quote(tag), list.join(", "))
+            })
+            .collect();
+        format!("{}{}{}", self.prefix, pred.join(" AND "), self.suffix)
+    }
 }
 
 impl ViewPlan {
@@ -767,6 +798,7 @@ pub(crate) fn analyse(
         }
     }
 
+    let mut keyed = None;
     let storage_sql = if strategy == Strategy::Aggregate {
         let sel = select.ok_or("a grouped view must be one SELECT")?;
         let items = items
@@ -801,10 +833,55 @@ pub(crate) fn analyse(
         if let Some(w) = &sel.selection {
             sql.push_str(&format!(" WHERE {w}"));
         }
+        let mut group = String::new();
         if keys > 0 {
             let ordinals: Vec<String> = (1..=keys).map(|k| k.to_string()).collect();
-            sql.push_str(&format!(" GROUP BY {}", ordinals.join(", ")));
+            group = format!(" GROUP BY {}", ordinals.join(", "));
         }
+        // Keyed by source tags only (as they are, strings): a group depends on its tags' rows.
+        let source_tags = primary
+            .as_ref()
+            .and_then(|(d, t)| tags_of(d, t))
+            .unwrap_or_default();
+        let mut tags = Vec::new();
+        for ((name, e), (_, c)) in items.iter().zip(&columns) {
+            if !matches!(c, OutColumn::Key) {
+                continue;
+            }
+            let tag = match e {
+                Expr::Identifier(i) => Some(i.value.clone()),
+                Expr::CompoundIdentifier(p) => p.last().map(|i| i.value.clone()),
+                _ => None,
+            };
+            let string = schema.field_with_name(name).is_ok_and(|f| {
+                matches!(f.data_type(), DataType::Utf8 | DataType::Dictionary(_, _))
+            });
+            match tag {
+                Some(t) if string && source_tags.contains(&t) => tags.push((name.clone(), t)),
+                _ => {
+                    tags.clear();
+                    break;
+                }
+            }
+        }
+        if !tags.is_empty()
+            && tags.len()
+                == columns
+                    .iter()
+                    .filter(|c| matches!(c.1, OutColumn::Key))
+                    .count()
+        {
+            let prefix = match &sel.selection {
+                Some(w) => format!("SELECT {} FROM {from} WHERE ({w}) AND ", list.join(", ")),
+                None => format!("SELECT {} FROM {from} WHERE ", list.join(", ")),
+            };
+            keyed = Some(Keyed {
+                tags,
+                prefix,
+                suffix: group.clone(),
+            });
+        }
+        sql.push_str(&group);
         sql
     } else {
         sql.to_string()
@@ -817,6 +894,7 @@ pub(crate) fn analyse(
         schema,
         storage_sql,
         has_time,
+        keyed,
     })
 }
 
