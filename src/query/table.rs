@@ -22,7 +22,7 @@ use crate::db::DbInner;
 use crate::storage::buffer::{
     Chunk, merge_batches, merge_chunks, project_batch, projected_schema, to_table_schema,
 };
-use crate::storage::catalog::{TIME_COLUMN, TableSchema};
+use crate::storage::catalog::{ColumnKind, TIME_COLUMN, TableSchema};
 use crate::storage::segment::Segment;
 use crate::storage::table::Table;
 use datafusion::arrow::array::RecordBatch;
@@ -198,13 +198,32 @@ impl BufferTableProvider {
         let mut rest = None;
         if let (Some(in_ranges), false) = (in_ranges, ow.involved.is_empty()) {
             // a. The involved segments' rows in the ranges (pruned by page index, filtered).
+            // Filters on tags and time also prune: every version of a point has the same tags
+            // and time, so none that the query keeps is skipped (a field filter could skip an
+            // old version that a newer one overwrites, so those do not prune here).
             let all: Vec<usize> = (0..self.schema.columns().len()).collect();
             let predicate = state.create_physical_expr(in_ranges.clone(), &table_df)?;
+            let identity_only = |e: &&Expr| {
+                e.column_refs().iter().all(|c| {
+                    self.schema
+                        .column(&c.name)
+                        .is_some_and(|d| matches!(d.kind, ColumnKind::Tag | ColumnKind::Time))
+                })
+            };
+            let prune = conjunction(
+                filters
+                    .iter()
+                    .filter(identity_only)
+                    .cloned()
+                    .chain([in_ranges.clone()]),
+            )
+            .and_then(|e| state.create_physical_expr(e, &table_df).ok())
+            .unwrap_or_else(|| predicate.clone());
             let scan = segment_scan::scan(
                 &self.schema,
                 &ow.involved,
                 &all,
-                Some(predicate.clone()),
+                Some(prune),
                 partitions,
                 self.pushdown(),
                 &self.table.settings.read().sort_key.clone(),
