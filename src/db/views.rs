@@ -725,7 +725,6 @@ impl DbInner {
         let mut error = Vec::new();
         let mut round_ms = Vec::new();
         let mut caught_up = Vec::new();
-        let now_applied = self.visible_seq();
         for v in &views {
             let def = v.def.lock().clone();
             let st = v.status.lock();
@@ -758,7 +757,7 @@ impl DbInner {
             );
             error.push(st.last_error.clone());
             round_ms.push(st.last_round_ms);
-            caught_up.push(!st.has_work() && st.applied >= now_applied.min(st.applied.max(1)));
+            caught_up.push(!st.has_work());
         }
         Ok(RecordBatch::try_from_iter(vec![
             (
