@@ -90,6 +90,11 @@ pub struct Config {
     /// Bytes of written rows waiting for view maintenance before writers wait for it to catch
     /// up. Default: 256 MiB.
     pub view_queue_bytes: usize,
+    /// Each view's and subscribed table's change log keeps at most this many bytes of recent
+    /// changes, for subscribers that fall behind or reconnect. Default: 64 MiB.
+    pub subscribe_log_bytes: usize,
+    /// … and changes at most this old. Default: 1 hour.
+    pub subscribe_log_age: Duration,
 }
 
 impl Default for Config {
@@ -112,6 +117,8 @@ impl Default for Config {
             parquet_filter_pushdown: false,
             view_wait: Duration::from_secs(30),
             view_queue_bytes: 256 << 20,
+            subscribe_log_bytes: 64 << 20,
+            subscribe_log_age: Duration::from_secs(3600),
         }
     }
 }

@@ -113,6 +113,8 @@ pub struct DbStats {
     /// Segment files queries have opened since open (a partition or segment outside a query's
     /// time range is never opened, so this shows pruning).
     pub segments_scanned: u64,
+    /// Live subscriptions.
+    pub subscribers: usize,
 }
 
 struct Writer {
@@ -145,6 +147,8 @@ pub(crate) struct DbInner {
     pub(crate) segments_scanned: std::sync::atomic::AtomicU64,
     /// Materialized views: registry, maintenance queue and worker.
     pub(crate) views: Arc<crate::views::ViewsShared>,
+    /// Change logs of subscribed views and tables.
+    pub(crate) subs: Arc<crate::subscribe::Hub>,
     /// Held by the view worker during a round (dropping a view waits for it).
     pub(crate) view_round: Mutex<()>,
     view_worker: Mutex<Option<JoinHandle<()>>>,
@@ -288,7 +292,15 @@ impl Db {
             config.view_queue_bytes,
             next_seq - 1,
         ));
-        commit.set_observer(views.clone());
+        commit.add_observer(views.clone());
+        let subs = Arc::new(crate::subscribe::Hub::new(
+            crate::subscribe::LogLimits {
+                bytes: config.subscribe_log_bytes,
+                age: config.subscribe_log_age,
+            },
+            config.data_dir.clone(),
+        ));
+        commit.add_observer(subs.clone());
         let mut query_error = None;
         let config_dir = config.data_dir.clone();
         let inner = Arc::new_cyclic(|weak: &Weak<DbInner>| DbInner {
@@ -318,6 +330,7 @@ impl Db {
             persister: Mutex::new(None),
             segments_scanned: std::sync::atomic::AtomicU64::new(0),
             views,
+            subs,
             view_round: Mutex::new(()),
             view_worker: Mutex::new(None),
             _dir_lock: dir_lock,
@@ -325,6 +338,7 @@ impl Db {
         if let Some(e) = query_error {
             return Err(Error::Config(format!("query engine: {e}")));
         }
+        inner.subs.attach(Arc::downgrade(&inner));
         inner.recount_buffer();
         if let Durability::Interval(every) = inner.config.durability {
             start_syncer(&inner, every);
@@ -507,6 +521,55 @@ impl Db {
         self.inner.await_views(df, db).await
     }
 
+    /// Subscribes to `sql`: a snapshot of its result, then every change to it (see
+    /// [`Subscription`](crate::Subscription) and the protocol in docs/subscriptions.md).
+    ///
+    /// `sql` is `SELECT … FROM <a materialized view or a table> [WHERE …]`. A view gives a
+    /// keyed result (upserts and deletes by the view's key columns, which the query must
+    /// select); a table gives an append result (inserts of the rows written).
+    ///
+    /// ```
+    /// # fn main() -> Result<(), rivulet::Error> {
+    /// use futures::StreamExt;
+    /// use rivulet::{ChangeKind, Db, Precision, SubscribeOptions};
+    ///
+    /// let db = Db::open_in_memory()?;
+    /// db.write_lines("main", "cpu,host=a usage=95 1", Precision::Second)?;
+    /// let rt = tokio::runtime::Runtime::new().expect("runtime");
+    /// rt.block_on(async {
+    ///     let mut sub = db
+    ///         .subscribe("SELECT host, usage FROM cpu WHERE usage > 90", SubscribeOptions::default())
+    ///         .await?;
+    ///     let snapshot = sub.next().await.expect("a message")?;
+    ///     assert_eq!(snapshot.kind, ChangeKind::Snapshot { first: true, last: true });
+    ///     assert_eq!(snapshot.rows.num_rows(), 1);
+    ///     db.write_lines("main", "cpu,host=b usage=99 2", Precision::Second)?;
+    ///     let change = sub.next().await.expect("a message")?;
+    ///     assert_eq!(change.kind, ChangeKind::Change);
+    ///     assert_eq!(change.ops[0], rivulet::Op::Insert);
+    ///     Ok::<_, rivulet::Error>(())
+    /// })?;
+    /// # db.close()
+    /// # }
+    /// ```
+    pub async fn subscribe(
+        &self,
+        sql: &str,
+        options: crate::SubscribeOptions,
+    ) -> Result<crate::Subscription, Error> {
+        crate::subscribe::subscribe(&self.inner, sql, options, None).await
+    }
+
+    /// [`Db::subscribe`] limited to `databases` (a token's).
+    pub(crate) async fn subscribe_within(
+        &self,
+        sql: &str,
+        options: crate::SubscribeOptions,
+        databases: Option<Vec<String>>,
+    ) -> Result<crate::Subscription, Error> {
+        crate::subscribe::subscribe(&self.inner, sql, options, databases).await
+    }
+
     /// Waits until every materialized view reflects every write acknowledged so far (queries
     /// do this on their own for the views they read), or fails after `Config::view_wait`.
     pub fn sync_views(&self) -> Result<(), Error> {
@@ -544,6 +607,7 @@ impl Db {
             wal_fsync_seconds,
             persisted_seq: self.inner.persisted_seq.load(Ordering::Acquire),
             segments_scanned: self.inner.segments_scanned.load(Ordering::Relaxed),
+            subscribers: self.inner.subs.subscribers(),
             ..DbStats::default()
         };
         for db in databases {
@@ -621,6 +685,36 @@ fn open_sled(path: &Path) -> Result<sled::Db, Error> {
             Err(e) => return Err(crate::storage::catalog::CatalogError::from(e).into()),
         }
     }
+}
+
+/// Plans a subscription's query (also its snapshot): a plain query, waiting for the views it
+/// reads like any query.
+pub(crate) async fn plan_subscription(
+    inner: &Arc<DbInner>,
+    db: &str,
+    sql: &str,
+    databases: Option<&[String]>,
+) -> Result<datafusion::dataframe::DataFrame, Error> {
+    inner.check_open()?;
+    inner.views.wait_loaded();
+    if crate::views::ddl::parse(sql).is_some() || crate::query::admin::parse(sql).is_some() {
+        return Err(crate::SubscribeError::Unsupported(
+            "statements cannot be subscribed to; subscribe to a SELECT".to_string(),
+        )
+        .into());
+    }
+    let df = inner
+        .query
+        .plan(db, sql, false, inner.visible_seq())
+        .await?;
+    if let Some(allowed) = databases
+        && let Some(other) = crate::query::databases_outside(df.logical_plan(), allowed)?
+    {
+        return Err(Error::Denied(format!(
+            "this token may not use database '{other}'"
+        )));
+    }
+    inner.await_views(df, db).await
 }
 
 /// Collects a result; an empty one is a single empty batch, so the schema is never lost.
@@ -775,6 +869,7 @@ impl DbInner {
     /// Lets the views catch up with every acknowledged write (bounded), then stops their
     /// worker.
     fn stop_views(&self) {
+        self.subs.close_all();
         let seq = self.visible_seq();
         let views = self.views.views.read().clone();
         if !views.is_empty()

@@ -51,6 +51,9 @@ pub enum Error {
     /// The database was closed.
     #[error("the database is closed")]
     Closed,
+    /// A subscription could not start, or ended.
+    #[error(transparent)]
+    Subscribe(#[from] crate::subscribe::SubscribeError),
 }
 
 impl From<arrow::error::ArrowError> for Error {

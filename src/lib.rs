@@ -51,6 +51,7 @@ mod ingest;
 mod query;
 pub mod server;
 mod storage;
+mod subscribe;
 mod views;
 
 pub use clock::{Clock, ManualClock, SystemClock};
@@ -63,3 +64,5 @@ pub use ingest::prepare::ImportCheck;
 pub use storage::catalog::{CatalogError, ColumnKind, FieldType};
 pub use storage::segment::SegmentError;
 pub use storage::wal::{IoFaults, ReplayReport, WalError};
+pub use subscribe::encode::{error_json, message_arrow, message_json};
+pub use subscribe::{ChangeBatch, ChangeKind, Op, SubscribeError, SubscribeOptions, Subscription};

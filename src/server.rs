@@ -10,6 +10,7 @@ mod body;
 mod error;
 mod metrics;
 mod query;
+mod subscribe;
 mod write;
 
 use std::net::SocketAddr;
@@ -47,6 +48,9 @@ pub struct ServerConfig {
     /// Longest line protocol line, in bytes; a longer one is rejected with a 400 naming it.
     /// Default: 1 MiB.
     pub max_line_bytes: usize,
+    /// Server-Sent Event subscriptions open at once (they are not counted as requests).
+    /// Default: 10,000.
+    pub max_subscriptions: usize,
 }
 
 impl Default for ServerConfig {
@@ -58,6 +62,7 @@ impl Default for ServerConfig {
             max_concurrent_requests: 1024,
             body_read_timeout: Duration::from_secs(60),
             max_line_bytes: 1 << 20,
+            max_subscriptions: 10_000,
         }
     }
 }
@@ -69,6 +74,7 @@ pub(crate) struct AppState {
     pub(crate) config: Arc<ServerConfig>,
     pub(crate) metrics: Arc<Metrics>,
     requests: Arc<tokio::sync::Semaphore>,
+    subscriptions: Arc<tokio::sync::Semaphore>,
 }
 
 /// The server's routes over `db`. Serve it with [`serve`] (handlers read the client address).
@@ -77,6 +83,7 @@ pub fn router(db: Db, config: ServerConfig) -> Router {
     let state = AppState {
         db,
         requests: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_requests)),
+        subscriptions: Arc::new(tokio::sync::Semaphore::new(config.max_subscriptions)),
         config: Arc::new(config),
         metrics: Arc::new(Metrics::default()),
     };
@@ -89,6 +96,9 @@ pub fn router(db: Db, config: ServerConfig) -> Router {
             get(query::query_get).post(query::query_post),
         )
         .route("/api/v1/sql", post(query::statement))
+        .route("/api/v1/subscribe", get(subscribe::sse))
+        .route("/api/v1/changes", get(subscribe::long_poll))
+        .route("/api/v1/ws", get(subscribe::websocket))
         .route("/health", get(health))
         .route("/ping", get(ping).head(ping))
         .route("/metrics", get(metrics_text))
@@ -103,10 +113,16 @@ pub fn router(db: Db, config: ServerConfig) -> Router {
 
 /// Caps concurrent requests (503 past the cap) and counts the ones in flight.
 async fn limit_requests(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let Ok(_permit) = state.requests.clone().try_acquire_owned() else {
+    // Event streams live long: they have their own cap.
+    let (pool, what) = if request.uri().path() == "/api/v1/subscribe" {
+        (&state.subscriptions, "subscriptions")
+    } else {
+        (&state.requests, "requests")
+    };
+    let Ok(_permit) = pool.clone().try_acquire_owned() else {
         return ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "too many concurrent requests; retry shortly",
+            format!("too many concurrent {what}; retry shortly"),
         )
         .into_response();
     };

@@ -103,8 +103,12 @@ impl View {
     }
 }
 
-/// One database's writes of a depth level: (table, rows) and the views they advance.
-type LevelWrite = (Vec<(String, arrow::array::RecordBatch)>, Vec<String>);
+/// One database's writes of a depth level: (table, rows) and the views they advance (with
+/// their rows).
+type LevelWrite = (
+    Vec<(String, arrow::array::RecordBatch)>,
+    Vec<(Arc<View>, arrow::array::RecordBatch)>,
+);
 
 /// A write handed to the worker: its sequence and the chunks of watched tables.
 type Item = (u64, Vec<(u64, Arc<Chunk>)>, std::time::Instant);
@@ -391,6 +395,12 @@ pub(crate) fn run_worker(db: std::sync::Weak<crate::db::DbInner>, shared: Arc<Vi
     {
         tracing::error!(error = %e, "could not load the materialized views");
     }
+    if let Some(inner) = db.upgrade() {
+        // Subscribers resume from the stored change logs.
+        for view in shared.views.read().iter() {
+            inner.subs.view_source(view);
+        }
+    }
     shared.set_loaded();
     while let Some((items, upto)) = shared.next_round() {
         let Some(inner) = db.upgrade() else { return };
@@ -441,18 +451,43 @@ pub(crate) fn run_worker(db: std::sync::Weak<crate::db::DbInner>, shared: Arc<Vi
                 if let Some(rows) = out.rows.take() {
                     let entry = by_db.entry(view.db.clone()).or_default();
                     view.status.lock().rows_written += rows.num_rows() as u64;
-                    entry.0.push((view.table.name.to_string(), rows));
-                    entry.1.push(view.name());
+                    entry.0.push((view.table.name.to_string(), rows.clone()));
+                    entry.1.push((view.clone(), rows));
                 }
             }
             let mut write_error = None;
-            for (db_name, (mut tables, names)) in by_db {
-                let written = maintain::progress_batch(&names, upto).and_then(|p| {
+            for (db_name, (mut tables, written)) in by_db {
+                let views: Vec<Arc<View>> = written.iter().map(|(v, _)| v.clone()).collect();
+                let names: Vec<String> = views.iter().map(|v| v.name()).collect();
+                inner.subs.begin_write(&views);
+                let result = maintain::progress_batch(&names, upto).and_then(|p| {
                     tables.push((PROGRESS_TABLE.to_string(), p));
                     runtime.block_on(maintain::write_tables(&inner, &db_name, tables))
                 });
-                if let Err(e) = written {
-                    write_error = Some(e.to_string());
+                match result {
+                    Ok(seq) => {
+                        for (view, rows) in written {
+                            // Subscribers see the rows as the view's columns.
+                            match runtime
+                                .block_on(crate::subscribe::view_entry(&inner, &view, &rows, seq))
+                            {
+                                Ok((entry, wm)) => {
+                                    inner.subs.view_written(&view, Some(seq), upto, entry, wm);
+                                }
+                                Err(e) => {
+                                    tracing::error!(view = %view.name(), error = %e, "view change not logged for subscribers");
+                                    inner.subs.view_written(&view, Some(seq), upto, None, None);
+                                    inner.subs.view_reset(&view);
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        for view in &views {
+                            inner.subs.view_written(view, None, upto, None, None);
+                        }
+                        write_error = Some(e.to_string());
+                    }
                 }
             }
             for (view, out, started) in done {

@@ -89,8 +89,8 @@ impl DbInner {
         &self,
         db: &str,
         tables: Vec<(String, RecordBatch)>,
-    ) -> Result<(), Error> {
-        self.write(|catalog| {
+    ) -> Result<u64, Error> {
+        let receipt = self.write(|catalog| {
             let mut all: Option<crate::ingest::prepare::PreparedWrite> = None;
             for (table, batch) in &tables {
                 let p = prepare_system_batch(catalog, db, table, batch)?;
@@ -108,7 +108,7 @@ impl DbInner {
                 reason: "nothing to write".to_string(),
             })
         })?;
-        Ok(())
+        Ok(receipt.seq)
     }
 
     /// Marks a view's backfill done in its stored definition.
@@ -479,6 +479,7 @@ impl DbInner {
             let _round = self.view_round.lock();
             self.views.remove(view.table.id);
         }
+        self.subs.view_dropped(view.table.id, name);
         // Everything the WAL holds for the view's table goes to segments first, so a replay
         // never re-creates the table.
         if self.manifest.is_some() {

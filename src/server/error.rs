@@ -34,6 +34,11 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// The message the client gets.
+    pub(crate) fn message(&self) -> &str {
+        &self.message
+    }
+
     pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
@@ -102,6 +107,12 @@ fn classify(e: &Error) -> ApiError {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
             }
         },
+        Error::Subscribe(crate::SubscribeError::Unsupported(_)) => {
+            ApiError::bad_request(e.to_string())
+        }
+        Error::Subscribe(crate::SubscribeError::Ended(_)) => {
+            ApiError::new(StatusCode::GONE, e.to_string())
+        }
         Error::Query(q) => from_datafusion(q, e),
         _ => internal(e),
     }

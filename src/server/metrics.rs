@@ -119,6 +119,11 @@ impl Metrics {
             open_connections.to_string(),
         );
         gauge(
+            "rivulet_subscribers",
+            "Live subscriptions (all transports and embedded).",
+            db.subscribers.to_string(),
+        );
+        gauge(
             "rivulet_last_sequence",
             "Sequence of the latest visible write.",
             db.last_seq.to_string(),

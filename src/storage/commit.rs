@@ -27,6 +27,9 @@ use crate::config::Durability;
 /// block: it runs in the group-commit step every writer waits for.
 pub(crate) trait ApplyObserver: Send + Sync {
     fn applied(&self, seq: u64, chunks: &[(Arc<Table>, Arc<Chunk>)]);
+
+    /// Every write up to `seq` is now visible (called after `applied` for each of them).
+    fn published(&self, _seq: u64) {}
 }
 
 /// A sequenced write waiting to become visible.
@@ -55,7 +58,7 @@ pub(crate) struct CommitQueue {
     fsync_nanos: AtomicU64,
     /// Arrow memory applied to the buffers (recounted after each persist).
     pub(crate) buffer_bytes: std::sync::atomic::AtomicUsize,
-    observer: parking_lot::RwLock<Option<Arc<dyn ApplyObserver>>>,
+    observers: parking_lot::RwLock<Vec<Arc<dyn ApplyObserver>>>,
 }
 
 impl CommitQueue {
@@ -78,13 +81,13 @@ impl CommitQueue {
             fsyncs: AtomicU64::new(0),
             fsync_nanos: AtomicU64::new(0),
             buffer_bytes: std::sync::atomic::AtomicUsize::new(0),
-            observer: parking_lot::RwLock::new(None),
+            observers: parking_lot::RwLock::new(Vec::new()),
         }
     }
 
-    /// Sets the observer told of every applied write.
-    pub(crate) fn set_observer(&self, observer: Arc<dyn ApplyObserver>) {
-        *self.observer.write() = Some(observer);
+    /// Adds an observer told of every applied write.
+    pub(crate) fn add_observer(&self, observer: Arc<dyn ApplyObserver>) {
+        self.observers.write().push(observer);
     }
 
     /// Fails if an earlier I/O failure poisoned the log.
@@ -142,13 +145,13 @@ impl CommitQueue {
             let last = batch.last().map(|p| p.seq);
             if synced.is_ok() {
                 let mut bytes = 0;
-                let observer = self.observer.read().clone();
+                let observers = self.observers.read().clone();
                 for item in batch {
                     for (table, chunk) in &item.chunks {
                         bytes += chunk.batch.get_array_memory_size();
                         table.apply(chunk.clone());
                     }
-                    if let Some(o) = &observer {
+                    for o in &observers {
                         o.applied(item.seq, &item.chunks);
                     }
                 }
@@ -157,10 +160,12 @@ impl CommitQueue {
 
             st = self.state.lock();
             st.leader = false;
+            let mut published = None;
             match synced {
                 Ok(()) => {
                     if let Some(last) = last {
                         st.applied_seq = st.applied_seq.max(last);
+                        published = Some(st.applied_seq);
                     }
                 }
                 Err(e) => {
@@ -169,6 +174,13 @@ impl CommitQueue {
                 }
             }
             self.wake.notify_all();
+            if let Some(seq) = published {
+                drop(st);
+                for o in self.observers.read().iter() {
+                    o.published(seq);
+                }
+                st = self.state.lock();
+            }
         }
     }
 

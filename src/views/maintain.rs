@@ -61,6 +61,17 @@ pub(crate) async fn round(
     };
     if backfill {
         backfill_view(db, view, upto).await?;
+        let source_max = view
+            .primary_id
+            .and_then(|id| db.table_by_id(id))
+            .and_then(|t| extent(&t))
+            .map(|(_, hi)| hi);
+        if let Some(m) = source_max {
+            let mut st = view.status.lock();
+            st.max_source_time = Some(st.max_source_time.map_or(m, |x| x.max(m)));
+        }
+        // Subscribers' earlier positions predate the backfill.
+        db.subs.view_reset(view);
         let mut st = view.status.lock();
         st.pending.clear();
         st.full = false;
@@ -594,7 +605,7 @@ pub(crate) async fn write_tables(
     db: &Arc<DbInner>,
     db_name: &str,
     tables: Vec<(String, RecordBatch)>,
-) -> Result<(), Error> {
+) -> Result<u64, Error> {
     let db2 = db.clone();
     let db_name = db_name.to_string();
     tokio::task::spawn_blocking(move || db2.write_system(&db_name, tables))

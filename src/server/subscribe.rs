@@ -1,0 +1,390 @@
+//! Subscriptions over HTTP: Server-Sent Events, WebSocket and long-poll. All three carry the
+//! same messages (see `subscribe::encode`): a snapshot, then changes, progress, and reset or
+//! lagged when a client is too far behind.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::{FutureExt, SinkExt, StreamExt};
+use serde::Deserialize;
+
+use super::auth::Scope;
+use super::{ApiError, AppState};
+use crate::{ChangeBatch, ChangeKind, SubscribeOptions, error_json, message_arrow, message_json};
+
+/// Query parameters of `/api/v1/subscribe` and `/api/v1/changes`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct SubscribeParams {
+    db: Option<String>,
+    q: Option<String>,
+    since: Option<u64>,
+    snapshot: Option<bool>,
+    progress_ms: Option<u64>,
+    queue: Option<usize>,
+    wait_ms: Option<u64>,
+}
+
+impl SubscribeParams {
+    fn query(&self) -> Result<String, ApiError> {
+        self.q
+            .clone()
+            .filter(|q| !q.trim().is_empty())
+            .ok_or_else(|| ApiError::bad_request("missing query (parameter q)"))
+    }
+
+    fn options(&self, db: &str, since: Option<u64>) -> Result<SubscribeOptions, ApiError> {
+        let mut o = SubscribeOptions {
+            db: db.to_string(),
+            since,
+            ..SubscribeOptions::default()
+        };
+        if let Some(s) = self.snapshot {
+            o.snapshot = s;
+        }
+        if let Some(ms) = self.progress_ms {
+            if ms < 10 {
+                return Err(ApiError::bad_request("progress_ms must be at least 10"));
+            }
+            o.progress_interval = Duration::from_millis(ms);
+        }
+        if let Some(q) = self.queue {
+            if q == 0 {
+                return Err(ApiError::bad_request("queue must be at least 1"));
+            }
+            o.queue_len = q;
+        }
+        Ok(o)
+    }
+}
+
+/// The SSE event of a message. Only messages a client can resume from carry an `id`
+/// (not the parts of a snapshot before its last, nor a reset).
+fn event(m: &ChangeBatch) -> Event {
+    let data = message_json(m, None).unwrap_or_else(|e| error_json(&e.to_string(), None));
+    let e = Event::default().event(m.kind.name()).data(data);
+    match m.kind {
+        ChangeKind::Snapshot { last: false, .. } | ChangeKind::Reset => e,
+        _ => e.id(m.seq.to_string()),
+    }
+}
+
+/// `GET /api/v1/subscribe?db=D&q=SQL[&since=N][&snapshot=false][&progress_ms=M][&queue=N]`:
+/// Server-Sent Events. `Last-Event-ID` (sent by `EventSource` on reconnect) resumes too.
+pub(crate) async fn sse(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(params): Query<SubscribeParams>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let db = params.db.clone().unwrap_or_else(|| "main".to_string());
+    let access = state.authorize(&headers, None, Scope::Read, Some(&db), peer, "subscribe")?;
+    let q = params.query()?;
+    let last_event = match headers.get("last-event-id") {
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or_else(|| ApiError::bad_request("Last-Event-ID must be a sequence number"))?,
+        ),
+        None => None,
+    };
+    let options = params.options(&db, last_event.or(params.since))?;
+    let sub = state
+        .db
+        .subscribe_within(&q, options, access.databases)
+        .await?;
+    let stream = sub.map(|m| {
+        Ok::<_, Infallible>(match m {
+            Ok(m) => event(&m),
+            Err(e) => Event::default()
+                .event("error")
+                .data(error_json(&e.to_string(), None)),
+        })
+    });
+    let mut response = Sse::new(stream).into_response();
+    // Proxies (nginx) must not buffer the stream.
+    response
+        .headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(response)
+}
+
+/// `GET /api/v1/changes?db=D&q=SQL[&since=N][&wait_ms=M]`: long-poll. Without `since`, the
+/// snapshot; with it, the changes after it, waiting up to `wait_ms` (default 30 s, at most
+/// 120 s) when there are none. Answers `{"seq": N, "messages": [...]}`: poll again with
+/// `since=N`.
+pub(crate) async fn long_poll(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(params): Query<SubscribeParams>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let db = params.db.clone().unwrap_or_else(|| "main".to_string());
+    let access = state.authorize(&headers, None, Scope::Read, Some(&db), peer, "subscribe")?;
+    let q = params.query()?;
+    let wait = Duration::from_millis(params.wait_ms.unwrap_or(30_000).min(120_000));
+    let mut options = params.options(&db, params.since)?;
+    options.snapshot = true;
+    options.progress_interval = wait.max(Duration::from_millis(1));
+    let mut sub = state
+        .db
+        .subscribe_within(&q, options, access.databases)
+        .await?;
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut messages: Vec<String> = Vec::new();
+    loop {
+        let next = match tokio::time::timeout_at(deadline, sub.next()).await {
+            Ok(Some(next)) => next,
+            Ok(None) | Err(_) => break,
+        };
+        let m = match next {
+            Ok(m) => m,
+            Err(e) if messages.is_empty() => return Err(e.into()),
+            Err(e) => {
+                messages.push(error_json(&e.to_string(), None));
+                break;
+            }
+        };
+        match m.kind {
+            ChangeKind::Progress => break,
+            ChangeKind::Snapshot { last: false, .. } | ChangeKind::Reset => {
+                messages.push(message_json(&m, None)?);
+            }
+            ChangeKind::Snapshot { last: true, .. } | ChangeKind::Lagged => {
+                messages.push(message_json(&m, None)?);
+                break;
+            }
+            ChangeKind::Change => {
+                messages.push(message_json(&m, None)?);
+                // Whatever else is ready now goes in the same answer.
+                while let Some(Some(Ok(m))) = sub.next().now_or_never() {
+                    if m.kind != ChangeKind::Change {
+                        break;
+                    }
+                    messages.push(message_json(&m, None)?);
+                }
+                break;
+            }
+        }
+    }
+    let body = format!(
+        "{{\"seq\":{},\"messages\":[{}]}}",
+        sub.position(),
+        messages.join(",")
+    );
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response())
+}
+
+/// Largest message a WebSocket client may send, and frames per connection.
+const WS_MAX_CLIENT_MESSAGE: usize = 64 << 10;
+const WS_MAX_SUBSCRIPTIONS: usize = 256;
+
+/// `GET /api/v1/ws`: WebSocket. The client sends `{"op":"subscribe","id":"s1","db":"main",
+/// "q":"SELECT …","since":123,"format":"json"|"arrow"}` and `{"op":"unsubscribe","id":"s1"}`;
+/// every server message carries the subscription's `id`.
+pub(crate) async fn websocket(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    state.authorize(&headers, None, Scope::Read, None, peer, "websocket")?;
+    Ok(upgrade
+        .max_message_size(WS_MAX_CLIENT_MESSAGE)
+        .max_frame_size(WS_MAX_CLIENT_MESSAGE)
+        .write_buffer_size(128 << 10)
+        .max_write_buffer_size(64 << 20)
+        .on_upgrade(move |socket| connection(state, socket, headers, peer)))
+}
+
+#[derive(Debug, Deserialize)]
+struct ClientMessage {
+    op: String,
+    id: Option<String>,
+    db: Option<String>,
+    q: Option<String>,
+    since: Option<u64>,
+    snapshot: Option<bool>,
+    progress_ms: Option<u64>,
+    queue: Option<usize>,
+    format: Option<String>,
+}
+
+async fn connection(state: AppState, socket: WebSocket, headers: HeaderMap, peer: SocketAddr) {
+    let (mut sink, mut incoming) = socket.split();
+    // Bounded: a slow connection stops its subscriptions from reading further (they then
+    // conflate or lag), never the database.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Message>(64);
+    let mut subs: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+    loop {
+        tokio::select! {
+            message = incoming.next() => {
+                let text = match message {
+                    Some(Ok(Message::Text(t))) => t,
+                    Some(Ok(Message::Binary(_))) => {
+                        let e = error_json("send JSON text frames", None);
+                        if sink.send(Message::Text(e.into())).await.is_err() { break; }
+                        continue;
+                    }
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                };
+                subs.retain(|_, h| !h.is_finished());
+                if let Err(e) = command(&state, &headers, peer, text.as_str(), &tx, &mut subs)
+                    && sink.send(Message::Text(e.into())).await.is_err()
+                {
+                    break;
+                }
+            }
+            Some(out) = rx.recv() => {
+                if sink.send(out).await.is_err() { break; }
+            }
+        }
+    }
+    for (_, h) in subs {
+        h.abort();
+    }
+}
+
+/// Runs one client message; an error is the JSON message to send back.
+fn command(
+    state: &AppState,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+    text: &str,
+    tx: &tokio::sync::mpsc::Sender<Message>,
+    subs: &mut HashMap<String, tokio::task::JoinHandle<()>>,
+) -> Result<(), String> {
+    let m: ClientMessage = serde_json::from_str(text)
+        .map_err(|e| error_json(&format!("not a valid message: {e}"), None))?;
+    let id =
+        m.id.clone()
+            .ok_or_else(|| error_json("the message has no \"id\"", None))?;
+    let fail = |msg: &str| error_json(msg, Some(&id));
+    match m.op.as_str() {
+        "unsubscribe" => match subs.remove(&id) {
+            Some(h) => {
+                h.abort();
+                let _ = tx.try_send(Message::Text(
+                    serde_json::json!({"type": "unsubscribed", "id": id})
+                        .to_string()
+                        .into(),
+                ));
+                Ok(())
+            }
+            None => Err(fail("no subscription with this id")),
+        },
+        "subscribe" => {
+            if subs.contains_key(&id) {
+                return Err(fail("a subscription with this id is active"));
+            }
+            if subs.len() >= WS_MAX_SUBSCRIPTIONS {
+                return Err(fail(&format!(
+                    "at most {WS_MAX_SUBSCRIPTIONS} subscriptions per connection"
+                )));
+            }
+            let db = m.db.clone().unwrap_or_else(|| "main".to_string());
+            let access = state
+                .authorize(headers, None, Scope::Read, Some(&db), peer, "subscribe")
+                .map_err(|e| fail(e.message()))?;
+            let q =
+                m.q.clone()
+                    .filter(|q| !q.trim().is_empty())
+                    .ok_or_else(|| fail("missing query (\"q\")"))?;
+            let arrow = match m.format.as_deref() {
+                None | Some("json") => false,
+                Some("arrow") => true,
+                Some(other) => {
+                    return Err(fail(&format!(
+                        "unknown format '{other}': expected json or arrow"
+                    )));
+                }
+            };
+            let params = SubscribeParams {
+                db: Some(db.clone()),
+                q: None,
+                since: m.since,
+                snapshot: m.snapshot,
+                progress_ms: m.progress_ms,
+                queue: m.queue,
+                wait_ms: None,
+            };
+            let options = params
+                .options(&db, m.since)
+                .map_err(|e| fail(e.message()))?;
+            let db_handle = state.db.clone();
+            let tx = tx.clone();
+            let task_id = id.clone();
+            let handle = tokio::spawn(async move {
+                let id = task_id;
+                let mut sub = match db_handle
+                    .subscribe_within(&q, options, access.databases)
+                    .await
+                {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = tx
+                            .send(Message::Text(error_json(&e.to_string(), Some(&id)).into()))
+                            .await;
+                        return;
+                    }
+                };
+                let columns: Vec<&String> =
+                    sub.schema().fields().iter().map(|f| f.name()).collect();
+                let ack = serde_json::json!({
+                    "type": "subscribed", "id": id, "seq": sub.position(), "columns": columns,
+                });
+                if tx
+                    .send(Message::Text(ack.to_string().into()))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                while let Some(m) = sub.next().await {
+                    let frame = match m {
+                        Ok(m)
+                            if arrow
+                                && matches!(
+                                    m.kind,
+                                    ChangeKind::Snapshot { .. } | ChangeKind::Change
+                                ) =>
+                        {
+                            match message_arrow(&m, Some(&id)) {
+                                Ok(bytes) => Message::Binary(bytes.into()),
+                                Err(e) => {
+                                    Message::Text(error_json(&e.to_string(), Some(&id)).into())
+                                }
+                            }
+                        }
+                        Ok(m) => Message::Text(
+                            message_json(&m, Some(&id))
+                                .unwrap_or_else(|e| error_json(&e.to_string(), Some(&id)))
+                                .into(),
+                        ),
+                        Err(e) => Message::Text(error_json(&e.to_string(), Some(&id)).into()),
+                    };
+                    if tx.send(frame).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            subs.insert(id, handle);
+            Ok(())
+        }
+        other => Err(fail(&format!(
+            "unknown op '{other}': expected subscribe or unsubscribe"
+        ))),
+    }
+}
