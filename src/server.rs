@@ -138,6 +138,23 @@ async fn limit_requests(State(state): State<AppState>, request: Request, next: N
     })
 }
 
+/// Fires when the server starts shutting down: subscription streams end then, so a graceful
+/// shutdown does not wait for them forever.
+#[derive(Debug, Clone)]
+pub(crate) struct Stopping(tokio::sync::watch::Receiver<bool>);
+
+impl Stopping {
+    /// Completes when the server is shutting down (never without a server around).
+    pub(crate) async fn wait(stopping: Option<Stopping>) {
+        match stopping {
+            Some(mut s) => {
+                let _ = s.0.wait_for(|stopped| *stopped).await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    }
+}
+
 /// Counts a request in flight and holds its concurrency permit; both end on drop.
 struct InFlight {
     metrics: Arc<Metrics>,
@@ -288,11 +305,15 @@ pub async fn serve(
         };
         let app = app.clone();
         let open_now = open.clone();
+        let stop_for_requests = stop_rx.clone();
         let service =
             hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
                 let mut request = request.map(axum::body::Body::new);
                 request.extensions_mut().insert(ConnectInfo(peer));
                 request.extensions_mut().insert(open_now.clone());
+                request
+                    .extensions_mut()
+                    .insert(Stopping(stop_for_requests.clone()));
                 app.clone().oneshot(request)
             });
         let mut builder = hyper::server::conn::http1::Builder::new();
@@ -305,7 +326,10 @@ pub async fn serve(
         let open_count = open.0.clone();
         open_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tokio::spawn(async move {
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            // With upgrades: WebSocket connections start as HTTP requests.
+            let conn = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
             let mut conn = std::pin::pin!(conn);
             tokio::select! {
                 result = conn.as_mut() => {

@@ -945,10 +945,17 @@ fn final_rows(view: &View, rows: &RecordBatch) -> Result<(RecordBatch, BooleanAr
     let ctx = datafusion::prelude::SessionContext::new();
     let n = rows.num_rows();
     let schema = &view.provider.schema;
+    let df_schema = Arc::new(df_schema);
+    // Physical expressions need what the optimizer would do first (coalesce becomes CASE).
+    let simplifier = datafusion::optimizer::simplify_expressions::ExprSimplifier::new(
+        datafusion::logical_expr::simplify::SimplifyContext::builder()
+            .with_schema(df_schema.clone())
+            .build(),
+    );
     let mut columns = Vec::with_capacity(exprs.len());
     for ((_, e), f) in exprs.into_iter().zip(schema.fields()) {
         let a = ctx
-            .create_physical_expr(e, &df_schema)?
+            .create_physical_expr(simplifier.simplify(e)?, &df_schema)?
             .evaluate(rows)?
             .into_array(n)?;
         columns.push(if a.data_type() == f.data_type() {

@@ -16,7 +16,7 @@ use futures::{FutureExt, SinkExt, StreamExt};
 use serde::Deserialize;
 
 use super::auth::Scope;
-use super::{ApiError, AppState};
+use super::{ApiError, AppState, Stopping};
 use crate::{ChangeBatch, ChangeKind, SubscribeOptions, error_json, message_arrow, message_json};
 
 /// Query parameters of `/api/v1/subscribe` and `/api/v1/changes`.
@@ -80,6 +80,7 @@ fn event(m: &ChangeBatch) -> Event {
 pub(crate) async fn sse(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    stopping: Option<axum::Extension<Stopping>>,
     Query(params): Query<SubscribeParams>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -100,7 +101,8 @@ pub(crate) async fn sse(
         .db
         .subscribe_within(&q, options, access.databases)
         .await?;
-    let stream = sub.map(|m| {
+    let stopping = Stopping::wait(stopping.map(|s| s.0));
+    let stream = sub.take_until(Box::pin(stopping)).map(|m| {
         Ok::<_, Infallible>(match m {
             Ok(m) => event(&m),
             Err(e) => Event::default()
@@ -196,6 +198,7 @@ const WS_MAX_SUBSCRIPTIONS: usize = 256;
 pub(crate) async fn websocket(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    stopping: Option<axum::Extension<Stopping>>,
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
@@ -205,7 +208,7 @@ pub(crate) async fn websocket(
         .max_frame_size(WS_MAX_CLIENT_MESSAGE)
         .write_buffer_size(128 << 10)
         .max_write_buffer_size(64 << 20)
-        .on_upgrade(move |socket| connection(state, socket, headers, peer)))
+        .on_upgrade(move |socket| connection(state, socket, headers, peer, stopping.map(|s| s.0))))
 }
 
 #[derive(Debug, Deserialize)]
@@ -221,8 +224,15 @@ struct ClientMessage {
     format: Option<String>,
 }
 
-async fn connection(state: AppState, socket: WebSocket, headers: HeaderMap, peer: SocketAddr) {
+async fn connection(
+    state: AppState,
+    socket: WebSocket,
+    headers: HeaderMap,
+    peer: SocketAddr,
+    stopping: Option<Stopping>,
+) {
     let (mut sink, mut incoming) = socket.split();
+    let mut stopping = std::pin::pin!(Stopping::wait(stopping));
     // Bounded: a slow connection stops its subscriptions from reading further (they then
     // conflate or lag), never the database.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Message>(64);
@@ -249,6 +259,10 @@ async fn connection(state: AppState, socket: WebSocket, headers: HeaderMap, peer
             }
             Some(out) = rx.recv() => {
                 if sink.send(out).await.is_err() { break; }
+            }
+            _ = &mut stopping => {
+                let _ = sink.send(Message::Close(None)).await;
+                break;
             }
         }
     }

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::datasource::{TableType, provider_as_source};
 use datafusion::error::Result;
-use datafusion::functions::expr_fn::sqrt;
+use datafusion::functions::expr_fn::{coalesce, sqrt};
 use datafusion::logical_expr::{
     Expr, LogicalPlanBuilder, TableProviderFilterPushDown, cast, col, lit, when,
 };
@@ -62,10 +62,7 @@ pub(crate) fn final_columns(plan: &ViewPlan, storage: &SchemaRef) -> Vec<(String
                 OutColumn::Time => return (name.clone(), plain(TIME_COLUMN)),
                 OutColumn::Key | OutColumn::Value => return (name.clone(), plain(name)),
                 OutColumn::State(agg) => match agg {
-                    // (CASE, not coalesce: subscriptions evaluate these without the optimizer.)
-                    Agg::Count(_) => when(state("c").is_null(), lit(0i64))
-                        .otherwise(state("c"))
-                        .unwrap_or(lit(0i64)),
+                    Agg::Count(_) => coalesce(vec![state("c"), lit(0i64)]),
                     Agg::Sum(_) | Agg::Min(_) | Agg::Max(_) | Agg::First(_) | Agg::Last(_) => {
                         state("v")
                     }
