@@ -131,6 +131,15 @@ pub struct ChangeBatch {
 }
 
 impl ChangeBatch {
+    /// A copy that encodes its rows again (for benchmarks).
+    #[doc(hidden)]
+    pub fn uncached(&self) -> ChangeBatch {
+        ChangeBatch {
+            json: Arc::new(OnceLock::new()),
+            ..self.clone()
+        }
+    }
+
     fn control(kind: ChangeKind, seq: u64, applied: u64, schema: &SchemaRef) -> ChangeBatch {
         ChangeBatch {
             kind,

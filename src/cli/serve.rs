@@ -45,6 +45,9 @@ pub(crate) struct ServeArgs {
     /// Requests served at once; more are answered 503.
     #[arg(long, env = "RIVULET_MAX_CONCURRENT_REQUESTS", default_value_t = 1024)]
     max_concurrent_requests: usize,
+    /// Server-Sent Event subscriptions open at once (not counted as requests).
+    #[arg(long, env = "RIVULET_MAX_SUBSCRIPTIONS", default_value_t = 10_000)]
+    max_subscriptions: usize,
 }
 
 pub(crate) fn run(args: ServeArgs) -> CliResult {
@@ -93,6 +96,10 @@ pub(crate) fn run(args: ServeArgs) -> CliResult {
         println!(
             "  curl{auth_header} 'http://{addr}/api/v3/query_sql?db=main&q=SELECT+*+FROM+cpu&format=json'"
         );
+        println!("  # live: a snapshot, then every change (write again in another terminal)");
+        println!(
+            "  curl{auth_header} -N -H 'Accept: text/event-stream' 'http://{addr}/api/v1/subscribe?db=main&q=SELECT+*+FROM+cpu'"
+        );
         let app = router(
             db.clone(),
             ServerConfig {
@@ -100,6 +107,7 @@ pub(crate) fn run(args: ServeArgs) -> CliResult {
                 auth,
                 query_timeout: std::time::Duration::from_secs(args.query_timeout_secs.max(1)),
                 max_concurrent_requests: args.max_concurrent_requests.max(1),
+                max_subscriptions: args.max_subscriptions.max(1),
                 max_line_bytes: args.max_line_bytes.max(1),
                 ..ServerConfig::default()
             },
