@@ -255,7 +255,8 @@ pub(crate) struct Source {
 
 /// What a subscriber finds in the log after its position.
 enum Read {
-    Entries(Vec<Arc<Entry>>, u64),
+    /// Entries after the position, the frontier, and what a view reflects at the frontier.
+    Entries(Vec<Arc<Entry>>, u64, u64),
     /// Its position is older than the log.
     Behind(u64),
     Closed(String),
@@ -273,7 +274,7 @@ impl Source {
             tx: tokio::sync::watch::channel(start).0,
             subscribers: AtomicUsize::new(0),
             dirty: AtomicBool::new(false),
-            idle_since: Mutex::new(None),
+            idle_since: Mutex::new(Some(Instant::now())),
             feeds: Mutex::new(HashMap::new()),
         }
     }
@@ -303,7 +304,17 @@ impl Source {
             .take_while(|e| e.seq <= frontier)
             .cloned()
             .collect();
-        Read::Entries(entries, frontier.max(cursor))
+        let frontier = frontier.max(cursor);
+        Read::Entries(entries, frontier, self.applied_at(frontier))
+    }
+
+    /// What the source reflects once every logged change is applied (read under the log
+    /// lock: a view's applied sequence moves only after its round's change is logged).
+    fn applied_at(&self, frontier: u64) -> u64 {
+        match &self.kind {
+            SourceKind::View(v) => v.status.lock().applied,
+            SourceKind::Table(_) => frontier,
+        }
     }
 
     /// Appends an entry (in sequence order) and trims the log to its bounds.
@@ -350,6 +361,8 @@ pub(crate) struct Hub {
     views: RwLock<HashMap<u64, Arc<Source>>>,
     limits: LogLimits,
     store: Option<store::Store>,
+    /// The last write the commit step has shown to [`ApplyObserver::applied`].
+    observed: AtomicU64,
 }
 
 impl std::fmt::Debug for Hub {
@@ -361,6 +374,8 @@ impl std::fmt::Debug for Hub {
 impl ApplyObserver for Hub {
     fn applied(&self, seq: u64, chunks: &[(Arc<Table>, Arc<Chunk>)]) {
         let tables = self.tables.read();
+        // Under the read lock: a table log created later starts after this write.
+        self.observed.fetch_max(seq, Ordering::AcqRel);
         if tables.is_empty() {
             return;
         }
@@ -398,6 +413,7 @@ impl Hub {
             views: RwLock::new(HashMap::new()),
             limits,
             store: dir.map(store::Store::new),
+            observed: AtomicU64::new(0),
         }
     }
 
@@ -445,14 +461,12 @@ impl Hub {
             s.subscribers.load(Ordering::Acquire) > 0
                 || s.idle_since.lock().is_none_or(|t| t.elapsed() < age)
         });
+        // Every write after `start` reaches the log: writes the commit step has shown to the
+        // observer so far (they skipped this log) are at most `observed`.
+        let start = self.visible().max(self.observed.load(Ordering::Acquire));
         tables
             .entry(table.id)
-            .or_insert_with(|| {
-                Arc::new(Source::new(
-                    SourceKind::Table(table.clone()),
-                    self.visible(),
-                ))
-            })
+            .or_insert_with(|| Arc::new(Source::new(SourceKind::Table(table.clone()), start)))
             .clone()
     }
 
@@ -505,8 +519,9 @@ impl Hub {
         }
     }
 
-    /// A view was (re)computed from scratch (backfill): earlier positions cannot resume.
-    pub(crate) fn view_reset(&self, view: &Arc<View>) {
+    /// A view was (re)computed from scratch (backfill, having applied writes up to `applied`):
+    /// earlier positions cannot resume.
+    pub(crate) fn view_reset(&self, view: &Arc<View>, applied: u64) {
         let source = self.view_source(view);
         let visible = self.visible();
         let mut log = source.log.lock();
@@ -515,7 +530,7 @@ impl Hub {
         log.start = log.start.max(visible);
         log.complete = log.complete.max(visible);
         if let Some(store) = &self.store {
-            store.reset(view, log.start);
+            store.reset(view, log.start, applied);
         }
     }
 
@@ -627,6 +642,8 @@ struct State {
     databases: Option<Vec<String>>,
     phase: Phase,
     cursor: u64,
+    /// What the source reflects at `cursor`.
+    applied: u64,
     position: Arc<AtomicU64>,
     out: VecDeque<ChangeBatch>,
     rx: tokio::sync::watch::Receiver<u64>,
@@ -636,10 +653,7 @@ struct State {
 
 impl State {
     fn applied(&self) -> u64 {
-        match &self.source.kind {
-            SourceKind::View(v) => v.status.lock().applied,
-            SourceKind::Table(_) => self.cursor,
-        }
+        self.applied
     }
 
     fn emit(&mut self, m: ChangeBatch) {
@@ -657,10 +671,9 @@ impl State {
         .await?;
         let (seq, watermark) = {
             let log = self.source.log.lock();
-            (
-                self.source.frontier(&log, self.db.visible_seq()),
-                log.watermark,
-            )
+            let seq = self.source.frontier(&log, self.db.visible_seq());
+            self.applied = self.source.applied_at(seq);
+            (seq, log.watermark)
         };
         let (state, plan) = df.into_parts();
         if let Some(s) = state
@@ -763,7 +776,7 @@ impl State {
                 }
                 return Ok(());
             }
-            Read::Entries(entries, frontier) => {
+            Read::Entries(entries, frontier, applied) => {
                 if entries.len() > self.options.queue_len && !self.feed.keyed() {
                     self.lagged(format!(
                         "{} changes behind (queue {})",
@@ -788,6 +801,7 @@ impl State {
                     self.emit(ChangeBatch::from_processed(&p));
                 }
                 self.cursor = frontier;
+                self.applied = self.applied.max(applied);
                 if sent {
                     self.quiet_since = tokio::time::Instant::now();
                     return Ok(());
@@ -844,6 +858,70 @@ impl State {
     }
 }
 
+/// Name prefix of the views made for subscriptions to aggregate queries.
+pub(crate) const SHARED_VIEW_PREFIX: &str = "rivulet_sub_";
+
+/// The shared view keeping `sql` current in database `db` (created when missing): one per
+/// distinct query text, whoever subscribes to it.
+async fn shared_view(
+    db: &Arc<DbInner>,
+    db_name: &str,
+    sql: &str,
+    databases: Option<&[String]>,
+) -> Result<String, Error> {
+    let text = sql.trim().trim_end_matches(';').trim();
+    let mut reversed: Vec<u8> = text.bytes().collect();
+    reversed.reverse();
+    let hash =
+        (u64::from(crc32fast::hash(text.as_bytes())) << 32) | u64::from(crc32fast::hash(&reversed));
+    let name = format!("{SHARED_VIEW_PREFIX}{hash:016x}");
+    if db.views.get(db_name, &name).is_none() {
+        let statement = crate::views::ddl::ViewStatement::Create {
+            db: None,
+            name: name.clone(),
+            if_not_exists: true,
+            options: crate::views::ddl::ViewOptions::default(),
+            query: text.to_string(),
+        };
+        db.run_view_statement(db_name, statement, databases).await?;
+        tracing::info!(view = %name, query = %text, "shared view created for subscriptions");
+    }
+    Ok(name)
+}
+
+/// Drops shared views nobody has subscribed to for the change-log age.
+async fn drop_idle_shared_views(db: &Arc<DbInner>) {
+    let age = db.subs.limits.age;
+    let idle: Vec<(Arc<str>, String)> = db
+        .subs
+        .views
+        .read()
+        .values()
+        .filter_map(|s| match &s.kind {
+            SourceKind::View(v)
+                if s.subscribers.load(Ordering::Acquire) == 0
+                    && s.idle_since.lock().is_some_and(|t| t.elapsed() > age) =>
+            {
+                let name = v.name();
+                name.starts_with(SHARED_VIEW_PREFIX)
+                    .then(|| (v.db.clone(), name))
+            }
+            _ => None,
+        })
+        .collect();
+    for (database, name) in idle {
+        let statement = crate::views::ddl::ViewStatement::Drop {
+            db: None,
+            name: name.clone(),
+            if_exists: true,
+        };
+        match db.run_view_statement(&database, statement, None).await {
+            Ok(_) => tracing::info!(view = %name, "idle shared subscription view dropped"),
+            Err(e) => tracing::warn!(view = %name, error = %e, "idle shared view not dropped"),
+        }
+    }
+}
+
 /// Starts a subscription (see [`crate::Db::subscribe`]).
 pub(crate) async fn subscribe(
     db: &Arc<DbInner>,
@@ -852,9 +930,26 @@ pub(crate) async fn subscribe(
     databases: Option<Vec<String>>,
 ) -> Result<Subscription, Error> {
     let hub = db.subs.clone();
+    drop_idle_shared_views(db).await;
     let df = crate::db::plan_subscription(db, &options.db, sql, databases.as_deref()).await?;
     let (session, plan) = df.into_parts();
-    let target = feed::analyse(db, &options.db, &plan)?;
+    let target = match feed::analyse(db, &options.db, &plan) {
+        Ok(t) => t,
+        Err(refused) if feed::needs_view(&plan) => {
+            // An aggregate (or join, window…) query: kept current by a shared view.
+            let name = shared_view(db, &options.db, sql, databases.as_deref())
+                .await
+                .map_err(|e| match e {
+                    Error::View(v) => Error::Subscribe(SubscribeError::Unsupported(format!(
+                        "{refused}; a shared materialized view for it could not be created: {v}"
+                    ))),
+                    other => other,
+                })?;
+            let sql = format!("SELECT * FROM {}", crate::views::plan::quote(&name));
+            return Box::pin(subscribe(db, &sql, options, databases)).await;
+        }
+        Err(e) => return Err(e),
+    };
     let source = match &target.source {
         feed::Target::View(v) => hub.view_source(v),
         feed::Target::Table(t) => hub.table_source(t),
@@ -887,6 +982,7 @@ pub(crate) async fn subscribe(
         databases,
         phase: Phase::Live,
         cursor: 0,
+        applied: 0,
         position: position.clone(),
         out: VecDeque::new(),
         quiet_since: tokio::time::Instant::now(),
@@ -917,7 +1013,10 @@ pub(crate) async fn subscribe(
             // Planned now, so a bad query fails the subscribe call itself.
             state.start_snapshot(None).await?;
         }
-        None => state.cursor = frontier.1,
+        None => {
+            state.cursor = frontier.1;
+            state.applied = state.source.applied_at(frontier.1);
+        }
     }
     position.store(state.cursor, Ordering::Release);
     let _ = &state.hub;

@@ -477,7 +477,7 @@ pub(crate) fn run_worker(db: std::sync::Weak<crate::db::DbInner>, shared: Arc<Vi
                                 Err(e) => {
                                     tracing::error!(view = %view.name(), error = %e, "view change not logged for subscribers");
                                     inner.subs.view_written(&view, Some(seq), upto, None, None);
-                                    inner.subs.view_reset(&view);
+                                    inner.subs.view_reset(&view, upto);
                                 }
                             }
                         }

@@ -8,6 +8,11 @@
 //! kills land during persistence, compaction and overwrite merges too: after reopen no batch
 //! may be missing, doubled or partial, and every segment file on disk must be registered.
 //!
+//! A subscriber in the child follows the aggregate view and saves its copy of the result and
+//! its position after every message; after each kill the parent resumes from that position
+//! and must end up with exactly the view (no gap, no duplicate), without a snapshot unless the
+//! view's log had to restart.
+//!
 //! The child is this same test binary, re-run with `crash_child` as the test filter and the data
 //! directory in an environment variable (the sled crash-test pattern).
 
@@ -114,10 +119,114 @@ fn crash_child() {
             std::thread::sleep(Duration::from_millis(5));
         }
     }));
+    let follower = db.clone();
+    let client_file = std::path::PathBuf::from(&dir).join("client.json");
+    threads.push(std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("child: runtime");
+        rt.block_on(follow(&follower, &client_file, deadline));
+    }));
     views.join().expect("child views");
     for t in threads {
         t.join().expect("child thread");
     }
+}
+
+/// A subscriber's copy of a keyed result: position and rows by key (JSON, as sent).
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct ClientState {
+    seq: u64,
+    rows: BTreeMap<String, serde_json::Value>,
+    /// Snapshots received (the first, and one per reset).
+    snapshots: u64,
+}
+
+impl ClientState {
+    fn load(path: &std::path::Path) -> Option<ClientState> {
+        serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+    }
+
+    /// Applies one message (JSON, as every transport sends it).
+    fn apply(&mut self, m: &rivulet::ChangeBatch) {
+        let v: serde_json::Value =
+            serde_json::from_str(&rivulet::message_json(m, None).expect("json")).expect("parse");
+        if v["type"] == "snapshot" && v["first"] == true {
+            self.rows.clear();
+            self.snapshots += 1;
+        }
+        for c in v["changes"].as_array().into_iter().flatten() {
+            let key = format!("{}|{}", c["row"]["time"], c["row"]["batch"]);
+            match c["op"].as_str() {
+                Some("upsert") => {
+                    self.rows.insert(key, c["row"].clone());
+                }
+                Some("delete") => {
+                    self.rows.remove(&key);
+                }
+                other => panic!("unexpected op {other:?}"),
+            }
+        }
+        if !(v["type"] == "reset" || (v["type"] == "snapshot" && v["last"] == false)) {
+            self.seq = v["seq"].as_u64().expect("seq");
+        }
+    }
+}
+
+const FOLLOWED: &str = "SELECT * FROM crash_1m";
+
+/// The child's subscriber: resumes from its saved state, saves it after every message.
+async fn follow(db: &Db, path: &std::path::Path, deadline: Instant) {
+    use futures::StreamExt;
+    let mut state = ClientState::load(path).unwrap_or_default();
+    let since = (state.snapshots > 0).then_some(state.seq);
+    let mut sub = loop {
+        match db
+            .subscribe(
+                FOLLOWED,
+                rivulet::SubscribeOptions {
+                    since,
+                    ..Default::default()
+                },
+            )
+            .await
+        {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(e) => panic!("child: subscribe: {e}"),
+        }
+    };
+    while let Some(m) = sub.next().await {
+        let m = m.expect("child: message");
+        state.apply(&m);
+        // Whole file or nothing (a kill mid-write leaves the previous one).
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&state).expect("encode")).expect("child: save");
+        std::fs::rename(&tmp, path).expect("child: save");
+    }
+}
+
+/// The rows of `sql` as the subscription JSON encodes them, by key.
+async fn result_rows(db: &Db, sql: &str) -> BTreeMap<String, serde_json::Value> {
+    let batches = db.sql(sql).await.expect("query");
+    let mut out = BTreeMap::new();
+    for b in &batches {
+        let mut lines = Vec::new();
+        let mut w = arrow::json::writer::WriterBuilder::new()
+            .with_explicit_nulls(true)
+            .build::<_, arrow::json::writer::LineDelimited>(&mut lines);
+        w.write(b).expect("json");
+        w.finish().expect("json");
+        drop(w);
+        for line in String::from_utf8(lines).expect("utf-8").lines() {
+            let row: serde_json::Value = serde_json::from_str(line).expect("row");
+            out.insert(format!("{}|{}", row["time"], row["batch"]), row);
+        }
+    }
+    out
 }
 
 /// Views the child creates: the aggregate (state-merge) and projection strategies.
@@ -225,6 +334,7 @@ fn kill_during_ingest_loses_no_acknowledged_write() {
     let rounds = 6;
     let mut segments_seen = 0;
     let mut views_checked = 0;
+    let mut resumed_exactly = 0;
     for round in 0..rounds {
         // Every third round may die during open/replay; the others mid-ingest.
         let kill_after = Duration::from_millis(rng.next() % 500);
@@ -294,6 +404,57 @@ fn kill_during_ingest_loses_no_acknowledged_write() {
                 views_checked += 1;
             }
         }
+        // The child's subscriber, resumed from what it had saved, ends up with exactly the view.
+        // The parent then saves its own copy, so the next child resumes from it.
+        let client_file = dir.path().join("client.json");
+        let mut client = ClientState::load(&client_file).unwrap_or_default();
+        let resuming = client.snapshots > 0;
+        let snapshots = client.snapshots;
+        let view_exists = runtime
+            .block_on(db.sql("SELECT count(*) FROM system.views WHERE name = 'crash_1m'"))
+            .expect("system.views")[0]
+            .column(0)
+            .as_primitive::<Int64Type>()
+            .value(0)
+            == 1;
+        if view_exists {
+            runtime.block_on(async {
+                use futures::StreamExt;
+                db.sync_views().expect("sync views");
+                let target = db.last_seq();
+                let mut sub = db
+                    .subscribe(
+                        FOLLOWED,
+                        rivulet::SubscribeOptions {
+                            since: resuming.then_some(client.seq),
+                            progress_interval: Duration::from_millis(20),
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .expect("resume");
+                while client.seq < target || client.snapshots == 0 {
+                    let m = tokio::time::timeout(Duration::from_secs(30), sub.next())
+                        .await
+                        .expect("a message")
+                        .expect("stream")
+                        .expect("message");
+                    client.apply(&m);
+                }
+                let want = result_rows(&db, FOLLOWED).await;
+                assert!(
+                    client.rows == want,
+                    "round {round}: the resumed subscriber differs from the view ({} vs {} rows)",
+                    client.rows.len(),
+                    want.len()
+                );
+            });
+            if resuming && client.snapshots == snapshots {
+                resumed_exactly += 1;
+            }
+            std::fs::write(&client_file, serde_json::to_vec(&client).expect("encode"))
+                .expect("save client");
+        }
         // No segment file on disk is unregistered (orphans are removed on open).
         let files = parquet_files(&dir.path().join("tables"));
         segments_seen = segments_seen.max(files);
@@ -322,6 +483,11 @@ fn kill_during_ingest_loses_no_acknowledged_write() {
     }
     assert!(segments_seen > 0, "the child never persisted a segment");
     assert!(views_checked > 0, "the child never created its views");
+    println!("the subscriber resumed without a reset after {resumed_exactly} of {rounds} kills");
+    assert!(
+        resumed_exactly > 0,
+        "the child's subscriber never resumed exactly after a kill"
+    );
     assert!(
         !acked.is_empty(),
         "no write was acknowledged in {rounds} rounds: the child never made progress"

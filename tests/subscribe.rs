@@ -392,7 +392,7 @@ fn queries_that_cannot_be_kept_current_are_refused_with_the_reason() {
             .await
             .expect("create");
         for (sql, reason) in [
-            ("SELECT host, max(u) FROM cpu GROUP BY host", "materialized view"),
+            ("SELECT host, max(u) FROM cpu GROUP BY host ORDER BY host", "ORDER BY"),
             ("SELECT * FROM cpu ORDER BY time", "ORDER BY"),
             ("SELECT * FROM cpu LIMIT 3", "LIMIT"),
             ("SELECT m FROM v", "key columns (time, host)"),
@@ -406,6 +406,51 @@ fn queries_that_cannot_be_kept_current_are_refused_with_the_reason() {
                 .to_string();
             assert!(e.contains(reason), "{sql}: {e}");
         }
+    });
+    db.close().expect("close");
+}
+
+#[test]
+fn an_aggregate_query_is_kept_current_by_one_shared_view() {
+    let rt = rt();
+    let db = memory();
+    db.write_lines(
+        "main",
+        "cpu,host=a u=1 0\ncpu,host=b u=2 0",
+        Precision::Second,
+    )
+    .expect("write");
+    let sql = "SELECT host, max(u) AS top, count(*) AS n FROM cpu GROUP BY host";
+    rt.block_on(async {
+        let mut first = db.subscribe(sql, fast(None)).await.expect("subscribe");
+        let mut second = db.subscribe(sql, fast(None)).await.expect("subscribe");
+        let mut a = Client::keyed(vec![0]);
+        let mut b = Client::keyed(vec![0]);
+        catch_up(&mut first, &mut a, 0).await;
+        catch_up(&mut second, &mut b, 0).await;
+        assert_eq!(a.rows.len(), 2);
+        for i in 1..10 {
+            let r = db
+                .write_lines(
+                    "main",
+                    &format!("cpu,host=h{} u={i} {i}", i % 3),
+                    Precision::Second,
+                )
+                .expect("write");
+            db.sync_views().expect("sync");
+            let at = db.last_seq().max(r.seq);
+            catch_up(&mut first, &mut a, at).await;
+            catch_up(&mut second, &mut b, at).await;
+            let want = result(&db, sql, &[0]).await;
+            assert_eq!(a.rows, want, "after write {i}");
+            assert_eq!(b.rows, want, "after write {i}");
+        }
+        // One view serves both.
+        let views = db
+            .sql("SELECT count(*) FROM system.views WHERE name LIKE 'rivulet_sub_%'")
+            .await
+            .expect("views");
+        assert_eq!(rows(&views[0]), [["1"]]);
     });
     db.close().expect("close");
 }

@@ -328,20 +328,14 @@ async fn websocket_many_subscriptions_per_connection_json_and_arrow() {
 
     // Bad messages get errors, the connection stays.
     ws.send(Message::Text(
-        "{\"op\":\"subscribe\",\"id\":\"x\",\"q\":\"SELECT count(*) FROM cpu\"}".into(),
+        "{\"op\":\"subscribe\",\"id\":\"x\",\"q\":\"SELECT * FROM cpu LIMIT 1\"}".into(),
     ))
     .await
     .expect("send");
     let v = json(recv(&mut ws).await);
     assert_eq!(v["type"], "error");
     assert_eq!(v["id"], "x");
-    assert!(
-        v["message"]
-            .as_str()
-            .unwrap_or("")
-            .contains("materialized view"),
-        "{v}"
-    );
+    assert!(v["message"].as_str().unwrap_or("").contains("LIMIT"), "{v}");
     ws.send(Message::Text("not json".into()))
         .await
         .expect("send");

@@ -58,8 +58,7 @@ pub(crate) struct Analysed {
 fn refusal(plan: &LogicalPlan) -> String {
     match plan {
         LogicalPlan::Aggregate(_) => "an aggregate query is kept current by a materialized \
-             view: CREATE MATERIALIZED VIEW … AS <this query>, then subscribe to \
-             SELECT * FROM that view"
+             view"
             .to_string(),
         LogicalPlan::Sort(_) => {
             "ORDER BY: a change stream has no order (sort on the client)".to_string()
@@ -81,6 +80,24 @@ fn refusal(plan: &LogicalPlan) -> String {
              (this query has a {} step)",
             other.display()
         ),
+    }
+}
+
+/// Whether `plan` is a query a materialized view keeps current (an aggregate, join, window or
+/// DISTINCT, not under an ORDER BY or LIMIT): subscriptions to it go through a shared view.
+pub(crate) fn needs_view(plan: &LogicalPlan) -> bool {
+    let mut node = plan;
+    loop {
+        match node {
+            LogicalPlan::Projection(p) => node = &p.input,
+            LogicalPlan::Filter(f) => node = &f.input,
+            LogicalPlan::SubqueryAlias(a) => node = &a.input,
+            LogicalPlan::Aggregate(_)
+            | LogicalPlan::Join(_)
+            | LogicalPlan::Window(_)
+            | LogicalPlan::Distinct(_) => return true,
+            _ => return false,
+        }
     }
 }
 

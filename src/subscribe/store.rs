@@ -6,10 +6,13 @@
 //! applied, i64 wall-clock ms, u8 has-watermark, i64 watermark, then one Arrow IPC stream of
 //! the view's changed rows plus a `__deleted` column).
 //!
+//! The start marker also holds the view's applied sequence when the log (re)started, u64.
+//!
 //! Entries are appended after the view write they describe is durable, without an fsync of
 //! their own: a killed process loses nothing (the OS has the bytes), and a lost tail (an OS
-//! crash) is detected at open because the view's stored applied sequence is then newer than
-//! the last logged entry; the log then restarts and older positions get a `reset`. Reading
+//! crash) is detected at open because the view's stored applied sequence (written with each of
+//! its writes) is then newer than the last logged entry's; the log then restarts and older
+//! positions get a `reset`. Reading
 //! stops at the first torn or corrupt record. The file is rewritten from the in-memory log
 //! when it grows past twice the log's byte limit.
 
@@ -52,9 +55,10 @@ fn record(payload: &[u8]) -> Vec<u8> {
     out
 }
 
-fn start_record(start: u64) -> Vec<u8> {
+fn start_record(start: u64, applied: u64) -> Vec<u8> {
     let mut p = vec![START];
     p.extend_from_slice(&start.to_le_bytes());
+    p.extend_from_slice(&applied.to_le_bytes());
     record(&p)
 }
 
@@ -142,12 +146,17 @@ impl Store {
     }
 
     /// Replaces the file of view `id` with `start` and `entries`.
-    fn rewrite<'a>(&self, id: u64, start: u64, entries: impl Iterator<Item = &'a Arc<Entry>>) {
+    fn rewrite<'a>(
+        &self,
+        id: u64,
+        (start, applied): (u64, u64),
+        entries: impl Iterator<Item = &'a Arc<Entry>>,
+    ) {
         let path = self.path(id);
         let tmp = path.with_extension("tmp");
         let result = (|| -> std::io::Result<(File, u64)> {
             std::fs::create_dir_all(&self.dir)?;
-            let mut bytes = start_record(start);
+            let mut bytes = start_record(start, applied);
             for e in entries {
                 if let Some(r) = entry_record(e) {
                     bytes.extend_from_slice(&r);
@@ -179,6 +188,7 @@ impl Store {
         let data = std::fs::read(&path).unwrap_or_default();
         let mut at = 0;
         let mut start = None;
+        let mut marker_applied = 0;
         let mut entries: Vec<Entry> = Vec::new();
         while let (Some(len), Some(crc)) = (
             data.get(at..at + 4)
@@ -197,6 +207,7 @@ impl Store {
             match p.first() {
                 Some(&START) => {
                     start = u64_at(p, 1);
+                    marker_applied = u64_at(p, 9).unwrap_or(0);
                     entries.clear();
                 }
                 Some(&ENTRY) => match parse_entry(&p[1..]) {
@@ -207,25 +218,17 @@ impl Store {
             }
             at += 8 + len as usize;
         }
-        // The view's last write (its storage table's newest row version).
-        let snap = view.table.buffer.read().snapshot();
-        let last_write = snap
-            .segments
-            .iter()
-            .map(|s| s.meta.max_seq)
-            .chain(snap.frozen.iter().chain(&snap.chunks).map(|c| c.seq))
-            .max()
-            .unwrap_or(0);
+        // The view's stored applied sequence is that of its last write (progress is written
+        // only with its rows): the log is complete when it has logged that write.
+        let applied = view.status.lock().applied;
         let backfilled = view.def.lock().backfilled;
-        let logged = entries.last().map(|e| e.seq).or(start);
-        // Every write the view made is logged: positions since `start` resume.
-        let complete = start.is_some() && logged.is_some_and(|l| l >= last_write);
+        let logged = entries.last().map_or(marker_applied, |e| e.applied);
+        let complete = start.is_some() && logged >= applied;
         if complete && backfilled {
             log.start = start.unwrap_or(fresh_start);
             for e in entries {
                 source.push(&mut log, e, limits.bytes, limits.age);
             }
-            log.start = log.start.min(fresh_start);
             if let Some(e) = log.entries.back() {
                 log.watermark = e.watermark;
             }
@@ -233,7 +236,7 @@ impl Store {
             log.start = fresh_start;
         }
         let start = log.start;
-        self.rewrite(id, start, log.entries.iter());
+        self.rewrite(id, (start, applied), log.entries.iter());
     }
 
     /// Appends `entry` (just pushed to `log`) to the file of `view`.
@@ -258,13 +261,13 @@ impl Store {
             }
         };
         if too_big {
-            self.rewrite(id, log.start, log.entries.iter());
+            self.rewrite(id, (log.start, 0), log.entries.iter());
         }
     }
 
-    /// The log of `view` restarts at `start`.
-    pub(crate) fn reset(&self, view: &View, start: u64) {
-        self.rewrite(view.table.id, start, std::iter::empty());
+    /// The log of `view` restarts at `start`, the view having applied writes up to `applied`.
+    pub(crate) fn reset(&self, view: &View, start: u64, applied: u64) {
+        self.rewrite(view.table.id, (start, applied), std::iter::empty());
     }
 
     /// Deletes the file of the view stored in table `id`.

@@ -71,7 +71,7 @@ pub(crate) async fn round(
             st.max_source_time = Some(st.max_source_time.map_or(m, |x| x.max(m)));
         }
         // Subscribers' earlier positions predate the backfill.
-        db.subs.view_reset(view);
+        db.subs.view_reset(view, upto);
         let mut st = view.status.lock();
         st.pending.clear();
         st.full = false;
