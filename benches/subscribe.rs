@@ -11,7 +11,8 @@
 //!   every write × subscriber), and change messages delivered per second.
 //!
 //! `RIVULET_SUB_SECS` sets the seconds of ingest per run (default 10);
-//! `RIVULET_SUB_COUNTS=1,100,1000` the subscriber counts.
+//! `RIVULET_SUB_COUNTS=1,100,1000` the subscriber counts; `RIVULET_SUB_KINDS=view,alerts`
+//! which subscriptions.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -100,6 +101,7 @@ struct Run {
     max: Duration,
     messages_per_sec: f64,
     samples: usize,
+    detail: String,
 }
 
 /// Ingests at 100k rows/s for `secs` with `n` subscribers to `sql`.
@@ -171,9 +173,18 @@ fn sustained(sql: &str, view: bool, n: usize, secs: u64) -> Run {
     let elapsed = begin.elapsed();
     let rows_per_sec = (writes * HOSTS) as f64 / elapsed.as_secs_f64();
     // Let every subscriber see the last write, then end the subscriptions.
+    let mut rounds = String::new();
     if view {
         db.sync_views().expect("sync");
+        let b = rt
+            .block_on(db.sql("SELECT last_round_ms, lag_ms FROM system.views"))
+            .expect("system.views");
+        rounds = arrow::util::pretty::pretty_format_batches(&b)
+            .map(|t| t.to_string().replace('\n', " "))
+            .unwrap_or_default();
     }
+    let stats = db.stats();
+    let fsync_ms = stats.wal_fsync_seconds * 1e3 / stats.wal_fsyncs.max(1) as f64;
     std::thread::sleep(Duration::from_millis(500));
     db.close().expect("close");
     let mut all: Vec<Duration> = Vec::new();
@@ -194,6 +205,7 @@ fn sustained(sql: &str, view: bool, n: usize, secs: u64) -> Run {
         messages_per_sec: messages.load(std::sync::atomic::Ordering::Relaxed) as f64
             / elapsed.as_secs_f64(),
         samples: all.len(),
+        detail: format!("mean WAL fsync {fsync_ms:.2} ms; last view round {rounds}"),
     }
 }
 
@@ -207,15 +219,19 @@ fn latency(_c: &mut Criterion) {
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
+    let kinds = std::env::var("RIVULET_SUB_KINDS").unwrap_or_else(|_| "view,alerts".to_string());
     for (name, sql, view) in [
         ("view SELECT * FROM cpu_1m", "SELECT * FROM cpu_1m", true),
         ("alerts SELECT … WHERE usage_user > 90", ALERTS, false),
     ] {
+        if !kinds.contains(if view { "view" } else { "alerts" }) {
+            continue;
+        }
         for &n in &counts {
             let r = sustained(sql, view, n, secs);
             println!(
-                "subscribe/latency {name}, {n} subscribers: ingest {:.0} rows/s; write-ack → change p50 {:.2?} p99 {:.2?} max {:.2?} ({} samples); {:.0} change messages/s delivered",
-                r.rows_per_sec, r.p50, r.p99, r.max, r.samples, r.messages_per_sec
+                "subscribe/latency {name}, {n} subscribers: ingest {:.0} rows/s; write-ack → change p50 {:.2?} p99 {:.2?} max {:.2?} ({} samples); {:.0} change messages/s delivered ({})",
+                r.rows_per_sec, r.p50, r.p99, r.max, r.samples, r.messages_per_sec, r.detail
             );
         }
     }

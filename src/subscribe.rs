@@ -1050,7 +1050,9 @@ fn final_rows(view: &View, rows: &RecordBatch) -> Result<(RecordBatch, BooleanAr
     let storage = rows.schema();
     let exprs = crate::views::provider::final_columns(&view.plan, &storage);
     let df_schema = datafusion::common::DFSchema::try_from(storage.as_ref().clone())?;
-    let ctx = datafusion::prelude::SessionContext::new();
+    // Built once: a session's function registry is costly to build every round.
+    static CONTEXT: OnceLock<datafusion::prelude::SessionContext> = OnceLock::new();
+    let ctx = CONTEXT.get_or_init(datafusion::prelude::SessionContext::new);
     let n = rows.num_rows();
     let schema = &view.provider.schema;
     let df_schema = Arc::new(df_schema);
