@@ -215,13 +215,10 @@ pub(crate) async fn websocket(
 struct ClientMessage {
     op: String,
     id: Option<String>,
-    db: Option<String>,
-    q: Option<String>,
-    since: Option<u64>,
-    snapshot: Option<bool>,
-    progress_ms: Option<u64>,
-    queue: Option<usize>,
     format: Option<String>,
+    /// `db`, `q`, `since`, `snapshot`, `progress_ms`, `queue`: as the SSE parameters.
+    #[serde(flatten)]
+    params: SubscribeParams,
 }
 
 async fn connection(
@@ -308,14 +305,11 @@ fn command(
                     "at most {WS_MAX_SUBSCRIPTIONS} subscriptions per connection"
                 )));
             }
-            let db = m.db.clone().unwrap_or_else(|| "main".to_string());
+            let db = m.params.db.clone().unwrap_or_else(|| "main".to_string());
             let access = state
                 .authorize(headers, None, Scope::Read, Some(&db), peer, "subscribe")
                 .map_err(|e| fail(e.message()))?;
-            let q =
-                m.q.clone()
-                    .filter(|q| !q.trim().is_empty())
-                    .ok_or_else(|| fail("missing query (\"q\")"))?;
+            let q = m.params.query().map_err(|e| fail(e.message()))?;
             let arrow = match m.format.as_deref() {
                 None | Some("json") => false,
                 Some("arrow") => true,
@@ -325,17 +319,9 @@ fn command(
                     )));
                 }
             };
-            let params = SubscribeParams {
-                db: Some(db.clone()),
-                q: None,
-                since: m.since,
-                snapshot: m.snapshot,
-                progress_ms: m.progress_ms,
-                queue: m.queue,
-                wait_ms: None,
-            };
-            let options = params
-                .options(&db, m.since)
+            let options = m
+                .params
+                .options(&db, m.params.since)
                 .map_err(|e| fail(e.message()))?;
             let db_handle = state.db.clone();
             let tx = tx.clone();
