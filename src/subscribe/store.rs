@@ -115,6 +115,9 @@ fn parse_entry(p: &[u8]) -> Option<Entry> {
     }
     let batch = batches.into_iter().next()?;
     let n = batch.num_columns();
+    if n == 0 {
+        return None;
+    }
     let deleted = batch.column(n - 1).as_boolean_opt()?.clone();
     let rows = batch.project(&(0..n - 1).collect::<Vec<_>>()).ok()?;
     let ago = Duration::from_millis((wall_ms() - wall).max(0) as u64);
