@@ -608,3 +608,53 @@ fn many_subscribers_share_one_pipeline() {
     });
     assert_eq!(db.stats().subscribers, 0);
 }
+
+#[test]
+fn dropping_a_view_ends_its_subscriptions_and_snapshot_false_starts_at_now() {
+    let rt = rt();
+    let db = memory();
+    db.write_lines("main", "cpu,host=a u=1 0", Precision::Second)
+        .expect("write");
+    rt.block_on(async {
+        db.sql(
+            "CREATE MATERIALIZED VIEW v AS SELECT date_bin(INTERVAL '1 minute', time) AS time, \
+             host, max(u) AS m FROM cpu GROUP BY 1, 2",
+        )
+        .await
+        .expect("create");
+        // No snapshot: the first message is the next change.
+        let mut sub = db
+            .subscribe(
+                "SELECT * FROM v",
+                SubscribeOptions {
+                    snapshot: false,
+                    ..fast(None)
+                },
+            )
+            .await
+            .expect("subscribe");
+        let start = sub.position();
+        assert!(start > 0);
+        db.write_lines("main", "cpu,host=b u=2 0", Precision::Second)
+            .expect("write");
+        let m = loop {
+            let m = sub.next().await.expect("message").expect("ok");
+            if m.kind != ChangeKind::Progress {
+                break m;
+            }
+        };
+        assert_eq!(m.kind, ChangeKind::Change, "{m:?}");
+        assert_eq!(rows(&m.rows)[0][1], "b");
+        db.sql("DROP MATERIALIZED VIEW v").await.expect("drop");
+        let end = loop {
+            match sub.next().await {
+                Some(Ok(m)) if m.kind == ChangeKind::Progress => continue,
+                other => break other,
+            }
+        };
+        let e = end.expect("an error").expect_err("an error").to_string();
+        assert!(e.contains("'v' was dropped"), "{e}");
+        assert!(sub.next().await.is_none());
+    });
+    db.close().expect("close");
+}
