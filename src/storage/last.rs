@@ -42,6 +42,16 @@ pub(crate) struct LastSnapshot {
 impl LastPoints {
     /// Records the rows of a committed chunk.
     pub(crate) fn observe(&mut self, chunk: &Arc<Chunk>) -> Result<(), ArrowError> {
+        self.observe_rows(chunk, false)
+    }
+
+    /// As [`Self::observe`]; with `whole_rows` (view tables) a row replaces its point whole,
+    /// so an overwrite keeps only the newest row (nothing to fold).
+    pub(crate) fn observe_rows(
+        &mut self,
+        chunk: &Arc<Chunk>,
+        whole_rows: bool,
+    ) -> Result<(), ArrowError> {
         let times = time_values(&chunk.batch)?;
         for (row, (&sid, &time)) in chunk.series.iter().zip(times).enumerate() {
             let slot = sid as usize;
@@ -50,6 +60,9 @@ impl LastPoints {
             }
             match &mut self.by_series[slot] {
                 Some(e) if e.time > time => {}
+                Some(e) if e.time == time && whole_rows => {
+                    e.rows = vec![(chunk.clone(), row as u32)];
+                }
                 Some(e) if e.time == time => {
                     if e.rows.len() >= 8 {
                         // Many overwrites of one point: fold them into one row.

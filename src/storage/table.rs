@@ -69,7 +69,8 @@ impl Table {
     /// Makes a committed chunk visible: appends it to the buffer and records its rows in the
     /// last-point state.
     pub(crate) fn apply(&self, chunk: Arc<Chunk>) {
-        if let Err(e) = self.last.lock().observe(&chunk) {
+        let whole_rows = self.schema.read().is_whole_rows();
+        if let Err(e) = self.last.lock().observe_rows(&chunk, whole_rows) {
             tracing::error!(table = %self.name, error = %e, "could not update the last-point state");
         }
         self.buffer.write().push(chunk);
