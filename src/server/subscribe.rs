@@ -32,6 +32,19 @@ pub(crate) struct SubscribeParams {
 }
 
 impl SubscribeParams {
+    /// The database (default `main`), the token's access to it (read scope), and the query.
+    fn authorized(
+        &self,
+        state: &AppState,
+        headers: &HeaderMap,
+        peer: SocketAddr,
+    ) -> Result<(String, super::auth::Access, String), ApiError> {
+        let db = self.db.clone().unwrap_or_else(|| "main".to_string());
+        let access = state.authorize(headers, None, Scope::Read, Some(&db), peer, "subscribe")?;
+        let q = self.query()?;
+        Ok((db, access, q))
+    }
+
     fn query(&self) -> Result<String, ApiError> {
         self.q
             .clone()
@@ -84,9 +97,7 @@ pub(crate) async fn sse(
     Query(params): Query<SubscribeParams>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let db = params.db.clone().unwrap_or_else(|| "main".to_string());
-    let access = state.authorize(&headers, None, Scope::Read, Some(&db), peer, "subscribe")?;
-    let q = params.query()?;
+    let (db, access, q) = params.authorized(&state, &headers, peer)?;
     let last_event = match headers.get("last-event-id") {
         Some(v) => Some(
             v.to_str()
@@ -128,9 +139,7 @@ pub(crate) async fn long_poll(
     Query(params): Query<SubscribeParams>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let db = params.db.clone().unwrap_or_else(|| "main".to_string());
-    let access = state.authorize(&headers, None, Scope::Read, Some(&db), peer, "subscribe")?;
-    let q = params.query()?;
+    let (db, access, q) = params.authorized(&state, &headers, peer)?;
     let wait = Duration::from_millis(params.wait_ms.unwrap_or(30_000).min(120_000));
     let mut options = params.options(&db, params.since)?;
     options.snapshot = true;
@@ -305,11 +314,10 @@ fn command(
                     "at most {WS_MAX_SUBSCRIPTIONS} subscriptions per connection"
                 )));
             }
-            let db = m.params.db.clone().unwrap_or_else(|| "main".to_string());
-            let access = state
-                .authorize(headers, None, Scope::Read, Some(&db), peer, "subscribe")
+            let (db, access, q) = m
+                .params
+                .authorized(state, headers, peer)
                 .map_err(|e| fail(e.message()))?;
-            let q = m.params.query().map_err(|e| fail(e.message()))?;
             let arrow = match m.format.as_deref() {
                 None | Some("json") => false,
                 Some("arrow") => true,
