@@ -633,7 +633,6 @@ enum Phase {
 
 struct State {
     db: Arc<DbInner>,
-    hub: Arc<Hub>,
     source: Arc<Source>,
     _attached: Attached,
     feed: Arc<Feed>,
@@ -973,7 +972,6 @@ pub(crate) async fn subscribe(
     let position = Arc::new(AtomicU64::new(0));
     let mut state = State {
         db: db.clone(),
-        hub,
         rx: source.tx.subscribe(),
         source,
         _attached: attached,
@@ -1019,7 +1017,6 @@ pub(crate) async fn subscribe(
         }
     }
     position.store(state.cursor, Ordering::Release);
-    let _ = &state.hub;
     let schema = feed.schema.clone();
     let inner = futures::stream::unfold(
         state,
