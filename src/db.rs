@@ -254,7 +254,9 @@ impl Db {
         let manifest = match &config.data_dir {
             Some(dir) => {
                 let manifest = Manifest::open(catalog.sled())?;
-                manifest.check_partition((config.partition.as_nanos() as i64).max(1))?;
+                let partition_len = (config.partition.as_nanos() as i64).max(1);
+                manifest.check_partition(partition_len)?;
+                crate::storage::layout::migrate(dir, &catalog, &manifest, partition_len)?;
                 persisted_seq = load_segments(&catalog, &manifest, dir)?;
                 Some(manifest)
             }
@@ -308,6 +310,7 @@ impl Db {
                 weak.clone(),
                 &config.default_database,
                 config.query_memory_limit,
+                config.data_dir.as_deref(),
             )
             .unwrap_or_else(|e| {
                 query_error = Some(e);
@@ -849,7 +852,17 @@ fn load_segments(catalog: &Catalog, manifest: &Manifest, dir: &Path) -> Result<u
             last.load(&schema, projected, &mut series)?;
         }
     }
-    persist::remove_orphans(dir, &known)?;
+    let table_dirs = catalog
+        .databases()
+        .iter()
+        .flat_map(|db| {
+            db.tables()
+                .into_iter()
+                .map(|t| crate::storage::layout::table_dir(db.id, t.id))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    crate::storage::layout::remove_unlisted(dir, &known, &table_dirs)?;
     Ok(persisted_seq)
 }
 

@@ -75,6 +75,7 @@ impl QueryEngine {
         db: Weak<DbInner>,
         default_database: &str,
         memory_limit: Option<usize>,
+        data_dir: Option<&std::path::Path>,
     ) -> Result<QueryEngine, DataFusionError> {
         let mut config = SessionConfig::new()
             .with_default_catalog_and_schema(CATALOG_NAME, default_database)
@@ -85,9 +86,14 @@ impl QueryEngine {
         if let Some(limit) = memory_limit {
             runtime = runtime.with_memory_limit(limit, 1.0);
         }
+        let runtime = runtime.build_arc()?;
+        if let Some(dir) = data_dir {
+            crate::storage::layout::register_store(&runtime, dir)
+                .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        }
         let template = SessionStateBuilder::new()
             .with_config(config)
-            .with_runtime_env(runtime.build_arc()?)
+            .with_runtime_env(runtime)
             .with_default_features()
             .build();
         let ctx = SessionContext::new_with_state(template);
@@ -112,6 +118,12 @@ impl QueryEngine {
         QueryEngine {
             template: SessionStateBuilder::new().build(),
         }
+    }
+
+    /// A task context for running a plan outside a query (compaction), with the engine's
+    /// runtime: its memory pool and the store that reads the data directory.
+    pub(crate) fn task_context(&self) -> Arc<datafusion::execution::TaskContext> {
+        Arc::new(datafusion::execution::TaskContext::from(&self.template))
     }
 
     /// A session with `db` as the default database, reading `snapshot`.

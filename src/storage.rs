@@ -1,9 +1,11 @@
-//! Storage: the WAL, group commit, the catalog, tables and their mutable buffers.
+//! Storage: the WAL, group commit, the catalog, tables and their mutable buffers, segment files
+//! and the data directory's layout.
 
 pub(crate) mod buffer;
 pub(crate) mod catalog;
 pub(crate) mod commit;
 pub(crate) mod last;
+pub(crate) mod layout;
 pub(crate) mod manifest;
 pub(crate) mod segment;
 pub(crate) mod table;

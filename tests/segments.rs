@@ -115,13 +115,20 @@ fn close_persists_and_the_directory_has_hive_style_partitions() {
             .expect("write");
         db.close().expect("close");
     }
-    let table_dir = dir.path().join("tables").join("main").join("cpu");
-    let mut partitions: Vec<String> = std::fs::read_dir(&table_dir)
+    let table_dir = table_dir(dir.path(), "main", "cpu");
+    let mut entries: Vec<String> = std::fs::read_dir(&table_dir)
         .expect("table dir")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
         .collect();
-    partitions.sort();
-    assert_eq!(partitions, ["partition=2024-01-01", "partition=2024-01-02"]);
+    entries.sort();
+    assert_eq!(
+        entries,
+        [
+            "_table.json",
+            "partition=2024-01-01",
+            "partition=2024-01-02"
+        ]
+    );
     assert_eq!(wal_files(dir.path()), 0);
 }
 
@@ -259,7 +266,7 @@ fn plain_datafusion_reads_a_table_directory() {
         db.close().expect("close");
         out
     };
-    let path = dir.path().join("tables/main/cpu/");
+    let path = table_dir(dir.path(), "main", "cpu");
     let theirs = rt().block_on(async {
         let ctx = datafusion::prelude::SessionContext::new();
         ctx.register_parquet(
@@ -307,11 +314,11 @@ fn retention_drops_whole_partitions_and_survives_restart() {
     db.close().expect("close");
     let db = Db::open_with(config()).expect("reopen");
     assert_eq!(db.stats().segments, 2);
-    let dir_count = std::fs::read_dir(dir.path().join("tables/main/cpu"))
-        .expect("dir")
-        .map(|e| std::fs::read_dir(e.expect("e").path()).expect("p").count())
-        .sum::<usize>();
-    assert_eq!(dir_count, 2, "dropped segment files are deleted");
+    assert_eq!(
+        parquet_files(&table_dir(dir.path(), "main", "cpu")).len(),
+        2,
+        "dropped segment files are deleted"
+    );
     let err = rt()
         .block_on(db.sql("ALTER TABLE cpu SET (retention = 'forever')"))
         .expect_err("bad duration");
@@ -331,7 +338,7 @@ fn unregistered_files_are_removed_on_open() {
             .expect("write");
         db.close().expect("close");
     }
-    let partition = dir.path().join("tables/main/cpu/partition=2024-01-01");
+    let partition = table_dir(dir.path(), "main", "cpu").join("partition=2024-01-01");
     std::fs::write(partition.join("00000000deadbeef.parquet"), b"junk").expect("orphan");
     std::fs::write(partition.join("00000000deadbeef.parquet.tmp"), b"junk").expect("tmp");
     let db = open(dir.path());
@@ -520,4 +527,488 @@ fn a_tag_filter_prunes_row_groups_of_a_segment() {
         ),
         table(&db, "SELECT 40000 AS n, 799980000 AS s")
     );
+}
+
+/// The directory of table `table` of database `db`, found the way another engine would: by
+/// the `_table.json` that names it.
+fn table_dir(data: &Path, db: &str, table: &str) -> std::path::PathBuf {
+    for database in std::fs::read_dir(data.join("tables")).expect("tables") {
+        for dir in std::fs::read_dir(database.expect("entry").path()).expect("database dir") {
+            let dir = dir.expect("entry").path();
+            let Ok(text) = std::fs::read_to_string(dir.join("_table.json")) else {
+                continue;
+            };
+            let meta: serde_json::Value = serde_json::from_str(&text).expect("_table.json");
+            if meta["database"] == db && meta["table"] == table {
+                return dir;
+            }
+        }
+    }
+    panic!("no _table.json names {db}.{table} under {}", data.display());
+}
+
+/// Segment files under `dir`, recursively.
+fn parquet_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("dir") {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "parquet") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A SQL identifier.
+fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A line protocol measurement.
+fn lp_measurement(name: &str) -> String {
+    name.replace(',', "\\,").replace(' ', "\\ ")
+}
+
+/// A line protocol tag key, tag value or field key.
+fn lp_key(name: &str) -> String {
+    name.replace(',', "\\,")
+        .replace('=', "\\=")
+        .replace(' ', "\\ ")
+}
+
+/// Table (and tag, and field) names line protocol allows that a naive path scheme would
+/// break on: separators, escapes, dots, case twins, normalization twins, scripts, reserved
+/// Windows names, long names.
+fn awkward_names() -> Vec<String> {
+    let mut names: Vec<String> = [
+        "my meas",
+        "a,b",
+        "k=v",
+        "q\"uo'te",
+        "50%off",
+        "%41",
+        "a/b",
+        "..",
+        "../x",
+        ".hidden",
+        "🔥📈",
+        "e\u{301}",
+        "\u{e9}",
+        "שלום עולם",
+        "مرحبا",
+        "日本",
+        "température",
+        "cpu",
+        "CPU",
+        "CON",
+        "nul",
+        "trailing.",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    names.push("x".repeat(200));
+    names.push("日".repeat(66)); // 198 bytes
+    names
+}
+
+#[test]
+fn any_utf8_names_survive_persist_compaction_reopen_views_subscriptions_and_retention() {
+    use futures::StreamExt;
+
+    let root = tempfile::tempdir().expect("tempdir");
+    // The directory's own path may hold anything too.
+    let dir = root.path().join("data dir 100% é %41 [x]");
+    // 2024-01-06T00:00:00Z.
+    let clock = std::sync::Arc::new(rivulet::ManualClock::new(
+        (1_704_067_200 + 5 * DAY) * 1_000_000_000,
+    ));
+    let config = || Config {
+        durability: Durability::None,
+        background: false,
+        clock: clock.clone(),
+        ..Config::with_dir(&dir)
+    };
+    let names = awkward_names();
+    let (day1, day4) = (1_704_067_200, 1_704_067_200 + 3 * DAY);
+    let write = |db: &Db, db_name: &str, name: &str, t: i64, v: i64| {
+        let line = format!(
+            "{m},{k}={tv} {f}={v}i {t}",
+            m = lp_measurement(name),
+            k = lp_key(name),
+            tv = lp_key(name),
+            f = lp_key(&format!("{name} v")),
+        );
+        db.write_lines(db_name, &line, Precision::Second)
+            .unwrap_or_else(|e| panic!("writing {name:?}: {e}"));
+    };
+    let select = |name: &str| {
+        format!(
+            "SELECT {k} AS k, time, {f} AS v FROM {t} ORDER BY time",
+            k = ident(name),
+            f = ident(&format!("{name} v")),
+            t = ident(name),
+        )
+    };
+    let rt = rt();
+    let db = Db::open_with(config()).expect("open");
+    // Two segments of day 1 (compacted into one below) and one of day 4, per table; the
+    // `cpu` table of a second database `Main` beside `main`.
+    for (i, name) in names.iter().enumerate() {
+        write(&db, "main", name, day1, i as i64);
+    }
+    write(&db, "Main", "cpu", day1, 1000);
+    db.persist().expect("persist");
+    for (i, name) in names.iter().enumerate() {
+        write(&db, "main", name, day1 + 60, 100 + i as i64);
+        write(&db, "main", name, day4, 200 + i as i64);
+    }
+    db.persist().expect("persist");
+    let expected: Vec<String> = names.iter().map(|n| table(&db, &select(n))).collect();
+    for (i, (name, out)) in names.iter().zip(&expected).enumerate() {
+        assert_eq!(
+            out.matches(&format!("| {}", 100 + i)).count(),
+            1,
+            "{name:?}: {out}"
+        );
+        assert!(out.contains(&format!("| {}", 200 + i)), "{name:?}: {out}");
+    }
+    // A view over each table, keyed by its tag, and a subscription to each table.
+    for (i, name) in names.iter().enumerate() {
+        rt.block_on(db.sql(&format!(
+            "CREATE MATERIALIZED VIEW v{i} AS SELECT date_bin(INTERVAL '1 day', time) AS time, {k}, sum({f}) AS total FROM {t} GROUP BY 1, 2",
+            k = ident(name),
+            f = ident(&format!("{name} v")),
+            t = ident(name),
+        )))
+        .unwrap_or_else(|e| panic!("view over {name:?}: {e}"));
+    }
+    let mut subs = Vec::new();
+    for name in &names {
+        let sql = format!(
+            "SELECT time, {k}, {f} FROM {t} WHERE {f} >= 300",
+            k = ident(name),
+            f = ident(&format!("{name} v")),
+            t = ident(name),
+        );
+        subs.push(
+            rt.block_on(db.subscribe(&sql, rivulet::SubscribeOptions::default()))
+                .unwrap_or_else(|e| panic!("subscribing to {name:?}: {e}")),
+        );
+    }
+    for (i, name) in names.iter().enumerate() {
+        write(&db, "main", name, day4 + 60, 300 + i as i64);
+    }
+    for (i, (name, sub)) in names.iter().zip(&mut subs).enumerate() {
+        let rows: usize = rt.block_on(async {
+            let mut seen = 0;
+            while seen == 0 {
+                let m = tokio::time::timeout(Duration::from_secs(30), sub.next())
+                    .await
+                    .unwrap_or_else(|_| panic!("no change for {name:?}"))
+                    .expect("open")
+                    .expect("message");
+                if m.kind == rivulet::ChangeKind::Change {
+                    let text = pretty_format_batches(std::slice::from_ref(&m.rows))
+                        .expect("fmt")
+                        .to_string();
+                    assert!(
+                        text.contains(&format!("| {} ", 300 + i)),
+                        "{name:?}: {text}"
+                    );
+                    seen = m.rows.num_rows();
+                }
+            }
+            seen
+        });
+        assert_eq!(rows, 1, "{name:?}");
+    }
+    drop(subs);
+    let expected: Vec<String> = names.iter().map(|n| table(&db, &select(n))).collect();
+    let views: Vec<String> = (0..names.len())
+        .map(|i| table(&db, &format!("SELECT * FROM v{i} ORDER BY time")))
+        .collect();
+    let report = db.compact().expect("compact");
+    assert!(report.partitions >= names.len(), "{report:?}");
+    assert_eq!(
+        names
+            .iter()
+            .map(|n| table(&db, &select(n)))
+            .collect::<Vec<_>>(),
+        expected
+    );
+    db.close().expect("close");
+
+    // Reopened: the same rows, the same views; every path under tables/ is made of ids.
+    let db = Db::open_with(config()).expect("reopen");
+    assert_eq!(
+        names
+            .iter()
+            .map(|n| table(&db, &select(n)))
+            .collect::<Vec<_>>(),
+        expected
+    );
+    let reopened: Vec<String> = (0..names.len())
+        .map(|i| table(&db, &format!("SELECT * FROM v{i} ORDER BY time")))
+        .collect();
+    assert_eq!(reopened, views);
+    assert!(table(&db, "SELECT * FROM \"Main\".cpu").contains("| 1000 "));
+    for file in parquet_files(&dir.join("tables")) {
+        let rel = file.strip_prefix(dir.join("tables")).expect("under tables");
+        for part in rel.iter() {
+            let part = part.to_str().expect("ascii");
+            assert!(
+                part.bytes().all(|b| b.is_ascii_hexdigit()
+                    || b"=-.".contains(&b)
+                    || b.is_ascii_alphanumeric())
+                    && (part.starts_with("partition=") || part.len() == 16 || part.len() == 24),
+                "{rel:?}"
+            );
+        }
+    }
+    for name in &names {
+        let meta = table_dir(&dir, "main", name).join("_table.json");
+        assert!(meta.exists(), "{name:?}");
+    }
+
+    // Retention drops the day-1 partitions of every table (now Jan 6, keep 3 days).
+    for name in &names {
+        table(
+            &db,
+            &format!("ALTER TABLE {} SET (retention = '3d')", ident(name)),
+        );
+    }
+    assert_eq!(db.apply_retention().expect("retention"), names.len());
+    for (i, name) in names.iter().enumerate() {
+        let out = table(&db, &select(name));
+        assert!(!out.contains("2024-01-01"), "{name:?}: {out}");
+        assert!(out.contains(&format!("| {}", 200 + i)), "{name:?}: {out}");
+    }
+    db.close().expect("close");
+    let db = Db::open_with(config()).expect("reopen");
+    for name in &names {
+        let files = parquet_files(&table_dir(&dir, "main", name));
+        assert!(!files.is_empty(), "{name:?}");
+        assert!(
+            files
+                .iter()
+                .all(|f| f.to_string_lossy().contains("/partition=2024-01-04/")),
+            "{name:?}: {files:?}"
+        );
+    }
+    db.close().expect("close");
+}
+
+/// Unpacks `tests/fixtures/layout-v1.tar.gz` (written by the build before id-based paths; see
+/// tests/fixtures/README.md) into `into`; returns the data directory.
+fn layout_v1_fixture(into: &Path) -> std::path::PathBuf {
+    let file = std::fs::File::open(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/layout-v1.tar.gz"),
+    )
+    .expect("fixture");
+    tar::Archive::new(flate2::read::GzDecoder::new(file))
+        .unpack(into)
+        .expect("unpack");
+    into.join("layout-v1")
+}
+
+/// What the layout-1 fixture holds, query by query (database, SQL, a cell every answer has).
+const LAYOUT_V1_QUERIES: &[(&str, &str, &str)] = &[
+    (
+        "main",
+        "SELECT host, time, usage FROM cpu ORDER BY time",
+        "| a    | 2024-01-02T00:00:00Z | 3.0   |",
+    ),
+    (
+        "main",
+        "SELECT host, usage FROM \"CPU\"",
+        "| A    | 10.0  |",
+    ),
+    ("main", "SELECT lieu, v FROM \"my meas\"", "| x    | 1.0 |"),
+    (
+        "main",
+        "SELECT lieu, v FROM \"température\"",
+        "| paris | 21.5 |",
+    ),
+    (
+        "main",
+        "SELECT \"都市\", \"温度\" FROM \"日本\"",
+        "| 東京 | 8.5  |",
+    ),
+    (
+        "main",
+        "SELECT \"t%ag\", \"f%ield\" FROM \"a,b=c\"\"d'e%f/..g\"",
+        "| 1    | 1      |",
+    ),
+    (
+        "main",
+        "SELECT time, host, total FROM cpu_1d ORDER BY time, host",
+        "| 2024-01-02T00:00:00Z | a    | 3.0   |",
+    ),
+    ("other", "SELECT host, usage FROM cpu", "| z    | 7.0   |"),
+];
+
+fn answer_layout_v1_queries(db: &Db) {
+    for (database, sql, cell) in LAYOUT_V1_QUERIES {
+        let batches = rt().block_on(db.sql_in(database, sql)).expect(sql);
+        let out = pretty_format_batches(&batches).expect("format").to_string();
+        assert!(out.contains(cell), "{sql}: {out}");
+    }
+}
+
+#[test]
+fn a_layout_1_directory_is_moved_to_id_paths_on_open() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = layout_v1_fixture(tmp.path());
+    assert!(dir.join("tables/main/temp%C3%A9rature").exists());
+    let db = open(&dir);
+    answer_layout_v1_queries(&db);
+    // The old name-based directories are gone; each table's files are under its ids, named by
+    // its `_table.json`.
+    assert!(!dir.join("tables/main").exists());
+    assert!(!dir.join("tables/other").exists());
+    let cpu = table_dir(&dir, "main", "cpu");
+    assert_eq!(parquet_files(&cpu).len(), 2);
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cpu.join("_table.json")).expect("read"))
+            .expect("json");
+    assert_eq!(meta["layout"], 2);
+    assert_eq!(meta["sort_key"], serde_json::json!(["host"]));
+    assert_eq!(parquet_files(&table_dir(&dir, "main", "日本")).len(), 1);
+    assert_eq!(parquet_files(&table_dir(&dir, "main", "cpu_1d")).len(), 2);
+    // New writes land beside the moved segments, and the view keeps up, across a restart.
+    db.write_lines("main", "cpu,host=a usage=4 1704153660", Precision::Second)
+        .expect("write");
+    db.persist().expect("persist");
+    let day2 = "SELECT total FROM cpu_1d WHERE host = 'a' AND time = '2024-01-02T00:00:00Z'";
+    assert!(table(&db, day2).contains("| 7.0 "));
+    db.close().expect("close");
+    let db = open(&dir);
+    assert!(table(&db, day2).contains("| 7.0 "));
+    assert_eq!(parquet_files(&table_dir(&dir, "main", "cpu")).len(), 3);
+    db.close().expect("close");
+}
+
+#[test]
+fn an_interrupted_layout_migration_finishes_on_the_next_open() {
+    // Where each segment file ends up (segment ids are unique: the file name says which).
+    let done = tempfile::tempdir().expect("tempdir");
+    let migrated = layout_v1_fixture(done.path());
+    open(&migrated).close().expect("close");
+    let target: std::collections::HashMap<String, std::path::PathBuf> =
+        parquet_files(&migrated.join("tables"))
+            .into_iter()
+            .map(|p| {
+                let name = p.file_name().expect("name").to_string_lossy().into_owned();
+                (name, p.strip_prefix(&migrated).expect("rel").to_path_buf())
+            })
+            .collect();
+    // A crash after moving some files (every other one), and after moving all of them but
+    // before the manifest commit: both states open and answer as before.
+    for every in [2, 1] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = layout_v1_fixture(tmp.path());
+        for (i, file) in parquet_files(&dir.join("tables")).into_iter().enumerate() {
+            if i % every != 0 {
+                continue;
+            }
+            let name = file
+                .file_name()
+                .expect("name")
+                .to_string_lossy()
+                .into_owned();
+            let to = dir.join(&target[&name]);
+            std::fs::create_dir_all(to.parent().expect("parent")).expect("mkdir");
+            std::fs::rename(&file, &to).expect("move");
+        }
+        let db = open(&dir);
+        answer_layout_v1_queries(&db);
+        db.close().expect("close");
+        assert_eq!(parquet_files(&dir.join("tables")).len(), target.len());
+    }
+}
+
+#[test]
+fn a_newer_layout_is_refused_with_its_version() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let db = open(dir.path());
+        db.write_lines("main", "cpu,host=a usage=1 1", Precision::Second)
+            .expect("write");
+        db.close().expect("close");
+    }
+    {
+        let sled = sled::open(dir.path().join("catalog")).expect("sled");
+        sled.open_tree("manifest")
+            .expect("tree")
+            .insert("meta/layout", "3")
+            .expect("insert");
+        sled.flush().expect("flush");
+    }
+    let err = Db::open_with(Config {
+        background: false,
+        ..Config::with_dir(dir.path())
+    })
+    .expect_err("layout 3");
+    assert!(err.to_string().contains("layout version 3"), "{err}");
+}
+
+#[test]
+fn cli_write_then_sql_reads_tables_named_in_any_script() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("d");
+    let bin = env!("CARGO_BIN_EXE_rivulet");
+    let run = |args: &[&str], stdin: &str| {
+        use std::io::Write;
+        let mut child = std::process::Command::new(bin)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(stdin.as_bytes())
+            .expect("write stdin");
+        let out = child.wait_with_output().expect("wait");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let d = data.to_str().expect("utf-8");
+    run(
+        &["write", "--data-dir", d, "-"],
+        "température,lieu=a v=1 1\nmy\\ meas,lieu=b v=2 2\n日本,lieu=c v=3 3\ncpu,lieu=d v=4 4\nCPU,lieu=e v=5 5\n",
+    );
+    for (table, lieu) in [
+        ("température", "a"),
+        ("my meas", "b"),
+        ("日本", "c"),
+        ("cpu", "d"),
+        ("CPU", "e"),
+    ] {
+        let out = run(
+            &[
+                "sql",
+                "--data-dir",
+                d,
+                &format!("SELECT lieu, v FROM {}", ident(table)),
+            ],
+            "",
+        );
+        assert!(out.contains(&format!("| {lieu}    |")), "{table}: {out}");
+    }
 }

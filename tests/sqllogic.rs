@@ -9,6 +9,10 @@
 //! ```
 //!
 //! (`db`, `precision` and `partial` are optional; the statement count is the rows written.)
+//! Each file runs against a fresh database in its own temporary directory, which persists and
+//! compacts only when told: `PERSIST`, `COMPACT` and `APPLY RETENTION` do what `Db::persist`,
+//! `Db::compact` and `Db::apply_retention` do, and `REOPEN` closes the database and opens the
+//! directory again (each a `statement ok` record).
 //! The clock is frozen at 2024-01-01T00:00:00Z, so lines without a timestamp get that time.
 //! `RIVULET_SLT_COMPLETE=1 cargo test --test sqllogic` rewrites the expected results in place;
 //! a file name argument runs only the files whose path contains it.
@@ -27,8 +31,14 @@ use sqllogictest::{DBOutput, DefaultColumnType};
 /// 2024-01-01T00:00:00Z.
 const FROZEN_NOW_NS: i64 = 1_704_067_200_000_000_000;
 
+/// A file's database and its directory, shared by the runner's connections.
+struct SltState {
+    dir: tempfile::TempDir,
+    db: std::sync::Mutex<Option<Db>>,
+}
+
 struct SltDb {
-    db: Db,
+    state: Arc<SltState>,
 }
 
 #[derive(Debug)]
@@ -47,6 +57,51 @@ fn err(e: impl std::fmt::Display) -> SltError {
 }
 
 impl SltDb {
+    fn db(&self) -> Result<Db, SltError> {
+        self.state
+            .db
+            .lock()
+            .map_err(|_| err("a statement panicked"))?
+            .clone()
+            .ok_or_else(|| err("the database is not open"))
+    }
+
+    /// `PERSIST`, `COMPACT`, `APPLY RETENTION` and `REOPEN`, if `sql` is one of them.
+    fn storage_command(&self, sql: &str) -> Option<Result<DBOutput<DefaultColumnType>, SltError>> {
+        let words: Vec<String> = sql
+            .split_whitespace()
+            .map(|w| w.trim_end_matches(';').to_ascii_uppercase())
+            .collect();
+        let done = |r: Result<(), SltError>| Some(r.map(|()| DBOutput::StatementComplete(0)));
+        match words.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+            ["PERSIST"] => done(
+                self.db()
+                    .and_then(|db| db.persist().map(|_| ()).map_err(err)),
+            ),
+            ["COMPACT"] => done(
+                self.db()
+                    .and_then(|db| db.compact().map(|_| ()).map_err(err)),
+            ),
+            ["APPLY", "RETENTION"] => done(
+                self.db()
+                    .and_then(|db| db.apply_retention().map(|_| ()).map_err(err)),
+            ),
+            ["REOPEN"] => done((|| {
+                let mut slot = self
+                    .state
+                    .db
+                    .lock()
+                    .map_err(|_| err("a statement panicked"))?;
+                if let Some(db) = slot.take() {
+                    db.close().map_err(err)?;
+                }
+                *slot = Some(open_db(self.state.dir.path()).map_err(err)?);
+                Ok(())
+            })()),
+            _ => None,
+        }
+    }
+
     fn write_lines(&self, sql: &str) -> Result<DBOutput<DefaultColumnType>, SltError> {
         let (header, body) = sql.split_once('\n').unwrap_or((sql, ""));
         let mut db = "main".to_string();
@@ -62,7 +117,10 @@ impl SltDb {
             }
         }
         // The first body line is line 1, as in a request body.
-        let receipt = self.db.write_lines_with(&db, body, &options).map_err(err)?;
+        let receipt = self
+            .db()?
+            .write_lines_with(&db, body, &options)
+            .map_err(err)?;
         if receipt.rejected_total > 0 {
             let list: Vec<String> = receipt.rejected.iter().map(|e| e.to_string()).collect();
             return Err(err(format!(
@@ -153,7 +211,11 @@ impl sqllogictest::AsyncDB for SltDb {
         if trimmed.starts_with("WRITE LINES") {
             return self.write_lines(trimmed);
         }
-        let batches = self.db.sql(sql).await.map_err(err)?;
+        if let Some(done) = self.storage_command(trimmed) {
+            return done;
+        }
+        let db = self.db()?;
+        let batches = db.sql(sql).await.map_err(err)?;
         if trimmed.to_ascii_uppercase().starts_with("INSERT") {
             let count = batches
                 .first()
@@ -194,21 +256,29 @@ fn slt_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-fn new_db() -> Result<Db, rivulet::Error> {
+/// The database of a file's directory: persisting, compacting and expiring only when told.
+fn open_db(dir: &Path) -> Result<Db, rivulet::Error> {
     Db::open_with(Config {
         durability: Durability::None,
         clock: Arc::new(ManualClock::new(FROZEN_NOW_NS)),
-        ..Config::default()
+        background: false,
+        ..Config::with_dir(dir)
     })
 }
 
 async fn run_file(path: &Path, complete: bool) -> Result<(), String> {
-    let db = new_db().map_err(|e| e.to_string())?;
-    let mut runner = sqllogictest::Runner::new(move || {
-        let db = db.clone();
-        async move { Ok::<_, SltError>(SltDb { db }) }
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let db = open_db(dir.path()).map_err(|e| e.to_string())?;
+    let state = Arc::new(SltState {
+        dir,
+        db: std::sync::Mutex::new(Some(db)),
     });
-    if complete {
+    let shared = state.clone();
+    let mut runner = sqllogictest::Runner::new(move || {
+        let state = shared.clone();
+        async move { Ok::<_, SltError>(SltDb { state }) }
+    });
+    let result = if complete {
         runner
             .update_test_file(
                 path,
@@ -224,7 +294,13 @@ async fn run_file(path: &Path, complete: bool) -> Result<(), String> {
             .run_file_async(path)
             .await
             .map_err(|e| e.display(true).to_string())
+    };
+    drop(runner);
+    let db = state.db.lock().ok().and_then(|mut slot| slot.take());
+    if let Some(db) = db {
+        db.close().map_err(|e| e.to_string())?;
     }
+    result
 }
 
 fn main() {

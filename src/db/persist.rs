@@ -14,7 +14,7 @@
 //! A crash before 3 leaves unregistered files (removed on open) and the WAL intact; after 3,
 //! replay skips the writes up to `S`.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -27,9 +27,10 @@ use crate::ingest::WriteError;
 use crate::storage::buffer::{Chunk, merge_batches, merge_chunks, time_values, to_table_schema};
 use crate::storage::catalog::{ColumnKind, TableSchema};
 use crate::storage::last::LastSnapshot;
+use crate::storage::layout;
 use crate::storage::segment::{
-    SEGMENT_FORMAT_VERSION, Segment, SegmentError, SegmentMeta, SegmentWriter, distinct_count,
-    partition_dir, partition_of, read_segment, sort_batch, table_dir,
+    SEGMENT_FORMAT_VERSION, Segment, SegmentMeta, SegmentWriter, distinct_count, partition_of,
+    read_segment, sort_batch,
 };
 use crate::storage::table::Table;
 use crate::storage::wal;
@@ -241,6 +242,9 @@ impl DbInner {
             concat_batches(schema.arrow(), &batches)?
         };
         let sort_key = self.ensure_sort_key(table, &schema, &rows)?;
+        // What other engines need to read the directory: the columns and sort key its
+        // segments are written with.
+        layout::write_table_meta(data_dir, self.database_id(table)?, table)?;
         let segments = table.buffer.read().segments();
         let len = self.partition_len();
         let mut out = TableOutput {
@@ -322,11 +326,29 @@ impl DbInner {
         partition: i64,
     ) -> Result<(u64, PathBuf, PathBuf), Error> {
         let id = manifest.next_id()?;
-        let rel = table_dir(&table.db, &table.name, table.id)
-            .join(partition_dir(partition, self.partition_len()))
-            .join(format!("{id:016x}.parquet"));
+        let rel = layout::segment_path(
+            self.database_id(table)?,
+            table.id,
+            partition,
+            self.partition_len(),
+            id,
+        );
         let path = data_dir.join(&rel);
         Ok((id, rel, path))
+    }
+
+    /// The id of the database `table` belongs to.
+    fn database_id(&self, table: &Table) -> Result<u64, Error> {
+        self.catalog
+            .database(&table.db)
+            .map(|db| db.id)
+            .ok_or_else(|| {
+                crate::storage::segment::SegmentError::Manifest(format!(
+                    "table '{}' belongs to database '{}', which the catalog does not have",
+                    table.name, table.db
+                ))
+                .into()
+            })
     }
 
     /// The table's sort key covering every tag column, choosing or extending it (and saving it
@@ -474,8 +496,7 @@ impl DbInner {
                         .build()
                         .map_err(|e| Error::io("starting", Path::new("compaction runtime"), e))?;
                     rt.block_on(async {
-                        let ctx = datafusion::execution::TaskContext::default();
-                        let mut stream = plan.execute(0, Arc::new(ctx))?;
+                        let mut stream = plan.execute(0, self.query.task_context())?;
                         while let Some(batch) = stream.next().await {
                             writer.write(&batch?)?;
                         }
@@ -620,38 +641,4 @@ fn remove_files(paths: &[PathBuf]) {
     for p in paths {
         let _ = std::fs::remove_file(p);
     }
-}
-
-/// Removes files under `data_dir/tables` that the manifest does not list (left by a crash
-/// between writing a segment and registering it, or before deleting a replaced one).
-pub(crate) fn remove_orphans(
-    data_dir: &Path,
-    known: &HashSet<PathBuf>,
-) -> Result<usize, SegmentError> {
-    let root = data_dir.join("tables");
-    let mut removed = 0;
-    let mut stack = vec![root];
-    while let Some(dir) = stack.pop() {
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(crate::storage::segment::io_err("listing", &dir)(e)),
-        };
-        for entry in entries {
-            let entry = entry.map_err(crate::storage::segment::io_err("listing", &dir))?;
-            let path = entry.path();
-            let kind = entry
-                .file_type()
-                .map_err(crate::storage::segment::io_err("listing", &path))?;
-            if kind.is_dir() {
-                stack.push(path);
-            } else if !known.contains(&path) {
-                tracing::info!(path = %path.display(), "removing a segment file the manifest does not list");
-                std::fs::remove_file(&path)
-                    .map_err(crate::storage::segment::io_err("removing", &path))?;
-                removed += 1;
-            }
-        }
-    }
-    Ok(removed)
 }

@@ -506,6 +506,9 @@ impl DbInner {
             self.catalog.remove_view(&database, name)?;
             self.catalog.flush()?;
         }
+        if let Some(dir) = &self.data_dir {
+            crate::storage::layout::remove_table_meta(dir, database.id, view.table.id);
+        }
         Ok(true)
     }
 

@@ -5,23 +5,30 @@ use std::sync::Arc;
 
 use arrow::compute::SortOptions;
 use datafusion::datasource::listing::PartitionedFile;
-use datafusion::datasource::object_store::ObjectStoreUrl;
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
 use datafusion::datasource::source::DataSourceExec;
-use datafusion::error::Result;
+use datafusion::error::{DataFusionError, Result};
 use datafusion::physical_expr::expressions::col;
 use datafusion::physical_expr::{LexOrdering, PhysicalExpr, PhysicalSortExpr};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
 
 use crate::storage::catalog::{TIME_COLUMN, TableSchema};
+use crate::storage::layout;
 use crate::storage::segment::Segment;
 
 /// A file of the scan, holding its segment alive (and its file undeleted) while the plan
-/// exists.
-fn file(segment: &Arc<Segment>) -> PartitionedFile {
-    let path = segment.path.to_string_lossy().into_owned();
-    PartitionedFile::new(path, segment.meta.bytes).with_extension(segment.clone())
+/// exists. Read through the data directory's store ([`layout::store_url`]).
+fn file(segment: &Arc<Segment>) -> Result<PartitionedFile> {
+    let location = segment
+        .location()
+        .map_err(|e| DataFusionError::External(Box::new(e)))?;
+    // `location` holds only characters object-store paths keep as they are, so it reads back
+    // verbatim.
+    Ok(
+        PartitionedFile::new(location.to_string(), segment.meta.bytes)
+            .with_extension(segment.clone()),
+    )
 }
 
 /// Scans `segments` (projected onto `projection` of the table schema), spreading them over
@@ -55,11 +62,10 @@ pub(crate) fn scan(
     };
     let mut groups: Vec<Vec<PartitionedFile>> = vec![Vec::new(); n];
     for (i, s) in segments.iter().enumerate() {
-        groups[i % n].push(file(s));
+        groups[i % n].push(file(s)?);
     }
-    let mut builder =
-        FileScanConfigBuilder::new(ObjectStoreUrl::local_filesystem(), Arc::new(source))
-            .with_file_groups(groups.into_iter().map(FileGroup::new).collect());
+    let mut builder = FileScanConfigBuilder::new(layout::store_url()?, Arc::new(source))
+        .with_file_groups(groups.into_iter().map(FileGroup::new).collect());
     if ordered && let Some(order) = ordering(schema, sort_key)? {
         builder = builder.with_output_ordering(vec![order]);
     }
@@ -98,17 +104,15 @@ pub(crate) fn merge_plan(
     sort_key: &[Arc<str>],
     segments: &[Arc<Segment>],
 ) -> Result<Arc<dyn ExecutionPlan>> {
-    let ordering = ordering(schema, sort_key)?.ok_or_else(|| {
-        datafusion::error::DataFusionError::Internal("a table has a time column".to_string())
-    })?;
+    let ordering = ordering(schema, sort_key)?
+        .ok_or_else(|| DataFusionError::Internal("a table has a time column".to_string()))?;
     let source = ParquetSource::new(schema.arrow().clone());
-    let config = FileScanConfigBuilder::new(ObjectStoreUrl::local_filesystem(), Arc::new(source))
-        .with_file_groups(
-            segments
-                .iter()
-                .map(|s| FileGroup::new(vec![file(s)]))
-                .collect(),
-        )
+    let groups = segments
+        .iter()
+        .map(|s| Ok(FileGroup::new(vec![file(s)?])))
+        .collect::<Result<Vec<_>>>()?;
+    let config = FileScanConfigBuilder::new(layout::store_url()?, Arc::new(source))
+        .with_file_groups(groups)
         .with_output_ordering(vec![ordering.clone()])
         .build();
     let scan = DataSourceExec::from_data_source(config);

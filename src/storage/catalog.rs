@@ -7,7 +7,8 @@
 //! truncation).
 //!
 //! Keys (all UTF-8, values JSON): `meta/format` → format version; `meta/next_seq` → the next
-//! write sequence as of the last clean close; `db/<name>` → [`DatabaseRecord`];
+//! write sequence as of the last clean close; `meta/next_id` → the next database or table id,
+//! written when a table is dropped; `db/<name>` → [`DatabaseRecord`];
 //! `table/<db id:016x>/<name>` → [`TableRecord`]. Names are never file-system paths.
 
 use std::collections::{BTreeMap, HashMap};
@@ -378,11 +379,20 @@ impl Catalog {
             };
             db.tables.write().insert(table.name.clone(), table);
         }
+        // Ids are never reused (storage paths are built from them): `meta/next_id` remembers
+        // ids of dropped tables above every remaining one.
+        let stored_next = match tree.get("meta/next_id")? {
+            None => 0,
+            Some(v) => std::str::from_utf8(&v)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| corrupt(b"meta/next_id", "not a number"))?,
+        };
         Ok(Catalog {
             sled,
             tree,
             databases: RwLock::new(databases),
-            next_id: AtomicU64::new(max_id + 1),
+            next_id: AtomicU64::new((max_id + 1).max(stored_next)),
         })
     }
 
@@ -453,9 +463,13 @@ impl Catalog {
         Ok(())
     }
 
-    /// Removes `table` from `db` (its data must already be gone from the manifest).
+    /// Removes `table` from `db` (its data must already be gone from the manifest). Its id is
+    /// not given out again, even after a restart.
     pub(crate) fn drop_table(&self, db: &Database, name: &str) -> Result<(), CatalogError> {
         let key = format!("table/{:016x}/{}", db.id, name);
+        let next = self.next_id.load(Ordering::Relaxed);
+        self.tree
+            .insert("meta/next_id", next.to_string().as_bytes())?;
         self.tree.remove(key)?;
         db.tables.write().remove(name);
         Ok(())

@@ -6,7 +6,8 @@
 //! list are removed on open. Keys (values JSON): `seg/<table id:016x>/<segment id:016x>` →
 //! [`SegmentMeta`]; `meta/persisted_seq` → every write up to it is in registered segments (the
 //! WAL before it may be deleted, and replay skips it); `meta/partition_ns` → the partition
-//! length the directory was created with; `last/<table id:016x>` → the table's last-point state
+//! length the directory was created with; `meta/layout` → the data directory's layout version
+//! (storage/layout.rs); `last/<table id:016x>` → the table's last-point state
 //! as of `persisted_seq` (an Arrow IPC stream, one row per series).
 
 use super::segment::{SegmentError, SegmentMeta};
@@ -90,6 +91,28 @@ impl Manifest {
                 }
             }
         }
+    }
+
+    /// The data directory's layout version (`meta/layout`; absent in directories written before
+    /// layout 2, which is layout 1).
+    pub(crate) fn layout(&self) -> Result<Option<u32>, SegmentError> {
+        match self.tree.get("meta/layout").map_err(err)? {
+            None => Ok(None),
+            Some(v) => std::str::from_utf8(&v)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .map(Some)
+                .ok_or_else(|| err("meta/layout is not a number")),
+        }
+    }
+
+    /// Records the layout version of a directory that has no segments (flushed with the next
+    /// commit; until then a reopen records it again).
+    pub(crate) fn set_layout(&self, version: u32) -> Result<(), SegmentError> {
+        self.tree
+            .insert("meta/layout", version.to_string().as_bytes())
+            .map_err(err)?;
+        Ok(())
     }
 
     /// The stored value of `key` (e.g. a table's last-point state, `last/<table id:016x>`).

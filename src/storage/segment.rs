@@ -60,6 +60,9 @@ pub enum SegmentError {
     /// The manifest could not be read or written.
     #[error("segment manifest: {0}")]
     Manifest(String),
+    /// The data directory's layout is unknown, or a path does not fit it.
+    #[error("data directory layout: {0}")]
+    Layout(String),
 }
 
 pub(crate) fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SegmentError {
@@ -116,6 +119,11 @@ impl Segment {
         }
     }
 
+    /// Where DataFusion reads the file (see [`super::layout::location`]).
+    pub(crate) fn location(&self) -> Result<datafusion::object_store::path::Path, SegmentError> {
+        super::layout::location(&self.meta.path)
+    }
+
     /// The manifest no longer lists this segment: delete the file once nobody reads it.
     pub(crate) fn mark_obsolete(&self) {
         self.obsolete.store(true, Ordering::Release);
@@ -143,48 +151,6 @@ impl Drop for Segment {
 pub(crate) fn partition_of(time: i64, len: i64) -> i64 {
     time.div_euclid(len).saturating_mul(len)
 }
-
-/// Directory name of a partition: `partition=2024-01-01` for whole days, with the time of day
-/// otherwise (`partition=2024-01-01T06-00-00`).
-pub(crate) fn partition_dir(start: i64, len: i64) -> String {
-    let Some(dt) = arrow::array::temporal_conversions::timestamp_ns_to_datetime(start) else {
-        return format!("partition={start}");
-    };
-    if len % 86_400_000_000_000 == 0 {
-        format!("partition={}", dt.format("%Y-%m-%d"))
-    } else {
-        format!("partition={}", dt.format("%Y-%m-%dT%H-%M-%S"))
-    }
-}
-
-/// A name as one path component: letters, digits, `_`, `-` and `.` stay, every other byte is
-/// `%XX` (so `cpu` stays `cpu`, and no name can climb out of its directory).
-pub(crate) fn path_component(name: &str) -> String {
-    let mut out = String::with_capacity(name.len());
-    for b in name.bytes() {
-        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || (b == b'.' && !out.is_empty()) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-/// Directory of a table's segments, relative to the data directory: `tables/<db>/<table>`,
-/// names escaped by [`path_component`]; a name whose escaped form is too long for a file
-/// name is cut and suffixed with `~<table id>` to stay unique.
-pub(crate) fn table_dir(db: &str, table: &str, table_id: u64) -> PathBuf {
-    let mut name = path_component(table);
-    if name.len() > MAX_COMPONENT {
-        name.truncate(MAX_COMPONENT - 17);
-        name.push_str(&format!("~{table_id:016x}"));
-    }
-    Path::new("tables").join(path_component(db)).join(name)
-}
-
-/// Longest escaped table name used as a directory name (file systems allow 255 bytes).
-const MAX_COMPONENT: usize = 200;
 
 /// Sorts `batch` by `sort_key` (tag column names, absent ones skipped) then `time`, nulls first.
 pub(crate) fn sort_batch(
