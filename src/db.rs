@@ -129,6 +129,9 @@ pub(crate) struct DbInner {
     commit: CommitQueue,
     pub(crate) query: QueryEngine,
     closed: AtomicBool,
+    /// Set once close has let the views catch up: from then on nothing is written, not even
+    /// view maintenance.
+    sealed: AtomicBool,
     syncer: Mutex<Option<(JoinHandle<()>, Arc<StopSignal>)>>,
     replay: ReplayReport,
     /// Segment manifest and absolute data directory (None in memory).
@@ -321,6 +324,7 @@ impl Db {
             writer: Mutex::new(Writer { wal, next_seq }),
             commit,
             closed: AtomicBool::new(false),
+            sealed: AtomicBool::new(false),
             syncer: Mutex::new(None),
             replay,
             manifest,
@@ -395,8 +399,9 @@ impl Db {
         let now = self.inner.config.clock.now_ns();
         let accept_partial = options.accept_partial;
         self.inner.views.wait_for_room();
-        self.inner
-            .write(|catalog| prepare_lines(catalog, db, &parsed, now, accept_partial))
+        self.inner.write(false, |catalog| {
+            prepare_lines(catalog, db, &parsed, now, accept_partial)
+        })
     }
 
     /// Checks line protocol without writing it: syntax, and types against the catalog plus the
@@ -999,20 +1004,30 @@ impl DbInner {
     ) -> Result<WriteReceipt, Error> {
         check_database_name(db).map_err(WriteError::InvalidDatabase)?;
         self.views.wait_for_room();
-        self.write(|catalog| prepare_batch(catalog, db, table, batch))
+        self.write(false, |catalog| prepare_batch(catalog, db, table, batch))
     }
 
     /// The write path: prepare under the write lock, log, publish, then wait for group commit.
-    fn write(
+    /// `system` writes (view maintenance) go on while close lets the views catch up; every
+    /// other write stops when close begins.
+    pub(crate) fn write(
         &self,
+        system: bool,
         prepare: impl FnOnce(&Catalog) -> Result<PreparedWrite, WriteError>,
     ) -> Result<WriteReceipt, Error> {
-        self.check_open()?;
+        let check = || {
+            let flag = if system { &self.sealed } else { &self.closed };
+            if flag.load(Ordering::Acquire) {
+                return Err(Error::Closed);
+            }
+            Ok(())
+        };
+        check()?;
         self.make_room()?;
         let mut w = self.writer.lock();
         // Checked under the lock: a failed append must stop every later writer, and nothing may
         // be appended after close has synced the log.
-        self.check_open()?;
+        check()?;
         self.commit.check().map_err(WriteError::from)?;
         let prepared = prepare(&self.catalog)?;
         let rows = prepared.rows;
@@ -1164,6 +1179,7 @@ impl DbInner {
         }
         stop_periodic(&self.persister);
         self.stop_views();
+        self.sealed.store(true, Ordering::Release);
         let persisted = if self.config.persist_on_close
             && self.manifest.is_some()
             && self.commit.check().is_ok()

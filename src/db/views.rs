@@ -90,7 +90,7 @@ impl DbInner {
         db: &str,
         tables: Vec<(String, RecordBatch)>,
     ) -> Result<u64, Error> {
-        let receipt = self.write(|catalog| {
+        let receipt = self.write(true, |catalog| {
             let mut all: Option<crate::ingest::prepare::PreparedWrite> = None;
             for (table, batch) in &tables {
                 let p = prepare_system_batch(catalog, db, table, batch)?;
