@@ -7,9 +7,8 @@
 //! 3. outside the lock: group commit fsyncs and applies the chunks in sequence order;
 //! 4. return the sequence.
 
-use std::fs::File;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 
@@ -22,18 +21,16 @@ use crate::error::Error;
 use crate::ingest::WriteError;
 use crate::ingest::line_protocol::{self, LineError, ParseOptions, Precision};
 use crate::ingest::prepare::{
-    ImportCheck, PreparedWrite, check_lines, prepare_batch, prepare_lines,
+    ImportCheck, PreparedWrite, WriteSummary, check_lines, prepare_batch, prepare_lines,
+    prepare_system_batch,
 };
 use crate::query::QueryEngine;
 use crate::storage::catalog::{Catalog, check_database_name};
-use crate::storage::commit::{CommitQueue, PendingApply};
-use crate::storage::manifest::Manifest;
-use crate::storage::segment::Segment;
-use crate::storage::wal::{self, ReplayReport, WalError, WalWriter};
+use crate::storage::engine::{Engine, Origin, StorageError, WriteSet};
+use crate::storage::wal::ReplayReport;
 
-mod persist;
 mod views;
-pub use persist::{CompactReport, PersistReport};
+pub use crate::storage::persist::{CompactReport, PersistReport};
 pub use views::ViewError;
 
 /// How a line protocol write is interpreted.
@@ -117,37 +114,13 @@ pub struct DbStats {
     pub subscribers: usize,
 }
 
-struct Writer {
-    wal: Option<WalWriter>,
-    next_seq: u64,
-}
-
 pub(crate) struct DbInner {
     pub(crate) config: Config,
-    pub(crate) catalog: Catalog,
-    writer: Mutex<Writer>,
-    commit: CommitQueue,
+    /// The storage engine: catalog, WAL, buffers, segments.
+    pub(crate) engine: Arc<Engine>,
     pub(crate) query: QueryEngine,
-    closed: AtomicBool,
-    /// Set once close has let the views catch up: from then on nothing is written, not even
-    /// view maintenance.
-    sealed: AtomicBool,
     syncer: Mutex<Option<(JoinHandle<()>, Arc<StopSignal>)>>,
-    replay: ReplayReport,
-    /// Segment manifest and absolute data directory (None in memory).
-    pub(crate) manifest: Option<Manifest>,
-    pub(crate) data_dir: Option<std::path::PathBuf>,
-    wal_dir: Option<std::path::PathBuf>,
-    /// One persist at a time.
-    persist_lock: Mutex<()>,
-    /// Held while the segment set of a partition is being replaced (compaction, retention, a
-    /// persist that merges with existing segments).
-    compact_lock: Mutex<()>,
-    persisted_seq: std::sync::atomic::AtomicU64,
-    last_persist: Mutex<std::time::Instant>,
     persister: Mutex<Option<(JoinHandle<()>, Arc<StopSignal>)>>,
-    /// Segment files included in query scans.
-    pub(crate) segments_scanned: std::sync::atomic::AtomicU64,
     /// Materialized views: registry, maintenance queue and worker.
     pub(crate) views: Arc<crate::views::ViewsShared>,
     /// Change logs of subscribed views and tables.
@@ -155,8 +128,6 @@ pub(crate) struct DbInner {
     /// Held by the view worker during a round (dropping a view waits for it).
     pub(crate) view_round: Mutex<()>,
     view_worker: Mutex<Option<JoinHandle<()>>>,
-    /// Holds the data directory's lock for the life of the handle.
-    _dir_lock: Option<File>,
 }
 
 /// An open Rivulet database: a directory (or memory) holding any number of named databases.
@@ -205,99 +176,19 @@ impl Db {
     /// Opens a database with explicit settings: takes the directory lock, loads the catalog,
     /// replays the WAL (cutting off a torn tail) and starts a new WAL segment.
     pub fn open_with(config: Config) -> Result<Db, Error> {
-        check_database_name(&config.default_database).map_err(Error::Config)?;
-        if config.durability == Durability::Interval(std::time::Duration::ZERO) {
-            return Err(Error::Config(
-                "the interval of interval durability must be above zero".to_string(),
-            ));
-        }
-        let mut config = config;
-        if let Some(dir) = &config.data_dir {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
-            // Segment paths handed to the query engine must be absolute.
-            config.data_dir =
-                Some(std::fs::canonicalize(dir).map_err(|e| Error::io("resolving", dir, e))?);
-        }
-        let (sled, dir_lock, wal_dir) = match &config.data_dir {
-            Some(dir) => {
-                let lock_path = dir.join("LOCK");
-                let lock = File::options()
-                    .create(true)
-                    .truncate(false)
-                    .write(true)
-                    .open(&lock_path)
-                    .map_err(|e| Error::io("opening", &lock_path, e))?;
-                match lock.try_lock() {
-                    Ok(()) => {}
-                    Err(std::fs::TryLockError::WouldBlock) => {
-                        return Err(Error::Locked(dir.clone()));
-                    }
-                    Err(std::fs::TryLockError::Error(e)) => {
-                        return Err(Error::io("locking", &lock_path, e));
-                    }
-                }
-                let wal_dir = dir.join("wal");
-                std::fs::create_dir_all(&wal_dir)
-                    .map_err(|e| Error::io("creating", &wal_dir, e))?;
-                let sled = open_sled(&dir.join("catalog"))?;
-                (sled, Some(lock), Some(wal_dir))
-            }
-            None => {
-                let sled = sled::Config::new()
-                    .temporary(true)
-                    .open()
-                    .map_err(crate::storage::catalog::CatalogError::from)?;
-                (sled, None, None)
-            }
+        let replay_prepare = |catalog: &Catalog, db: &str, table: &str, batch: &RecordBatch| {
+            prepare_system_batch(catalog, db, table, batch)
+                .map(|p| p.split().0)
+                .map_err(|e| e.to_string())
         };
-        let catalog = Catalog::load(sled)?;
-
-        // Load the segments, remove files the manifest does not list.
-        let mut persisted_seq = 0;
-        let manifest = match &config.data_dir {
-            Some(dir) => {
-                let manifest = Manifest::open(catalog.sled())?;
-                let partition_len = (config.partition.as_nanos() as i64).max(1);
-                manifest.check_partition(partition_len)?;
-                crate::storage::layout::migrate(dir, &catalog, &manifest, partition_len)?;
-                persisted_seq = load_segments(&catalog, &manifest, dir)?;
-                Some(manifest)
-            }
-            None => None,
-        };
-
-        // Replay the WAL into the buffers (writes already in segments are skipped).
-        let mut replay = ReplayReport::default();
-        if let Some(wal_dir) = &wal_dir {
-            replay = wal::replay(wal_dir, |payload| {
-                replay_record(&catalog, payload, persisted_seq)
-            })?;
-            if let Some((path, offset, reason)) = &replay.truncated_tail {
-                tracing::warn!(
-                    path = %path.display(), offset, reason,
-                    "WAL ended in a torn or corrupt record (a crash mid-write); it was cut off"
-                );
-            }
-        }
-        if let Some(wal_dir) = &wal_dir {
-            // WAL files wholly persisted before a crash cut the previous trim short.
-            let all_persisted = replay.last_seq.is_none_or(|last| last <= persisted_seq);
-            wal::remove_segments_through(wal_dir, persisted_seq, all_persisted)?;
-        }
-        let next_seq = replay
-            .last_seq
-            .map_or(1, |s| s + 1)
-            .max(catalog.stored_next_seq()?)
-            .max(persisted_seq + 1);
-        let wal = wal_dir
-            .as_ref()
-            .map(|dir| WalWriter::new(dir, config.wal_segment_bytes, config.io_faults.clone()));
-        let commit = CommitQueue::new(next_seq - 1, config.durability, config.io_faults.clone());
+        let engine = Arc::new(Engine::open(config, &replay_prepare)?);
+        let config = engine.config.clone();
+        let next_seq = engine.visible_seq() + 1;
         let views = Arc::new(crate::views::ViewsShared::new(
             config.view_queue_bytes,
             next_seq - 1,
         ));
-        commit.add_observer(views.clone());
+        engine.add_observer(&(views.clone() as Arc<dyn crate::storage::commit::ApplyObserver>));
         let subs = Arc::new(crate::subscribe::Hub::new(
             crate::subscribe::LogLimits {
                 bytes: config.subscribe_log_bytes,
@@ -305,52 +196,32 @@ impl Db {
             },
             config.data_dir.clone(),
         ));
-        commit.add_observer(subs.clone());
-        let mut query_error = None;
-        let config_dir = config.data_dir.clone();
-        let inner = Arc::new_cyclic(|weak: &Weak<DbInner>| DbInner {
-            query: QueryEngine::new(
-                weak.clone(),
-                &config.default_database,
-                config.query_memory_limit,
-                config.data_dir.as_deref(),
-            )
-            .unwrap_or_else(|e| {
-                query_error = Some(e);
-                QueryEngine::fallback()
-            }),
+        engine.add_observer(&(subs.clone() as Arc<dyn crate::storage::commit::ApplyObserver>));
+        let query = QueryEngine::new(
+            engine.clone(),
+            &config.default_database,
+            config.query_memory_limit,
+        )
+        .map_err(|e| Error::Config(format!("query engine: {e}")))?;
+        let inner = Arc::new(DbInner {
+            query,
             config,
-            catalog,
-            writer: Mutex::new(Writer { wal, next_seq }),
-            commit,
-            closed: AtomicBool::new(false),
-            sealed: AtomicBool::new(false),
+            engine: engine.clone(),
             syncer: Mutex::new(None),
-            replay,
-            manifest,
-            data_dir: config_dir,
-            wal_dir,
-            persist_lock: Mutex::new(()),
-            compact_lock: Mutex::new(()),
-            persisted_seq: std::sync::atomic::AtomicU64::new(persisted_seq),
-            last_persist: Mutex::new(std::time::Instant::now()),
             persister: Mutex::new(None),
-            segments_scanned: std::sync::atomic::AtomicU64::new(0),
             views,
             subs,
             view_round: Mutex::new(()),
             view_worker: Mutex::new(None),
-            _dir_lock: dir_lock,
         });
-        if let Some(e) = query_error {
-            return Err(Error::Config(format!("query engine: {e}")));
-        }
         inner.subs.attach(Arc::downgrade(&inner));
-        inner.recount_buffer();
+        let extension: Weak<dyn crate::query::QueryExtension> = Arc::downgrade(&inner) as _;
+        inner.query.set_extension(extension);
+        inner.engine.recount_buffer();
         if let Durability::Interval(every) = inner.config.durability {
             start_syncer(&inner, every);
         }
-        if inner.config.background && inner.manifest.is_some() {
+        if inner.config.background && inner.engine.manifest.is_some() {
             start_persister(&inner);
         }
         start_view_worker(&inner)?;
@@ -359,7 +230,7 @@ impl Db {
 
     /// What WAL replay found when this database was opened.
     pub fn replay_report(&self) -> &ReplayReport {
-        &self.inner.replay
+        self.inner.engine.replay_report()
     }
 
     /// Writes InfluxDB line protocol into database `db` (created on first write). Atomic: if any
@@ -398,8 +269,7 @@ impl Db {
         }
         let now = self.inner.config.clock.now_ns();
         let accept_partial = options.accept_partial;
-        self.inner.views.wait_for_room();
-        self.inner.write(false, |catalog| {
+        self.inner.write(Origin::User, |catalog| {
             prepare_lines(catalog, db, &parsed, now, accept_partial)
         })
     }
@@ -424,7 +294,7 @@ impl Db {
                 first_line: options.first_line,
             },
         );
-        Ok(check_lines(&self.inner.catalog, db, &parsed, state))
+        Ok(check_lines(self.inner.engine.catalog(), db, &parsed, state))
     }
 
     /// Writes an Arrow batch into `table` of database `db`. See the column mapping in
@@ -517,7 +387,7 @@ impl Db {
                 statement.map_err(|e| Error::Query(datafusion::error::DataFusionError::Plan(e)))?;
             return self.inner.run_admin(db, statement, databases);
         }
-        let seq = self.inner.visible_seq();
+        let seq = self.inner.engine.visible_seq();
         let df = self.inner.query.plan(db, query, allow_dml, seq).await?;
         if let Some(allowed) = databases
             && let Some(other) = crate::query::databases_outside(df.logical_plan(), allowed)?
@@ -588,7 +458,7 @@ impl Db {
             .views
             .wait(
                 &views,
-                self.inner.visible_seq(),
+                self.inner.engine.visible_seq(),
                 self.inner.config.view_wait,
             )
             .map_err(|e| Error::View(ViewError::Behind(e)))
@@ -597,7 +467,8 @@ impl Db {
     /// Names of the databases.
     pub fn databases(&self) -> Vec<String> {
         self.inner
-            .catalog
+            .engine
+            .catalog()
             .databases()
             .iter()
             .map(|d| d.name.to_string())
@@ -606,15 +477,16 @@ impl Db {
 
     /// Counters for monitoring (buffer sizes are summed over the tables on each call).
     pub fn stats(&self) -> DbStats {
-        let (wal_fsyncs, wal_fsync_seconds) = self.inner.commit.fsync_stats();
-        let databases = self.inner.catalog.databases();
+        let engine = &self.inner.engine;
+        let (wal_fsyncs, wal_fsync_seconds) = engine.commit.fsync_stats();
+        let databases = engine.catalog().databases();
         let mut stats = DbStats {
-            last_seq: self.inner.commit.applied_seq(),
+            last_seq: engine.visible_seq(),
             databases: databases.len(),
             wal_fsyncs,
             wal_fsync_seconds,
-            persisted_seq: self.inner.persisted_seq.load(Ordering::Acquire),
-            segments_scanned: self.inner.segments_scanned.load(Ordering::Relaxed),
+            persisted_seq: engine.persisted_seq.load(Ordering::Acquire),
+            segments_scanned: self.inner.query.segments_scanned(),
             subscribers: self.inner.subs.subscribers(),
             ..DbStats::default()
         };
@@ -637,13 +509,13 @@ impl Db {
 
     /// Sequence of the latest write visible to queries.
     pub fn last_seq(&self) -> u64 {
-        self.inner.commit.applied_seq()
+        self.inner.engine.visible_seq()
     }
 
     /// Makes every acknowledged write durable (an fsync in `interval`/`none` modes) and flushes
     /// the catalog.
     pub fn flush(&self) -> Result<(), Error> {
-        self.inner.flush()
+        Ok(self.inner.engine.flush()?)
     }
 
     /// Writes every buffered row to segments now (normally done in the background, by size and
@@ -651,47 +523,27 @@ impl Db {
     /// `spawn_blocking`.
     pub fn persist(&self) -> Result<PersistReport, Error> {
         self.inner.check_open()?;
-        self.inner.persist()
+        Ok(self.inner.engine.persist()?)
     }
 
     /// Compacts every time partition with two or more segments into one (normally done in the
     /// background once a partition has `compaction_segments`). Blocks, like [`Db::persist`].
     pub fn compact(&self) -> Result<CompactReport, Error> {
         self.inner.check_open()?;
-        self.inner.compact(2, true)
+        Ok(self.inner.engine.compact(2, true)?)
     }
 
     /// Drops the time partitions that are past their table's retention now (normally done in
     /// the background); returns how many segments it removed.
     pub fn apply_retention(&self) -> Result<usize, Error> {
         self.inner.check_open()?;
-        self.inner.apply_retention()
+        Ok(self.inner.engine.apply_retention()?)
     }
 
     /// Flushes everything and closes the database. Later writes and queries on any clone fail
     /// with [`Error::Closed`].
     pub fn close(self) -> Result<(), Error> {
         self.inner.shutdown()
-    }
-}
-
-/// Opens the catalog's sled database. Our own `LOCK` file already excludes other processes, so
-/// a busy sled lock can only be a previous handle of this process whose background threads are
-/// still letting go of it (sled releases its lock asynchronously): retry for a moment.
-fn open_sled(path: &Path) -> Result<sled::Db, Error> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        // No periodic flusher: the WAL makes catalog changes durable, and close flushes.
-        match sled::Config::new().path(path).flush_every_ms(None).open() {
-            Ok(db) => return Ok(db),
-            Err(sled::Error::Io(e))
-                if e.to_string().contains("could not acquire lock")
-                    && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            Err(e) => return Err(crate::storage::catalog::CatalogError::from(e).into()),
-        }
     }
 }
 
@@ -713,7 +565,7 @@ pub(crate) async fn plan_subscription(
     }
     let df = inner
         .query
-        .plan(db, sql, false, inner.visible_seq())
+        .plan(db, sql, false, inner.engine.visible_seq())
         .await?;
     if let Some(allowed) = databases
         && let Some(other) = crate::query::databases_outside(df.logical_plan(), allowed)?
@@ -739,7 +591,7 @@ pub(crate) async fn collect(
 
 fn start_syncer(inner: &Arc<DbInner>, every: std::time::Duration) {
     *inner.syncer.lock() = spawn_periodic(inner, "rivulet-wal-sync", every, |inner| {
-        match inner.commit.sync_now() {
+        match inner.engine.commit.sync_now() {
             Ok(()) => true,
             Err(e) => {
                 tracing::error!(error = %e, "interval WAL fsync failed");
@@ -801,76 +653,6 @@ fn stop_periodic(slot: &Mutex<Option<(JoinHandle<()>, Arc<StopSignal>)>>) {
     }
 }
 
-/// Loads the manifest into the tables' segment lists, raises each table's series floor to its
-/// latest persisted time, and removes unlisted files. Returns the persisted sequence.
-fn load_segments(catalog: &Catalog, manifest: &Manifest, dir: &Path) -> Result<u64, Error> {
-    let (metas, persisted_seq) = manifest.load()?;
-    let mut tables = std::collections::HashMap::new();
-    for db in catalog.databases() {
-        for table in db.tables() {
-            tables.insert(table.id, table);
-        }
-    }
-    let mut known = std::collections::HashSet::new();
-    let mut by_table: std::collections::HashMap<u64, Vec<Arc<Segment>>> =
-        std::collections::HashMap::new();
-    for meta in metas {
-        let segment = Segment::new(meta, dir);
-        if !segment.path.exists() {
-            return Err(crate::storage::segment::SegmentError::Manifest(format!(
-                "segment {} is registered but missing",
-                segment.path.display()
-            ))
-            .into());
-        }
-        known.insert(segment.path.clone());
-        by_table
-            .entry(segment.meta.table_id)
-            .or_default()
-            .push(Arc::new(segment));
-    }
-    for (id, segments) in by_table {
-        let Some(table) = tables.get(&id) else {
-            return Err(crate::storage::segment::SegmentError::Manifest(format!(
-                "segments are registered for table id {id}, which the catalog does not have"
-            ))
-            .into());
-        };
-        let latest = segments
-            .iter()
-            .map(|s| s.meta.max_time)
-            .max()
-            .unwrap_or(i64::MIN);
-        table.series.lock().raise_floor(latest);
-        table.buffer.write().replace_segments(&[], segments, None);
-    }
-    // Each table's last-point state as of the persisted sequence (replay adds later writes).
-    for (id, table) in &tables {
-        let Some(bytes) = manifest.get(&format!("last/{id:016x}"))? else {
-            continue;
-        };
-        let schema = table.schema();
-        let mut series = table.series.lock();
-        let mut last = table.last.lock();
-        for batch in persist::decode_ipc(&bytes)? {
-            let projected = crate::storage::buffer::to_table_schema(&batch, &schema)?;
-            last.load(&schema, projected, &mut series)?;
-        }
-    }
-    let table_dirs = catalog
-        .databases()
-        .iter()
-        .flat_map(|db| {
-            db.tables()
-                .into_iter()
-                .map(|t| crate::storage::layout::table_dir(db.id, t.id))
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    crate::storage::layout::remove_unlisted(dir, &known, &table_dirs)?;
-    Ok(persisted_seq)
-}
-
 /// Starts the materialized-view maintenance thread (it first loads the stored views).
 fn start_view_worker(inner: &Arc<DbInner>) -> Result<(), Error> {
     let weak = Arc::downgrade(inner);
@@ -888,7 +670,7 @@ impl DbInner {
     /// worker.
     fn stop_views(&self) {
         self.subs.close_all();
-        let seq = self.visible_seq();
+        let seq = self.engine.visible_seq();
         let views = self.views.views.read().clone();
         if !views.is_empty()
             && let Err(e) = self.views.wait(&views, seq, self.config.view_wait)
@@ -908,91 +690,12 @@ impl DbInner {
 fn start_persister(inner: &Arc<DbInner>) {
     let every = std::time::Duration::from_millis(250);
     *inner.persister.lock() = spawn_periodic(inner, "rivulet-persist", every, |inner| {
-        if let Err(e) = inner.background_step() {
+        if let Err(e) = inner.engine.background_step() {
             tracing::error!(error = %e, "background persistence failed; retrying");
             std::thread::sleep(std::time::Duration::from_secs(1));
         }
         true
     });
-}
-
-impl DbInner {
-    /// One round of background work: persist if the buffer is big or old, compact, expire.
-    fn background_step(&self) -> Result<(), Error> {
-        if self.closed.load(Ordering::Acquire) || self.commit.check().is_err() {
-            return Ok(());
-        }
-        let bytes = self.buffered_bytes();
-        let old = self.last_persist.lock().elapsed() >= self.config.persist_age;
-        if bytes >= self.config.persist_bytes || (bytes > 0 && old) {
-            self.persist()?;
-        } else if bytes == 0 {
-            *self.last_persist.lock() = std::time::Instant::now();
-        }
-        for db in self.catalog.databases() {
-            for table in db.tables() {
-                table.buffer.write().expire_before();
-            }
-        }
-        self.compact(self.config.compaction_segments, false)?;
-        self.apply_retention()?;
-        Ok(())
-    }
-}
-
-/// Applies one replayed WAL record: re-creates missing catalog entries and fills the buffers.
-fn replay_record(catalog: &Catalog, payload: &[u8], persisted_seq: u64) -> Result<u64, WalError> {
-    let seq = u64::from_le_bytes(payload[..8].try_into().unwrap_or([0; 8]));
-    if seq <= persisted_seq {
-        // Already in segments.
-        return Ok(seq);
-    }
-    let record = wal::decode_write(payload)?;
-    let seq = record.seq;
-    let fail = |reason: String| WalError::Record {
-        seq,
-        op: "replayed",
-        reason,
-    };
-    for (table, batch) in &record.tables {
-        let prepared =
-            crate::ingest::prepare::prepare_system_batch(catalog, &record.db, table, batch)
-                .map_err(|e| fail(e.to_string()))?;
-        let chunks = publish(catalog, prepared, seq).map_err(|e| fail(e.to_string()))?;
-        for (table, chunk) in chunks {
-            table.apply(chunk);
-        }
-    }
-    Ok(seq)
-}
-
-type SequencedChunks = Vec<(
-    Arc<crate::storage::table::Table>,
-    Arc<crate::storage::buffer::Chunk>,
-)>;
-
-/// Publishes a prepared write's catalog changes and stamps its chunks with `seq`.
-fn publish(
-    catalog: &Catalog,
-    prepared: PreparedWrite,
-    seq: u64,
-) -> Result<SequencedChunks, WriteError> {
-    let db = match prepared.db {
-        Some(db) => db,
-        None => catalog.ensure_database(&prepared.db_name)?,
-    };
-    let mut out = Vec::with_capacity(prepared.tables.len());
-    for t in prepared.tables {
-        if t.is_new || !t.new_columns.is_empty() {
-            t.table
-                .set_schema(t.table.schema().with_columns(&t.new_columns));
-            catalog.save_table(&db, &t.table)?;
-        }
-        let mut chunk = t.chunk;
-        chunk.seq = seq;
-        out.push((t.table, Arc::new(chunk)));
-    }
-    Ok(out)
 }
 
 impl DbInner {
@@ -1003,78 +706,26 @@ impl DbInner {
         batch: &RecordBatch,
     ) -> Result<WriteReceipt, Error> {
         check_database_name(db).map_err(WriteError::InvalidDatabase)?;
-        self.views.wait_for_room();
-        self.write(false, |catalog| prepare_batch(catalog, db, table, batch))
+        self.write(Origin::User, |catalog| {
+            prepare_batch(catalog, db, table, batch)
+        })
     }
 
-    /// The write path: prepare under the write lock, log, publish, then wait for group commit.
-    /// `system` writes (view maintenance) go on while close lets the views catch up; every
-    /// other write stops when close begins.
+    /// A write through the engine's write path, with `prepare` (ingest) validating it.
     pub(crate) fn write(
         &self,
-        system: bool,
+        origin: Origin,
         prepare: impl FnOnce(&Catalog) -> Result<PreparedWrite, WriteError>,
     ) -> Result<WriteReceipt, Error> {
-        let check = || {
-            let flag = if system { &self.sealed } else { &self.closed };
-            if flag.load(Ordering::Acquire) {
-                return Err(Error::Closed);
-            }
-            Ok(())
-        };
-        check()?;
-        self.make_room()?;
-        let mut w = self.writer.lock();
-        // Checked under the lock: a failed append must stop every later writer, and nothing may
-        // be appended after close has synced the log.
-        check()?;
-        self.commit.check().map_err(WriteError::from)?;
-        let prepared = prepare(&self.catalog)?;
-        let rows = prepared.rows;
-        let rejected = prepared.rejected.clone();
-        let rejected_total = prepared.rejected_total;
-        if prepared.tables.is_empty() {
-            return Ok(WriteReceipt {
-                seq: w.next_seq - 1,
-                rows: 0,
-                rejected,
-                rejected_total,
-            });
-        }
-        let seq = w.next_seq;
-        if let Some(wal) = &mut w.wal {
-            let tables: Vec<(&str, &RecordBatch)> = prepared
-                .tables
-                .iter()
-                .map(|t| (t.table.name.as_ref(), &t.chunk.batch))
-                .collect();
-            let db_name = prepared.db_name.clone();
-            if let Err(e) = wal.append(seq, |buf| wal::encode_write(seq, &db_name, &tables, buf)) {
-                if matches!(e, WalError::Io { .. }) {
-                    self.commit.poison(e.to_string());
-                }
-                return Err(WriteError::from(e).into());
-            }
-        }
-        w.next_seq += 1;
-        let chunks = match publish(&self.catalog, prepared, seq) {
-            Ok(c) => c,
-            Err(e) => {
-                // The record is in the WAL but the catalog could not take it: stop here, and
-                // let a reopen replay it.
-                self.commit.poison(e.to_string());
-                return Err(e.into());
-            }
-        };
-        self.commit
-            .enqueue(PendingApply { seq, chunks }, w.wal.as_ref());
-        drop(w);
-        self.commit.wait(seq).map_err(WriteError::from)?;
+        let (seq, summary): (u64, WriteSummary) = self.engine.write(origin, |catalog| {
+            let (set, summary) = prepare(catalog)?.split();
+            Ok::<(WriteSet, WriteSummary), Error>((set, summary))
+        })?;
         Ok(WriteReceipt {
             seq,
-            rows,
-            rejected,
-            rejected_total,
+            rows: summary.rows,
+            rejected: summary.rejected,
+            rejected_total: summary.rejected_total,
         })
     }
 
@@ -1099,21 +750,14 @@ impl DbInner {
                 "this token may not use database '{db}'"
             )));
         }
-        let plan_error = |m: String| Error::Query(datafusion::error::DataFusionError::Plan(m));
-        let database = self
-            .catalog
-            .database(&db)
-            .ok_or_else(|| plan_error(format!("database '{db}' not found")))?;
-        let t = database
-            .table(&table)
-            .ok_or_else(|| plan_error(format!("table '{table}' not found in database '{db}'")))?;
-        {
-            // Under the write lock: the writer also saves table records.
-            let _w = self.writer.lock();
-            t.settings.write().retention = retention;
-            self.catalog.save_table(&database, &t)?;
-            self.catalog.flush()?;
-        }
+        self.engine
+            .set_retention(&db, &table, retention)
+            .map_err(|e| match e {
+                StorageError::DatabaseNotFound(_) | StorageError::TableNotFound { .. } => {
+                    Error::Query(datafusion::error::DataFusionError::Plan(e.to_string()))
+                }
+                other => other.into(),
+            })?;
         let shown = retention.map_or_else(
             || "none".to_string(),
             |ns| format!("{}s", ns / 1_000_000_000),
@@ -1133,24 +777,8 @@ impl DbInner {
         Ok(datafusion::prelude::SessionContext::new().read_batch(batch)?)
     }
 
-    /// Past the buffer cap, a writer persists (or waits for the persist under way) first.
-    fn make_room(&self) -> Result<(), Error> {
-        if self.manifest.is_none() || self.buffered_bytes() <= self.config.max_buffer_bytes {
-            return Ok(());
-        }
-        let _persisting = self.persist_lock.lock();
-        if self.buffered_bytes() > self.config.max_buffer_bytes {
-            self.persist_locked()?;
-        }
-        Ok(())
-    }
-
-    fn buffered_bytes(&self) -> usize {
-        self.commit.buffer_bytes.load(Ordering::Relaxed)
-    }
-
     fn check_open(&self) -> Result<(), Error> {
-        if self.closed.load(Ordering::Acquire) {
+        if self.engine.is_closed() {
             return Err(Error::Closed);
         }
         Ok(())
@@ -1158,43 +786,19 @@ impl DbInner {
 
     /// Every write up to this sequence is applied to all its tables.
     pub(crate) fn visible_seq(&self) -> u64 {
-        self.commit.applied_seq()
-    }
-
-    fn flush(&self) -> Result<(), Error> {
-        let w = self.writer.lock();
-        // After a failed fsync nothing may be reported durable again (no retry-and-ack).
-        self.commit.check().map_err(WriteError::from)?;
-        if w.wal.is_some() {
-            self.commit.sync_now().map_err(WriteError::from)?;
-        }
-        self.catalog.store_next_seq(w.next_seq)?;
-        self.catalog.flush()?;
-        Ok(())
+        self.engine.visible_seq()
     }
 
     fn shutdown(&self) -> Result<(), Error> {
-        if self.closed.swap(true, Ordering::AcqRel) {
+        if !self.engine.begin_close() {
             return Ok(());
         }
         stop_periodic(&self.persister);
         self.stop_views();
-        self.sealed.store(true, Ordering::Release);
-        let persisted = if self.config.persist_on_close
-            && self.manifest.is_some()
-            && self.commit.check().is_ok()
-        {
-            self.persist().map(|_| ())
-        } else {
-            Ok(())
-        };
-        if let Err(e) = &persisted {
-            // The WAL still holds everything: flush it, then report the failure.
-            tracing::error!(error = %e, "persisting on close failed; the WAL keeps the data");
-        }
+        self.engine.seal();
+        let closed = self.engine.finish_close();
         stop_periodic(&self.syncer);
-        self.flush()?;
-        persisted
+        Ok(closed?)
     }
 }
 

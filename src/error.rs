@@ -1,6 +1,6 @@
 //! The crate's top-level error: one variant per module error, plus opening failures.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::ingest::WriteError;
 use crate::storage::catalog::CatalogError;
@@ -62,12 +62,23 @@ impl From<arrow::error::ArrowError> for Error {
     }
 }
 
-impl Error {
-    pub(crate) fn io(op: &'static str, path: &Path, source: std::io::Error) -> Error {
-        Error::Io {
-            op,
-            path: path.to_path_buf(),
-            source,
+impl From<crate::storage::engine::StorageError> for Error {
+    fn from(e: crate::storage::engine::StorageError) -> Error {
+        use crate::storage::engine::StorageError as S;
+        match e {
+            // A failure of the write path, as writers have always seen it.
+            S::Wal(w) => Error::Write(WriteError::Wal(w)),
+            S::Replay(w) => Error::Wal(w),
+            S::Catalog(c) => Error::Catalog(c),
+            S::Segment(s) => Error::Segment(s),
+            S::Io { op, path, source } => Error::Io { op, path, source },
+            S::Locked(p) => Error::Locked(p),
+            S::Config(m) => Error::Config(m),
+            S::Closed => Error::Closed,
+            S::Merge(q) => Error::Query(q),
+            e @ (S::DatabaseNotFound(_) | S::TableNotFound { .. }) => {
+                Error::Query(datafusion::error::DataFusionError::Plan(e.to_string()))
+            }
         }
     }
 }

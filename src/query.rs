@@ -10,12 +10,12 @@ pub(crate) mod admin;
 mod catalog;
 mod insert;
 mod last_cache;
-pub(crate) mod segment_scan;
 mod table;
 
 pub(crate) use table::BufferTableProvider;
 
-use std::sync::{Arc, Weak};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock, Weak};
 
 use arrow::array::RecordBatch;
 use datafusion::common::tree_node::TreeNode;
@@ -28,7 +28,10 @@ use datafusion::execution::session_state::SessionState;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionConfig;
 
-use crate::db::DbInner;
+use datafusion::catalog::TableProvider;
+
+use crate::storage::engine::Engine;
+use crate::storage::table::Table;
 
 /// The DataFusion catalog name under which databases appear as schemas.
 pub(crate) const CATALOG_NAME: &str = "rivulet";
@@ -65,18 +68,60 @@ pub(crate) enum TableOverride {
     Range(i64, i64),
 }
 
+/// What the layers above add to the catalog queries see: how the storage table of a
+/// materialized view is read, and the `system` schema. Implemented by the views layer.
+pub(crate) trait QueryExtension: Send + Sync {
+    /// The provider that reads `table`, which stores a materialized view's rows (None: the
+    /// view is gone).
+    fn view_table(&self, table: &Arc<Table>) -> Option<Arc<dyn TableProvider>>;
+    /// The tables of the `system` schema.
+    fn system_table_names(&self) -> Vec<String>;
+    /// The `system` table called `name`, computed now.
+    fn system_table(&self, name: &str) -> Result<Option<Arc<dyn TableProvider>>, DataFusionError>;
+}
+
+/// What the catalog adapters and table providers of one query engine share.
+pub(crate) struct Reader {
+    pub(crate) engine: Arc<Engine>,
+    extension: OnceLock<Weak<dyn QueryExtension>>,
+    /// Segment files included in query scans (a file outside a query's time range is never
+    /// opened, so this shows pruning).
+    pub(crate) segments_scanned: AtomicU64,
+}
+
+impl std::fmt::Debug for Reader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reader")
+            .field("engine", &self.engine)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Reader {
+    /// The extension, while it lives.
+    pub(crate) fn extension(&self) -> Option<Arc<dyn QueryExtension>> {
+        self.extension.get().and_then(Weak::upgrade)
+    }
+}
+
 /// Plans and runs SQL for one [`Db`](crate::Db).
 pub(crate) struct QueryEngine {
     template: SessionState,
+    reader: Arc<Reader>,
 }
 
 impl QueryEngine {
     pub(crate) fn new(
-        db: Weak<DbInner>,
+        engine: Arc<Engine>,
         default_database: &str,
         memory_limit: Option<usize>,
-        data_dir: Option<&std::path::Path>,
     ) -> Result<QueryEngine, DataFusionError> {
+        let data_dir = engine.data_dir.clone();
+        let reader = Arc::new(Reader {
+            engine,
+            extension: OnceLock::new(),
+            segments_scanned: AtomicU64::new(0),
+        });
         let mut config = SessionConfig::new()
             .with_default_catalog_and_schema(CATALOG_NAME, default_database)
             .with_create_default_catalog_and_schema(false)
@@ -87,7 +132,7 @@ impl QueryEngine {
             runtime = runtime.with_memory_limit(limit, 1.0);
         }
         let runtime = runtime.build_arc()?;
-        if let Some(dir) = data_dir {
+        if let Some(dir) = &data_dir {
             crate::storage::layout::register_store(&runtime, dir)
                 .map_err(|e| DataFusionError::External(Box::new(e)))?;
         }
@@ -99,31 +144,52 @@ impl QueryEngine {
         let ctx = SessionContext::new_with_state(template);
         ctx.register_udtf(
             "last_cache",
-            Arc::new(last_cache::LastCacheFunction { db: db.clone() }),
+            Arc::new(last_cache::LastCacheFunction {
+                reader: reader.clone(),
+            }),
         );
-        ctx.register_catalog(CATALOG_NAME, Arc::new(catalog::RivuletCatalog::new(db)));
+        ctx.register_catalog(
+            CATALOG_NAME,
+            Arc::new(catalog::RivuletCatalog::new(reader.clone())),
+        );
         Ok(QueryEngine {
             template: ctx.state(),
+            reader,
         })
+    }
+
+    /// Installs the extension that reads views and the `system` schema (once).
+    pub(crate) fn set_extension(&self, extension: Weak<dyn QueryExtension>) {
+        let _ = self.reader.extension.set(extension);
+    }
+
+    /// What the table providers share (for providers made outside the catalog, e.g. a view's
+    /// storage table).
+    pub(crate) fn reader(&self) -> &Arc<Reader> {
+        &self.reader
+    }
+
+    /// Segment files queries have opened since open.
+    pub(crate) fn segments_scanned(&self) -> u64 {
+        self.reader
+            .segments_scanned
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Names (and aliases) of the aggregate functions queries can call.
     pub(crate) fn aggregate_names(&self) -> std::collections::HashSet<String> {
-        crate::views::plan::aggregate_names(&self.template)
-    }
-
-    /// An engine without databases, only used to finish constructing a handle whose real engine
-    /// failed to build (the handle is then dropped and the error returned).
-    pub(crate) fn fallback() -> QueryEngine {
-        QueryEngine {
-            template: SessionStateBuilder::new().build(),
+        let mut names: std::collections::HashSet<String> = self
+            .template
+            .aggregate_functions()
+            .keys()
+            .cloned()
+            .collect();
+        for f in self.template.aggregate_functions().values() {
+            for a in f.aliases() {
+                names.insert(a.clone());
+            }
         }
-    }
-
-    /// A task context for running a plan outside a query (compaction), with the engine's
-    /// runtime: its memory pool and the store that reads the data directory.
-    pub(crate) fn task_context(&self) -> Arc<datafusion::execution::TaskContext> {
-        Arc::new(datafusion::execution::TaskContext::from(&self.template))
+        names
     }
 
     /// A session with `db` as the default database, reading `snapshot`.

@@ -4,9 +4,12 @@
 pub(crate) mod buffer;
 pub(crate) mod catalog;
 pub(crate) mod commit;
+pub(crate) mod engine;
 pub(crate) mod last;
 pub(crate) mod layout;
 pub(crate) mod manifest;
+pub(crate) mod persist;
 pub(crate) mod segment;
+pub(crate) mod segment_scan;
 pub(crate) mod table;
 pub(crate) mod wal;

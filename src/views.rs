@@ -146,6 +146,10 @@ impl std::fmt::Debug for ViewsShared {
 }
 
 impl ApplyObserver for ViewsShared {
+    fn admit(&self) {
+        self.wait_for_room();
+    }
+
     fn applied(&self, seq: u64, chunks: &[(Arc<Table>, Arc<Chunk>)]) {
         let relevant: Vec<(u64, Arc<Chunk>)> = {
             let watched = self.watched.read();

@@ -19,7 +19,7 @@ use crate::error::Error;
 use crate::ingest::WriteError;
 use crate::ingest::prepare::prepare_system_batch;
 use crate::query::QuerySnapshot;
-use crate::storage::catalog::{ColumnDef, ColumnKind, FieldType, TIME_COLUMN, TableSchema};
+use crate::storage::catalog::{ColumnDef, ColumnKind, FieldType, TIME_COLUMN};
 use crate::storage::table::Table;
 use crate::views::ddl::{ViewOptions, ViewStatement};
 use crate::views::plan::{self, OutColumn, Planned, Strategy, ViewPlan};
@@ -75,22 +75,13 @@ fn one_row(columns: Vec<(&str, ArrayRef)>) -> Result<DataFrame, Error> {
 }
 
 impl DbInner {
-    /// The table with id `id`, in any database.
-    pub(crate) fn table_by_id(&self, id: u64) -> Option<Arc<Table>> {
-        self.catalog
-            .databases()
-            .iter()
-            .flat_map(|d| d.tables())
-            .find(|t| t.id == id)
-    }
-
     /// Rivulet's own write of several tables of database `db`, as one WAL record.
     pub(crate) fn write_system(
         &self,
         db: &str,
         tables: Vec<(String, RecordBatch)>,
     ) -> Result<u64, Error> {
-        let receipt = self.write(true, |catalog| {
+        let receipt = self.write(crate::storage::engine::Origin::System, |catalog| {
             let mut all: Option<crate::ingest::prepare::PreparedWrite> = None;
             for (table, batch) in &tables {
                 let p = prepare_system_batch(catalog, db, table, batch)?;
@@ -122,12 +113,15 @@ impl DbInner {
 
     fn save_view_def(&self, db: &str, def: &ViewDef) -> Result<(), Error> {
         let database = self
-            .catalog
+            .engine
+            .catalog()
             .database(db)
             .ok_or_else(|| invalid(format!("database '{db}' not found")))?;
         let json = serde_json::to_vec(def).map_err(|e| invalid(e.to_string()))?;
-        self.catalog.save_view(&database, &def.name, &json)?;
-        self.catalog.flush()?;
+        self.engine
+            .catalog()
+            .save_view(&database, &def.name, &json)?;
+        self.engine.catalog().flush()?;
         Ok(())
     }
 
@@ -238,7 +232,7 @@ impl DbInner {
         };
         let aggregates = self.query.aggregate_names();
         let tags_of = |d: &str, t: &str| {
-            let table = self.catalog.table(d, t)?;
+            let table = self.engine.catalog().table(d, t)?;
             if table.settings.read().view {
                 return None;
             }
@@ -347,7 +341,8 @@ impl DbInner {
                     v.table.id
                 }
                 None => {
-                    self.catalog
+                    self.engine
+                        .catalog()
                         .table(d, t)
                         .ok_or_else(|| invalid(format!("table '{d}.{t}' not found")))?
                         .id
@@ -359,7 +354,7 @@ impl DbInner {
         let storage_schema = table.schema().arrow().clone();
         let provider = Arc::new(ViewProvider {
             storage: Arc::new(crate::query::BufferTableProvider::new(
-                Arc::downgrade(self),
+                self.query.reader().clone(),
                 table.clone(),
             )),
             columns: final_columns(&plan, &storage_schema),
@@ -394,7 +389,8 @@ impl DbInner {
             )));
         }
         let database = self
-            .catalog
+            .engine
+            .catalog()
             .database(db)
             .ok_or_else(|| invalid(format!("database '{db}' not found: write to it first")))?;
         if database.table(name).is_some() {
@@ -420,30 +416,17 @@ impl DbInner {
             options: options.clone(),
             backfilled: false,
         };
-        let table = {
-            let _w = self.writer.lock();
-            if database.table(name).is_some() {
-                return Err(Error::View(ViewError::Exists(format!(
+        let json = serde_json::to_vec(&def).map_err(|e| invalid(e.to_string()))?;
+        let table = self
+            .engine
+            .create_view_table(&database, name, columns, options.retention_ns, |catalog| {
+                catalog.save_view(&database, name, &json)
+            })?
+            .ok_or_else(|| {
+                Error::View(ViewError::Exists(format!(
                     "a table named '{name}' already exists in database '{db}'"
-                ))));
-            }
-            let table = Arc::new(Table::new(
-                self.catalog.allocate_id(),
-                database.name.clone(),
-                name.into(),
-                TableSchema::new(columns).whole_rows(true),
-            ));
-            {
-                let mut s = table.settings.write();
-                s.view = true;
-                s.retention = options.retention_ns;
-            }
-            self.catalog.save_table(&database, &table)?;
-            let json = serde_json::to_vec(&def).map_err(|e| invalid(e.to_string()))?;
-            self.catalog.save_view(&database, name, &json)?;
-            self.catalog.flush()?;
-            table
-        };
+                )))
+            })?;
         let view = self.build_view(db, def, plan, table)?;
         view.status.lock().backfill_pending = true;
         view.status.lock().applied = self.visible_seq();
@@ -480,35 +463,13 @@ impl DbInner {
             self.views.remove(view.table.id);
         }
         self.subs.view_dropped(view.table.id, name);
-        // Everything the WAL holds for the view's table goes to segments first, so a replay
-        // never re-creates the table.
-        if self.manifest.is_some() {
-            self.persist()?;
-        }
-        let database = self
-            .catalog
-            .database(db)
-            .ok_or_else(|| invalid(format!("database '{db}' not found")))?;
-        let segments = view.table.buffer.read().segments();
-        if let Some(manifest) = &self.manifest {
-            let _compacting = self.compact_lock.lock();
-            let metas: Vec<_> = segments.iter().map(|s| s.meta.clone()).collect();
-            if !metas.is_empty() {
-                manifest.commit(&[], &metas, None, &[])?;
+        self.engine.drop_table(db, &view.table, |catalog| {
+            let database = catalog.database(db);
+            match database {
+                Some(d) => catalog.remove_view(&d, name),
+                None => Ok(()),
             }
-            for s in segments.iter() {
-                s.mark_obsolete();
-            }
-        }
-        {
-            let _w = self.writer.lock();
-            self.catalog.drop_table(&database, name)?;
-            self.catalog.remove_view(&database, name)?;
-            self.catalog.flush()?;
-        }
-        if let Some(dir) = &self.data_dir {
-            crate::storage::layout::remove_table_meta(dir, database.id, view.table.id);
-        }
+        })?;
         Ok(true)
     }
 
@@ -516,20 +477,21 @@ impl DbInner {
     /// maintenance thread at open.
     pub(crate) async fn load_views(self: &Arc<Self>) -> Result<(), Error> {
         let mut defs: Vec<(Arc<str>, ViewDef)> = Vec::new();
-        for (db, json) in self.catalog.views()? {
+        for (db, json) in self.engine.catalog().views()? {
             let def: ViewDef = serde_json::from_slice(&json)
                 .map_err(|e| invalid(format!("a stored view definition is corrupt: {e}")))?;
             defs.push((db, def));
         }
         let progress = self.stored_progress();
         let persisted = self
+            .engine
             .persisted_seq
             .load(std::sync::atomic::Ordering::Acquire);
         while !defs.is_empty() {
             let before = defs.len();
             let mut rest = Vec::new();
             for (db, def) in defs {
-                let Some(table) = self.catalog.table(&db, &def.name) else {
+                let Some(table) = self.engine.catalog().table(&db, &def.name) else {
                     tracing::error!(view = %def.name, "a view's table is missing; the view is skipped");
                     continue;
                 };
@@ -571,7 +533,7 @@ impl DbInner {
     /// applied sequence (segments and chunks newer than it), to recompute.
     fn recovery_ranges(&self, view: &View, applied: u64, _persisted: u64, st: &mut Status) {
         for &id in &view.source_ids {
-            let Some(table) = self.table_by_id(id) else {
+            let Some(table) = self.engine.table_by_id(id) else {
                 continue;
             };
             let snap = table.buffer.read().snapshot();
@@ -611,7 +573,7 @@ impl DbInner {
     /// Each view's applied sequence, from the progress tables: (db, view) → sequence.
     fn stored_progress(&self) -> std::collections::HashMap<(String, String), u64> {
         let mut out = std::collections::HashMap::new();
-        for db in self.catalog.databases() {
+        for db in self.engine.catalog().databases() {
             let Some(table) = db.table(PROGRESS_TABLE) else {
                 continue;
             };
@@ -851,6 +813,37 @@ impl DbInner {
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
+    }
+}
+
+impl crate::query::QueryExtension for DbInner {
+    fn view_table(
+        &self,
+        table: &Arc<Table>,
+    ) -> Option<Arc<dyn datafusion::catalog::TableProvider>> {
+        self.views
+            .by_table(table.id)
+            .map(|v| v.provider.clone() as Arc<dyn datafusion::catalog::TableProvider>)
+    }
+
+    fn system_table_names(&self) -> Vec<String> {
+        vec!["views".to_string()]
+    }
+
+    fn system_table(
+        &self,
+        name: &str,
+    ) -> Result<Option<Arc<dyn datafusion::catalog::TableProvider>>, DataFusionError> {
+        if name != "views" {
+            return Ok(None);
+        }
+        let batch = self
+            .views_batch(None)
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        Ok(Some(Arc::new(datafusion::datasource::MemTable::try_new(
+            batch.schema(),
+            vec![vec![batch]],
+        )?)))
     }
 }
 

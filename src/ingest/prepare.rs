@@ -20,17 +20,9 @@ use crate::storage::catalog::{
     Catalog, ColumnDef, ColumnKind, Database, FieldType, TIME_COLUMN, TableSchema, check_name,
     tag_type, time_type,
 };
+pub(crate) use crate::storage::engine::PreparedTable;
+use crate::storage::engine::WriteSet;
 use crate::storage::table::{OVER_PERSISTED, OVERLAPS, Table, canonical_key};
-
-/// One table's part of a write.
-pub(crate) struct PreparedTable {
-    pub(crate) table: Arc<Table>,
-    /// The table is not in the catalog yet.
-    pub(crate) is_new: bool,
-    /// Columns this write adds to the table.
-    pub(crate) new_columns: Vec<ColumnDef>,
-    pub(crate) chunk: Chunk,
-}
 
 /// A validated write, ready to be sequenced.
 pub(crate) struct PreparedWrite {
@@ -42,6 +34,31 @@ pub(crate) struct PreparedWrite {
     pub(crate) rejected: Vec<LineError>,
     pub(crate) rejected_total: usize,
     pub(crate) rows: usize,
+}
+
+/// What a write reports beside its sequence: rows stored and lines rejected.
+#[derive(Debug, Default)]
+pub(crate) struct WriteSummary {
+    pub(crate) rows: usize,
+    pub(crate) rejected: Vec<LineError>,
+    pub(crate) rejected_total: usize,
+}
+
+impl PreparedWrite {
+    /// The part the storage engine logs and applies, and the summary for the caller.
+    pub(crate) fn split(self) -> (WriteSet, WriteSummary) {
+        let summary = WriteSummary {
+            rows: self.rows,
+            rejected: self.rejected,
+            rejected_total: self.rejected_total,
+        };
+        let set = WriteSet {
+            db_name: self.db_name,
+            db: self.db,
+            tables: self.tables,
+        };
+        (set, summary)
+    }
 }
 
 /// Tables whose names start with this are Rivulet's own (e.g. view progress).

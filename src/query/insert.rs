@@ -1,7 +1,7 @@
 //! `INSERT INTO table …`: the inserted rows go through the normal write path as one atomic
 //! write (WAL, sequence, group commit), exactly like a line protocol write.
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use datafusion::arrow::compute::concat_batches;
@@ -12,12 +12,14 @@ use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType};
 use futures::TryStreamExt;
 
-use crate::db::DbInner;
+use crate::error::Error;
+use crate::ingest::prepare::prepare_batch;
+use crate::storage::engine::{Engine, Origin};
 
 /// Writes the rows of an `INSERT` into one table.
 #[derive(Debug)]
 pub(crate) struct TableSink {
-    db: Weak<DbInner>,
+    engine: Arc<Engine>,
     database: String,
     table: String,
     schema: SchemaRef,
@@ -25,13 +27,13 @@ pub(crate) struct TableSink {
 
 impl TableSink {
     pub(crate) fn new(
-        db: Weak<DbInner>,
+        engine: Arc<Engine>,
         database: String,
         table: String,
         schema: SchemaRef,
     ) -> Self {
         TableSink {
-            db,
+            engine,
             database,
             table,
             schema,
@@ -63,16 +65,19 @@ impl DataSink for TableSink {
         if rows == 0 {
             return Ok(0);
         }
-        let db = self
-            .db
-            .upgrade()
-            .ok_or_else(|| DataFusionError::Execution("the database is closed".to_string()))?;
+        let engine = self.engine.clone();
         let (database, table) = (self.database.clone(), self.table.clone());
-        // Writes block until durable: keep them off the async worker threads.
-        tokio::task::spawn_blocking(move || db.write_batch(&database, &table, &batch))
-            .await
-            .map_err(|e| DataFusionError::External(Box::new(e)))?
-            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        // Writes block until durable: keep them off the async worker threads. A failure is
+        // the write's own error (the server classifies it as for any write).
+        tokio::task::spawn_blocking(move || {
+            engine.write::<(), Error>(Origin::User, |catalog| {
+                let (set, _) = prepare_batch(catalog, &database, &table, &batch)?.split();
+                Ok((set, ()))
+            })
+        })
+        .await
+        .map_err(|e| DataFusionError::External(Box::new(e)))?
+        .map_err(|e| DataFusionError::External(Box::new(e)))?;
         Ok(rows)
     }
 }

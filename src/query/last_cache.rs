@@ -3,18 +3,18 @@
 //! last-write-wins. Only tables of the query's database are reachable (so a token limited to
 //! databases cannot read others through it).
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use datafusion::catalog::{TableFunctionArgs, TableFunctionImpl, TableProvider};
 use datafusion::datasource::MemTable;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::Expr;
 
-use crate::db::DbInner;
+use super::Reader;
 
 #[derive(Debug)]
 pub(crate) struct LastCacheFunction {
-    pub(crate) db: Weak<DbInner>,
+    pub(crate) reader: Arc<Reader>,
 }
 
 impl TableFunctionImpl for LastCacheFunction {
@@ -36,13 +36,14 @@ impl TableFunctionImpl for LastCacheFunction {
             .catalog
             .default_schema
             .clone();
-        let db = self
-            .db
-            .upgrade()
-            .ok_or_else(|| DataFusionError::Execution("the database is closed".to_string()))?;
-        let table = db.catalog.table(&database, name).ok_or_else(|| {
-            DataFusionError::Plan(format!("table '{name}' not found in database '{database}'"))
-        })?;
+        let table = self
+            .reader
+            .engine
+            .catalog()
+            .table(&database, name)
+            .ok_or_else(|| {
+                DataFusionError::Plan(format!("table '{name}' not found in database '{database}'"))
+            })?;
         let schema = table.schema();
         let snapshot = table.last.lock().snapshot();
         let (batch, _) = snapshot.to_batch(&schema)?;

@@ -1,7 +1,7 @@
 //! The [`TableProvider`] of a Rivulet table: the buffer's chunks, deduplicated, projected onto
 //! the table schema, with chunks outside the query's time range skipped.
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use datafusion::arrow::datatypes::SchemaRef;
@@ -15,15 +15,15 @@ use datafusion::logical_expr::dml::InsertOp;
 use datafusion::logical_expr::{Between, BinaryExpr, Expr, Operator, TableProviderFilterPushDown};
 use datafusion::physical_plan::ExecutionPlan;
 
+use super::Reader;
 use super::insert::TableSink;
-use super::segment_scan;
 use super::{QuerySnapshot, TableOverride};
-use crate::db::DbInner;
 use crate::storage::buffer::{
     Chunk, merge_batches, merge_chunks, project_batch, projected_schema, to_table_schema,
 };
 use crate::storage::catalog::{ColumnKind, TIME_COLUMN, TableSchema};
 use crate::storage::segment::Segment;
+use crate::storage::segment_scan;
 use crate::storage::table::Table;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::common::DFSchema;
@@ -38,7 +38,7 @@ use datafusion::physical_plan::union::UnionExec;
 /// Reads one table.
 #[derive(Debug)]
 pub(crate) struct BufferTableProvider {
-    db: Weak<DbInner>,
+    reader: Arc<Reader>,
     table: Arc<Table>,
     /// The schema as of planning: scans project onto it even if columns are added meanwhile.
     schema: Arc<TableSchema>,
@@ -46,10 +46,10 @@ pub(crate) struct BufferTableProvider {
 }
 
 impl BufferTableProvider {
-    pub(crate) fn new(db: Weak<DbInner>, table: Arc<Table>) -> BufferTableProvider {
+    pub(crate) fn new(reader: Arc<Reader>, table: Arc<Table>) -> BufferTableProvider {
         let schema = table.schema();
         BufferTableProvider {
-            db,
+            reader,
             table,
             schema,
             time_default: datafusion::functions::expr_fn::now(),
@@ -58,9 +58,7 @@ impl BufferTableProvider {
 
     /// Whether segment scans apply filters while decoding (`Config::parquet_filter_pushdown`).
     fn pushdown(&self) -> bool {
-        self.db
-            .upgrade()
-            .is_some_and(|db| db.config.parquet_filter_pushdown)
+        self.reader.engine.config.parquet_filter_pushdown
     }
 
     /// What the query reads in `[lo, hi]`.
@@ -77,12 +75,8 @@ impl BufferTableProvider {
         out_schema: &SchemaRef,
         (lo, hi): (i64, i64),
     ) -> Result<Sources> {
-        let db = self
-            .db
-            .upgrade()
-            .ok_or_else(|| DataFusionError::Execution("the database is closed".to_string()))?;
         // The query's sequence, read before the buffer: every chunk up to it is in the buffer.
-        let visible = snapshot_seq.unwrap_or_else(|| db.visible_seq());
+        let visible = snapshot_seq.unwrap_or_else(|| self.reader.engine.visible_seq());
         let mut snap = self.table.buffer.read().snapshot().up_to(visible);
         if snap.needs_dedup() {
             // The schema read after the snapshot covers every column of its chunks: writers
@@ -433,10 +427,9 @@ impl TableProvider for BufferTableProvider {
         } = sources;
         let mut inputs: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
         let opened = segments.len() + overwrite.as_ref().map_or(0, |o| o.involved.len());
-        if opened > 0
-            && let Some(db) = self.db.upgrade()
-        {
-            db.segments_scanned
+        if opened > 0 {
+            self.reader
+                .segments_scanned
                 .fetch_add(opened as u64, std::sync::atomic::Ordering::Relaxed);
         }
         if let Some(ow) = overwrite {
@@ -496,7 +489,7 @@ impl TableProvider for BufferTableProvider {
             )));
         }
         let sink = TableSink::new(
-            self.db.clone(),
+            self.reader.engine.clone(),
             self.table.db.to_string(),
             self.table.name.to_string(),
             self.schema.arrow().clone(),

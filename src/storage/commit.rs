@@ -28,6 +28,10 @@ use crate::config::Durability;
 pub(crate) trait ApplyObserver: Send + Sync {
     fn applied(&self, seq: u64, chunks: &[(Arc<Table>, Arc<Chunk>)]);
 
+    /// Called before a user write takes the write lock: an observer that has fallen too far
+    /// behind (the view queue over its bound) blocks here until it catches up.
+    fn admit(&self) {}
+
     /// Every write up to `seq` is now visible (called after `applied` for each of them).
     fn published(&self, _seq: u64) {}
 }
@@ -58,7 +62,8 @@ pub(crate) struct CommitQueue {
     fsync_nanos: AtomicU64,
     /// Arrow memory applied to the buffers (recounted after each persist).
     pub(crate) buffer_bytes: std::sync::atomic::AtomicUsize,
-    observers: parking_lot::RwLock<Vec<Arc<dyn ApplyObserver>>>,
+    /// Held weakly: observers belong to the layers above (and reach back into the engine).
+    observers: parking_lot::RwLock<Vec<std::sync::Weak<dyn ApplyObserver>>>,
 }
 
 impl CommitQueue {
@@ -86,8 +91,24 @@ impl CommitQueue {
     }
 
     /// Adds an observer told of every applied write.
-    pub(crate) fn add_observer(&self, observer: Arc<dyn ApplyObserver>) {
+    pub(crate) fn add_observer(&self, observer: std::sync::Weak<dyn ApplyObserver>) {
         self.observers.write().push(observer);
+    }
+
+    /// The observers still alive.
+    fn observers(&self) -> Vec<Arc<dyn ApplyObserver>> {
+        self.observers
+            .read()
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect()
+    }
+
+    /// Lets every observer hold a user write back ([`ApplyObserver::admit`]).
+    pub(crate) fn admit(&self) {
+        for o in self.observers() {
+            o.admit();
+        }
     }
 
     /// Fails if an earlier I/O failure poisoned the log.
@@ -145,7 +166,7 @@ impl CommitQueue {
             let last = batch.last().map(|p| p.seq);
             if synced.is_ok() {
                 let mut bytes = 0;
-                let observers = self.observers.read().clone();
+                let observers = self.observers();
                 for item in batch {
                     for (table, chunk) in &item.chunks {
                         bytes += chunk.batch.get_array_memory_size();
@@ -176,7 +197,7 @@ impl CommitQueue {
             self.wake.notify_all();
             if let Some(seq) = published {
                 drop(st);
-                for o in self.observers.read().iter() {
+                for o in self.observers() {
                     o.published(seq);
                 }
                 st = self.state.lock();

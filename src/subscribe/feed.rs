@@ -134,7 +134,7 @@ pub(crate) fn analyse(
     let table = name.table();
     let source = match db.views.get(database, table) {
         Some(v) => Target::View(v),
-        None => match db.catalog.table(database, table) {
+        None => match db.engine.catalog().table(database, table) {
             Some(t) => Target::Table(t),
             None => return Err(unsupported(format!("no table or view '{name}'"))),
         },

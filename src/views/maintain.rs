@@ -63,7 +63,7 @@ pub(crate) async fn round(
         backfill_view(db, view, upto).await?;
         let source_max = view
             .primary_id
-            .and_then(|id| db.table_by_id(id))
+            .and_then(|id| db.engine.table_by_id(id))
             .and_then(|t| extent(&t))
             .map(|(_, hi)| hi);
         if let Some(m) = source_max {
@@ -348,12 +348,12 @@ async fn recompute(
 /// Source times below this may have been dropped by the primary source's retention (the
 /// start of the oldest partition retention keeps now).
 fn retention_horizon(db: &DbInner, view: &View) -> Option<i64> {
-    let table = db.table_by_id(view.primary_id?)?;
+    let table = db.engine.table_by_id(view.primary_id?)?;
     let retention = table.settings.read().retention?;
     let cutoff = db.config.clock.now_ns().saturating_sub(retention);
     Some(crate::storage::segment::partition_of(
         cutoff,
-        db.partition_len(),
+        db.engine.partition_len(),
     ))
 }
 
@@ -407,7 +407,7 @@ async fn read_stored(
         .query
         .context(&view.db, QuerySnapshot::new(read_seq(db, upto)));
     let provider = Arc::new(crate::query::BufferTableProvider::new(
-        Arc::downgrade(db),
+        db.query.reader().clone(),
         view.table.clone(),
     ));
     let schema = provider_schema(view);
@@ -662,7 +662,7 @@ async fn backfill_view(db: &Arc<DbInner>, view: &Arc<View>, upto: u64) -> Result
     let plan = &view.plan;
     let source = view
         .primary_id
-        .and_then(|id| db.table_by_id(id))
+        .and_then(|id| db.engine.table_by_id(id))
         .and_then(|t| extent(&t));
     let stored = extent(&view.table);
     match (plan.time, source) {

@@ -902,17 +902,3 @@ pub(crate) fn analyse(
 fn is_key_of_view(t: &DataType) -> bool {
     matches!(t, DataType::Dictionary(_, _))
 }
-
-/// The names of a plan's aggregate functions (for [`analyse`]).
-pub(crate) fn aggregate_names(
-    state: &datafusion::execution::session_state::SessionState,
-) -> std::collections::HashSet<String> {
-    let mut names: std::collections::HashSet<String> =
-        state.aggregate_functions().keys().cloned().collect();
-    for f in state.aggregate_functions().values() {
-        for a in f.aliases() {
-            names.insert(a.clone());
-        }
-    }
-    names
-}

@@ -1,4 +1,4 @@
-//! Persistence, compaction and retention: moving buffered rows into segments and keeping the
+//! Persistence, compaction and retention (the [`Engine`]'s): moving buffered rows into segments and keeping the
 //! segment set small and within its retention.
 //!
 //! Persist (numbered as in docs/architecture.md):
@@ -21,9 +21,7 @@ use std::sync::Arc;
 use arrow::array::{RecordBatch, UInt32Array};
 use arrow::compute::{concat_batches, take_record_batch};
 
-use super::DbInner;
-use crate::error::Error;
-use crate::ingest::WriteError;
+use super::engine::{Engine, StorageError};
 use crate::storage::buffer::{Chunk, merge_batches, merge_chunks, time_values, to_table_schema};
 use crate::storage::catalog::{ColumnKind, TableSchema};
 use crate::storage::last::LastSnapshot;
@@ -66,14 +64,14 @@ struct TableOutput {
     removed: Vec<SegmentMeta>,
 }
 
-impl DbInner {
+impl Engine {
     /// Persists every buffered write (see the module docs). Serialized with other persists.
-    pub(crate) fn persist(&self) -> Result<PersistReport, Error> {
+    pub(crate) fn persist(&self) -> Result<PersistReport, StorageError> {
         let _persisting = self.persist_lock.lock();
         self.persist_locked()
     }
 
-    pub(crate) fn persist_locked(&self) -> Result<PersistReport, Error> {
+    pub(crate) fn persist_locked(&self) -> Result<PersistReport, StorageError> {
         let (Some(manifest), Some(data_dir)) = (&self.manifest, &self.data_dir) else {
             return Ok(PersistReport::default());
         };
@@ -83,17 +81,17 @@ impl DbInner {
         let seq;
         {
             let mut w = self.writer.lock();
-            self.commit.check().map_err(WriteError::from)?;
+            self.commit.check().map_err(StorageError::Wal)?;
             seq = w.next_seq - 1;
-            self.commit.wait(seq).map_err(WriteError::from)?;
+            self.commit.wait(seq).map_err(StorageError::Wal)?;
             if let Some(wal) = &mut w.wal
                 && let Err(e) = wal.rotate()
             {
                 // A failed fsync: nothing may be reported durable again.
                 self.commit.poison(e.to_string());
-                return Err(WriteError::from(e).into());
+                return Err(StorageError::Wal(e));
             }
-            for db in self.catalog.databases() {
+            for db in self.catalog().databases() {
                 for table in db.tables() {
                     // From now on a point at or before a series' latest time may overwrite
                     // persisted data (the frozen rows).
@@ -147,7 +145,7 @@ impl DbInner {
             let schema = table.schema();
             let encoded = snapshot
                 .to_batch(&schema)
-                .map_err(Error::from)
+                .map_err(StorageError::from)
                 .and_then(|(batch, sids)| Ok((encode_ipc(&batch)?, batch, sids)));
             let (bytes, batch, sids) = match encoded {
                 Ok(v) => v,
@@ -210,7 +208,7 @@ impl DbInner {
         // 5. Trim the WAL.
         if let Some(wal_dir) = &self.wal_dir {
             report.wal_files_removed =
-                wal::remove_segments_through(wal_dir, seq, true).map_err(WriteError::from)?;
+                wal::remove_segments_through(wal_dir, seq, true).map_err(StorageError::Wal)?;
         }
         self.recount_buffer();
         *self.last_persist.lock() = std::time::Instant::now();
@@ -226,7 +224,7 @@ impl DbInner {
         chunks: &[Arc<Chunk>],
         seq: u64,
         written: &mut Vec<PathBuf>,
-    ) -> Result<TableOutput, Error> {
+    ) -> Result<TableOutput, StorageError> {
         let schema = table.schema();
         // Rows that may overwrite each other are deduplicated; rows that may overwrite
         // persisted points are merged with the segments holding them below.
@@ -299,7 +297,7 @@ impl DbInner {
         batches: &[RecordBatch],
         sort_key: &[Arc<str>],
         written: &mut Vec<PathBuf>,
-    ) -> Result<SegmentMeta, Error> {
+    ) -> Result<SegmentMeta, StorageError> {
         let (id, rel, path) = self.new_segment_path(data_dir, manifest, table, partition)?;
         // The rows' own schema: a column added since they were read is not in them.
         let schema = batches
@@ -324,7 +322,7 @@ impl DbInner {
         manifest: &crate::storage::manifest::Manifest,
         table: &Table,
         partition: i64,
-    ) -> Result<(u64, PathBuf, PathBuf), Error> {
+    ) -> Result<(u64, PathBuf, PathBuf), StorageError> {
         let id = manifest.next_id()?;
         let rel = layout::segment_path(
             self.database_id(table)?,
@@ -338,8 +336,8 @@ impl DbInner {
     }
 
     /// The id of the database `table` belongs to.
-    fn database_id(&self, table: &Table) -> Result<u64, Error> {
-        self.catalog
+    fn database_id(&self, table: &Table) -> Result<u64, StorageError> {
+        self.catalog()
             .database(&table.db)
             .map(|db| db.id)
             .ok_or_else(|| {
@@ -358,7 +356,7 @@ impl DbInner {
         table: &Arc<Table>,
         schema: &TableSchema,
         rows: &RecordBatch,
-    ) -> Result<Vec<Arc<str>>, Error> {
+    ) -> Result<Vec<Arc<str>>, StorageError> {
         let current = table.settings.read().sort_key.clone();
         let missing: Vec<&Arc<str>> = schema
             .columns()
@@ -386,20 +384,16 @@ impl DbInner {
         // Under the write lock, like every other save of the table record.
         let _w = self.writer.lock();
         table.settings.write().sort_key = key.clone();
-        if let Some(db) = self.catalog.database(&table.db) {
-            self.catalog.save_table(&db, table)?;
+        if let Some(db) = self.catalog().database(&table.db) {
+            self.catalog().save_table(&db, table)?;
         }
         Ok(key)
-    }
-
-    pub(crate) fn partition_len(&self) -> i64 {
-        (self.config.partition.as_nanos() as i64).max(1)
     }
 
     /// Recomputes the buffered bytes after rows left the buffer.
     pub(crate) fn recount_buffer(&self) {
         let mut total = 0;
-        for db in self.catalog.databases() {
+        for db in self.catalog().databases() {
             for table in db.tables() {
                 total += table.buffer.read().size().1;
             }
@@ -410,13 +404,17 @@ impl DbInner {
     }
 
     /// Compacts every partition holding at least `min_segments` segments into one segment.
-    pub(crate) fn compact(&self, min_segments: usize, full: bool) -> Result<CompactReport, Error> {
+    pub(crate) fn compact(
+        &self,
+        min_segments: usize,
+        full: bool,
+    ) -> Result<CompactReport, StorageError> {
         let (Some(manifest), Some(data_dir)) = (&self.manifest, &self.data_dir) else {
             return Ok(CompactReport::default());
         };
         let _compacting = self.compact_lock.lock();
         let mut report = CompactReport::default();
-        for db in self.catalog.databases() {
+        for db in self.catalog().databases() {
             for table in db.tables() {
                 let segments = table.buffer.read().segments();
                 // Size tiers (rows, powers of 4) within each partition: merging segments of
@@ -478,33 +476,41 @@ impl DbInner {
         table: &Arc<Table>,
         partition: i64,
         inputs: &[Arc<Segment>],
-    ) -> Result<SegmentMeta, Error> {
+    ) -> Result<SegmentMeta, StorageError> {
         use futures::StreamExt;
 
         let schema = table.schema();
         let sort_key = table.settings.read().sort_key.clone();
-        let plan = crate::query::segment_scan::merge_plan(&schema, &sort_key, inputs)?;
+        let plan = super::segment_scan::merge_plan(&schema, &sort_key, inputs)?;
         let max_seq = inputs.iter().map(|s| s.meta.max_seq).max().unwrap_or(0);
         let (id, rel, path) = self.new_segment_path(data_dir, manifest, table, partition)?;
         let mut writer = SegmentWriter::create(&path, schema.arrow(), &sort_key)?;
         // DataFusion needs a runtime; a scoped thread keeps this callable from async code too.
-        let streamed: Result<(), Error> = std::thread::scope(|scope| {
+        let streamed: Result<(), StorageError> = std::thread::scope(|scope| {
             scope
                 .spawn(|| {
                     let rt = tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()
-                        .map_err(|e| Error::io("starting", Path::new("compaction runtime"), e))?;
+                        .map_err(|e| {
+                            StorageError::io("starting", Path::new("compaction runtime"), e)
+                        })?;
                     rt.block_on(async {
-                        let mut stream = plan.execute(0, self.query.task_context())?;
+                        let ctx = datafusion::execution::TaskContext::default()
+                            .with_runtime(self.runtime.clone());
+                        let mut stream = plan.execute(0, Arc::new(ctx))?;
                         while let Some(batch) = stream.next().await {
                             writer.write(&batch?)?;
                         }
-                        Ok::<(), Error>(())
+                        Ok::<(), StorageError>(())
                     })
                 })
                 .join()
-                .unwrap_or_else(|_| Err(Error::Config("the compaction thread panicked".into())))
+                .unwrap_or_else(|_| {
+                    Err(StorageError::Config(
+                        "the compaction thread panicked".into(),
+                    ))
+                })
         });
         streamed?;
         Ok(segment_meta(
@@ -518,7 +524,7 @@ impl DbInner {
     }
 
     /// Drops the partitions of tables with a retention that lie wholly before now − retention.
-    pub(crate) fn apply_retention(&self) -> Result<usize, Error> {
+    pub(crate) fn apply_retention(&self) -> Result<usize, StorageError> {
         let Some(manifest) = &self.manifest else {
             return Ok(0);
         };
@@ -526,7 +532,7 @@ impl DbInner {
         let now = self.config.clock.now_ns();
         let len = self.partition_len();
         let mut dropped = 0;
-        for db in self.catalog.databases() {
+        for db in self.catalog().databases() {
             for table in db.tables() {
                 let Some(retention) = table.settings.read().retention else {
                     continue;
@@ -590,7 +596,7 @@ fn segment_meta(
 }
 
 /// Reads a segment projected onto the table schema (columns it lacks are null).
-fn read_projected(path: &Path, schema: &TableSchema) -> Result<Vec<RecordBatch>, Error> {
+fn read_projected(path: &Path, schema: &TableSchema) -> Result<Vec<RecordBatch>, StorageError> {
     read_segment(path)?
         .iter()
         .map(|batch| Ok(to_table_schema(batch, schema)?))
@@ -598,7 +604,7 @@ fn read_projected(path: &Path, schema: &TableSchema) -> Result<Vec<RecordBatch>,
 }
 
 /// Splits rows by time partition.
-fn split_partitions(rows: &RecordBatch, len: i64) -> Result<Vec<(i64, RecordBatch)>, Error> {
+fn split_partitions(rows: &RecordBatch, len: i64) -> Result<Vec<(i64, RecordBatch)>, StorageError> {
     let times = time_values(rows)?;
     let (lo, hi) = crate::storage::buffer::min_max(times);
     if rows.num_rows() == 0 {
@@ -621,7 +627,7 @@ fn split_partitions(rows: &RecordBatch, len: i64) -> Result<Vec<(i64, RecordBatc
 }
 
 /// One batch as an Arrow IPC stream.
-pub(crate) fn encode_ipc(batch: &RecordBatch) -> Result<Vec<u8>, Error> {
+pub(crate) fn encode_ipc(batch: &RecordBatch) -> Result<Vec<u8>, StorageError> {
     let mut out = Vec::new();
     {
         let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut out, &batch.schema())?;
@@ -632,7 +638,7 @@ pub(crate) fn encode_ipc(batch: &RecordBatch) -> Result<Vec<u8>, Error> {
 }
 
 /// The batches of an Arrow IPC stream.
-pub(crate) fn decode_ipc(bytes: &[u8]) -> Result<Vec<RecordBatch>, Error> {
+pub(crate) fn decode_ipc(bytes: &[u8]) -> Result<Vec<RecordBatch>, StorageError> {
     let reader = arrow::ipc::reader::StreamReader::try_new(bytes, None)?;
     Ok(reader.collect::<Result<Vec<_>, _>>()?)
 }
