@@ -29,9 +29,8 @@ use crate::storage::catalog::{Catalog, check_database_name};
 use crate::storage::engine::{Engine, Origin, StorageError, WriteSet};
 use crate::storage::wal::ReplayReport;
 
-mod views;
 pub use crate::storage::persist::{CompactReport, PersistReport};
-pub use views::ViewError;
+pub use crate::views::ViewError;
 
 /// How a line protocol write is interpreted.
 #[derive(Debug, Clone, Copy)]
@@ -118,16 +117,13 @@ pub(crate) struct DbInner {
     pub(crate) config: Config,
     /// The storage engine: catalog, WAL, buffers, segments.
     pub(crate) engine: Arc<Engine>,
-    pub(crate) query: QueryEngine,
+    pub(crate) query: Arc<QueryEngine>,
     syncer: Mutex<Option<(JoinHandle<()>, Arc<StopSignal>)>>,
     persister: Mutex<Option<(JoinHandle<()>, Arc<StopSignal>)>>,
     /// Materialized views: registry, maintenance queue and worker.
-    pub(crate) views: Arc<crate::views::ViewsShared>,
+    pub(crate) views: Arc<crate::views::Views>,
     /// Change logs of subscribed views and tables.
     pub(crate) subs: Arc<crate::subscribe::Hub>,
-    /// Held by the view worker during a round (dropping a view waits for it).
-    pub(crate) view_round: Mutex<()>,
-    view_worker: Mutex<Option<JoinHandle<()>>>,
 }
 
 /// An open Rivulet database: a directory (or memory) holding any number of named databases.
@@ -183,12 +179,15 @@ impl Db {
         };
         let engine = Arc::new(Engine::open(config, &replay_prepare)?);
         let config = engine.config.clone();
-        let next_seq = engine.visible_seq() + 1;
-        let views = Arc::new(crate::views::ViewsShared::new(
-            config.view_queue_bytes,
-            next_seq - 1,
-        ));
-        engine.add_observer(&(views.clone() as Arc<dyn crate::storage::commit::ApplyObserver>));
+        let query = Arc::new(
+            QueryEngine::new(
+                engine.clone(),
+                &config.default_database,
+                config.query_memory_limit,
+            )
+            .map_err(|e| Error::Config(format!("query engine: {e}")))?,
+        );
+        let views = crate::views::Views::new(engine.clone(), query.clone());
         let subs = Arc::new(crate::subscribe::Hub::new(
             crate::subscribe::LogLimits {
                 bytes: config.subscribe_log_bytes,
@@ -197,12 +196,8 @@ impl Db {
             config.data_dir.clone(),
         ));
         engine.add_observer(&(subs.clone() as Arc<dyn crate::storage::commit::ApplyObserver>));
-        let query = QueryEngine::new(
-            engine.clone(),
-            &config.default_database,
-            config.query_memory_limit,
-        )
-        .map_err(|e| Error::Config(format!("query engine: {e}")))?;
+        let observer: Weak<dyn crate::views::ViewObserver> = Arc::downgrade(&subs) as _;
+        views.set_observer(observer);
         let inner = Arc::new(DbInner {
             query,
             config,
@@ -211,12 +206,8 @@ impl Db {
             persister: Mutex::new(None),
             views,
             subs,
-            view_round: Mutex::new(()),
-            view_worker: Mutex::new(None),
         });
         inner.subs.attach(Arc::downgrade(&inner));
-        let extension: Weak<dyn crate::query::QueryExtension> = Arc::downgrade(&inner) as _;
-        inner.query.set_extension(extension);
         inner.engine.recount_buffer();
         if let Durability::Interval(every) = inner.config.durability {
             start_syncer(&inner, every);
@@ -224,7 +215,7 @@ impl Db {
         if inner.config.background && inner.engine.manifest.is_some() {
             start_persister(&inner);
         }
-        start_view_worker(&inner)?;
+        inner.views.start()?;
         Ok(Db { inner })
     }
 
@@ -368,7 +359,7 @@ impl Db {
         databases: Option<&[String]>,
     ) -> Result<datafusion::dataframe::DataFrame, Error> {
         self.inner.check_open()?;
-        self.inner.views.wait_loaded();
+        self.inner.views.shared.wait_loaded();
         if let Some(statement) = crate::views::ddl::parse(query) {
             let statement = statement.map_err(|e| Error::View(ViewError::Invalid(e)))?;
             if !allow_dml && !matches!(statement, crate::views::ddl::ViewStatement::Show) {
@@ -379,7 +370,8 @@ impl Db {
             }
             return self
                 .inner
-                .run_view_statement(db, statement, databases)
+                .views
+                .run_statement(db, statement, databases)
                 .await;
         }
         if allow_dml && let Some(statement) = crate::query::admin::parse(query) {
@@ -387,16 +379,10 @@ impl Db {
                 statement.map_err(|e| Error::Query(datafusion::error::DataFusionError::Plan(e)))?;
             return self.inner.run_admin(db, statement, databases);
         }
-        let seq = self.inner.engine.visible_seq();
-        let df = self.inner.query.plan(db, query, allow_dml, seq).await?;
-        if let Some(allowed) = databases
-            && let Some(other) = crate::query::databases_outside(df.logical_plan(), allowed)?
-        {
-            return Err(Error::Denied(format!(
-                "this token may not use database '{other}'"
-            )));
-        }
-        self.inner.await_views(df, db).await
+        self.inner
+            .views
+            .plan_read(db, query, allow_dml, databases)
+            .await
     }
 
     /// Subscribes to `sql`: a snapshot of its result, then every change to it (see
@@ -452,16 +438,7 @@ impl Db {
     /// do this on their own for the views they read), or fails after `Config::view_wait`.
     pub fn sync_views(&self) -> Result<(), Error> {
         self.inner.check_open()?;
-        self.inner.views.wait_loaded();
-        let views = self.inner.views.views.read().clone();
-        self.inner
-            .views
-            .wait(
-                &views,
-                self.inner.engine.visible_seq(),
-                self.inner.config.view_wait,
-            )
-            .map_err(|e| Error::View(ViewError::Behind(e)))
+        self.inner.views.sync()
     }
 
     /// Names of the databases.
@@ -556,25 +533,14 @@ pub(crate) async fn plan_subscription(
     databases: Option<&[String]>,
 ) -> Result<datafusion::dataframe::DataFrame, Error> {
     inner.check_open()?;
-    inner.views.wait_loaded();
+    inner.views.shared.wait_loaded();
     if crate::views::ddl::parse(sql).is_some() || crate::query::admin::parse(sql).is_some() {
         return Err(crate::SubscribeError::Unsupported(
             "statements cannot be subscribed to; subscribe to a SELECT".to_string(),
         )
         .into());
     }
-    let df = inner
-        .query
-        .plan(db, sql, false, inner.engine.visible_seq())
-        .await?;
-    if let Some(allowed) = databases
-        && let Some(other) = crate::query::databases_outside(df.logical_plan(), allowed)?
-    {
-        return Err(Error::Denied(format!(
-            "this token may not use database '{other}'"
-        )));
-    }
-    inner.await_views(df, db).await
+    inner.views.plan_read(db, sql, false, databases).await
 }
 
 /// Collects a result; an empty one is a single empty batch, so the schema is never lost.
@@ -653,36 +619,11 @@ fn stop_periodic(slot: &Mutex<Option<(JoinHandle<()>, Arc<StopSignal>)>>) {
     }
 }
 
-/// Starts the materialized-view maintenance thread (it first loads the stored views).
-fn start_view_worker(inner: &Arc<DbInner>) -> Result<(), Error> {
-    let weak = Arc::downgrade(inner);
-    let shared = inner.views.clone();
-    let handle = std::thread::Builder::new()
-        .name("rivulet-views".to_string())
-        .spawn(move || crate::views::run_worker(weak, shared))
-        .map_err(|e| Error::Config(format!("could not start the view thread: {e}")))?;
-    *inner.view_worker.lock() = Some(handle);
-    Ok(())
-}
-
 impl DbInner {
-    /// Lets the views catch up with every acknowledged write (bounded), then stops their
-    /// worker.
+    /// Ends every subscription, lets the views catch up (bounded), then stops their worker.
     fn stop_views(&self) {
         self.subs.close_all();
-        let seq = self.engine.visible_seq();
-        let views = self.views.views.read().clone();
-        if !views.is_empty()
-            && let Err(e) = self.views.wait(&views, seq, self.config.view_wait)
-        {
-            tracing::warn!(error = %e, "closing before the views caught up; they recover at open");
-        }
         self.views.stop();
-        if let Some(handle) = self.view_worker.lock().take()
-            && handle.thread().id() != std::thread::current().id()
-        {
-            let _ = handle.join();
-        }
     }
 }
 

@@ -1,4 +1,6 @@
-//! Materialized views kept current incrementally.
+//! Materialized views kept current incrementally: this layer owns everything about views —
+//! their statements, registry, loading and recovery, the maintenance worker, `system.views`,
+//! `CHECK`, and what a view change means to subscribers (finality, emit policy).
 //!
 //! A view is a table: its rows (or, for aggregates, merge-able partial states) are stored by
 //! the storage engine like any table's, in a table of the view's name marked as a view (rows
@@ -6,30 +8,51 @@
 //!
 //! Maintenance path (docs/architecture.md §10):
 //! 1. the group-commit step hands every applied write that touches a view's source to
-//!    [`ViewsShared`] (never blocking; writers wait before their write when the queue is over
-//!    its bound);
-//! 2. one worker thread takes everything queued, and for each view in dependency order turns
-//!    the round's changes into new storage rows (per the view's strategy, see [`plan`]);
+//!    the queue ([`queue::ViewsShared`], never blocking; writers wait before their write when
+//!    the queue is over its bound);
+//! 2. one worker thread ([`worker`]) takes everything queued, and for each view in dependency
+//!    order turns the round's changes into new storage rows (per the view's strategy, see
+//!    [`plan`] and [`maintain`]);
 //! 3. it writes them, with the view's applied sequence, as one ordinary write (WAL, buffer,
-//!    segments), so a view's rows and its progress are durable together;
+//!    segments), so a view's rows and its progress are durable together, and tells the
+//!    [`ViewObserver`] (the subscription layer) what changed;
 //! 4. a view's output changes feed the views defined on it, in the same round;
-//! 5. queries reading a view wait until it has applied every write visible when they started.
+//! 5. queries reading a view wait until it has applied every write visible when they started
+//!    ([`Views::plan_read`]).
 
+mod check;
 pub(crate) mod ddl;
+pub(crate) mod emit;
+mod error;
+mod load;
 mod maintain;
 pub(crate) mod plan;
 pub(crate) mod provider;
+pub(crate) mod queue;
+mod read;
+mod statements;
+mod system;
+mod worker;
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
+use std::thread::JoinHandle;
 
-use parking_lot::{Condvar, Mutex, RwLock};
+use arrow::array::{BooleanArray, RecordBatch};
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+pub use error::ViewError;
+pub(crate) use error::invalid;
 pub(crate) use provider::ViewProvider;
+pub(crate) use queue::ViewsShared;
 
+use crate::error::Error;
+use crate::ingest::WriteError;
+use crate::ingest::prepare::prepare_system_batch;
+use crate::query::QueryEngine;
 use crate::storage::buffer::Chunk;
 use crate::storage::commit::ApplyObserver;
+use crate::storage::engine::{Engine, Origin};
 use crate::storage::table::Table;
 use ddl::ViewOptions;
 use plan::ViewPlan;
@@ -103,256 +126,31 @@ impl View {
     }
 }
 
-/// One database's writes of a depth level: (table, rows) and the views they advance (with
-/// their rows).
-type LevelWrite = (
-    Vec<(String, arrow::array::RecordBatch)>,
-    Vec<(Arc<View>, arrow::array::RecordBatch)>,
-);
-
-/// A write handed to the worker: its sequence and the chunks of watched tables.
-type Item = (u64, Vec<(u64, Arc<Chunk>)>, std::time::Instant);
-
-#[derive(Default)]
-struct Queue {
-    items: VecDeque<Item>,
-    bytes: usize,
-    /// Largest sequence queued.
-    pushed: u64,
-    /// Largest sequence processed.
-    done: u64,
-    stop: bool,
-    /// Views have work without queued writes (creation, recovery, retry).
-    kick: bool,
-}
-
-/// State shared by writers (through [`ApplyObserver`]), the worker and waiting queries.
-pub(crate) struct ViewsShared {
-    queue: Mutex<Queue>,
-    wake: Condvar,
-    progress: Condvar,
-    /// Base tables some view reads.
-    watched: RwLock<HashSet<u64>>,
-    pub(crate) views: RwLock<Vec<Arc<View>>>,
-    max_bytes: usize,
-    /// The stored views are loaded (queries and writes wait for it after open).
-    loaded: std::sync::atomic::AtomicBool,
-}
-
-impl std::fmt::Debug for ViewsShared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ViewsShared").finish_non_exhaustive()
-    }
-}
-
-impl ApplyObserver for ViewsShared {
-    fn admit(&self) {
-        self.wait_for_room();
-    }
-
-    fn applied(&self, seq: u64, chunks: &[(Arc<Table>, Arc<Chunk>)]) {
-        let relevant: Vec<(u64, Arc<Chunk>)> = {
-            let watched = self.watched.read();
-            if watched.is_empty() {
-                return;
-            }
-            chunks
-                .iter()
-                .filter(|(t, _)| watched.contains(&t.id))
-                .map(|(t, c)| (t.id, c.clone()))
-                .collect()
-        };
-        if relevant.is_empty() {
-            return;
-        }
-        let bytes: usize = relevant
-            .iter()
-            .map(|(_, c)| c.batch.get_array_memory_size())
-            .sum();
-        let mut q = self.queue.lock();
-        q.bytes += bytes;
-        q.pushed = q.pushed.max(seq);
-        q.items
-            .push_back((seq, relevant, std::time::Instant::now()));
-        self.wake.notify_one();
-    }
-}
-
-impl ViewsShared {
-    pub(crate) fn new(max_bytes: usize, done: u64) -> ViewsShared {
-        ViewsShared {
-            queue: Mutex::new(Queue {
-                done,
-                pushed: done,
-                ..Queue::default()
-            }),
-            wake: Condvar::new(),
-            progress: Condvar::new(),
-            watched: RwLock::new(HashSet::new()),
-            views: RwLock::new(Vec::new()),
-            max_bytes,
-            loaded: std::sync::atomic::AtomicBool::new(false),
-        }
-    }
-
-    /// Waits until the worker has loaded the stored views (right after open).
-    pub(crate) fn wait_loaded(&self) {
-        if self.loaded.load(std::sync::atomic::Ordering::Acquire) {
-            return;
-        }
-        let mut q = self.queue.lock();
-        while !self.loaded.load(std::sync::atomic::Ordering::Acquire) && !q.stop {
-            self.progress
-                .wait_for(&mut q, std::time::Duration::from_millis(50));
-        }
-    }
-
-    fn set_loaded(&self) {
-        let _q = self.queue.lock();
-        self.loaded
-            .store(true, std::sync::atomic::Ordering::Release);
-        self.progress.notify_all();
-    }
-
-    /// The view `name` of database `db`.
-    pub(crate) fn get(&self, db: &str, name: &str) -> Option<Arc<View>> {
-        self.views
-            .read()
-            .iter()
-            .find(|v| v.db.as_ref() == db && v.def.lock().name == name)
-            .cloned()
-    }
-
-    /// The view stored in table `id`.
-    pub(crate) fn by_table(&self, id: u64) -> Option<Arc<View>> {
-        self.views.read().iter().find(|v| v.table.id == id).cloned()
-    }
-
-    /// Adds a view (sorted by depth) and watches its base sources.
-    pub(crate) fn add(&self, view: Arc<View>) {
-        let mut views = self.views.write();
-        views.push(view);
-        views.sort_by_key(|v| v.depth);
-        self.rewatch(&views);
-        drop(views);
-        self.kick();
-    }
-
-    /// Removes the view stored in table `id`.
-    pub(crate) fn remove(&self, id: u64) {
-        let mut views = self.views.write();
-        views.retain(|v| v.table.id != id);
-        self.rewatch(&views);
-    }
-
-    fn rewatch(&self, views: &[Arc<View>]) {
-        let storage: HashSet<u64> = views.iter().map(|v| v.table.id).collect();
-        *self.watched.write() = views
-            .iter()
-            .flat_map(|v| v.source_ids.iter().copied())
-            .filter(|id| !storage.contains(id))
-            .collect();
-    }
-
-    /// Wakes the worker for views with work of their own.
-    pub(crate) fn kick(&self) {
-        self.queue.lock().kick = true;
-        self.wake.notify_one();
-    }
-
-    /// Asks the worker to stop after the current round.
-    pub(crate) fn stop(&self) {
-        self.queue.lock().stop = true;
-        self.wake.notify_all();
-        self.progress.notify_all();
-    }
-
-    /// Blocks a writer while the queue is over its bound (the worker drains it).
-    pub(crate) fn wait_for_room(&self) {
-        let mut q = self.queue.lock();
-        while q.bytes > self.max_bytes && !q.stop {
-            self.progress
-                .wait_for(&mut q, std::time::Duration::from_millis(100));
-        }
-    }
-
-    /// Whether every view in `views` reflects every write up to `seq`.
-    fn caught_up(&self, q: &Queue, views: &[Arc<View>], seq: u64) -> bool {
-        q.done >= seq.min(q.pushed) && views.iter().all(|v| !v.status.lock().has_work())
-    }
-
-    /// Waits until `views` reflect every write up to `seq`, or `timeout` passes.
-    pub(crate) fn wait(
+/// Told what each maintenance round did to a view, so its subscribers can follow (the
+/// subscription layer's change logs). Must not block for long: it runs on the worker.
+pub(crate) trait ViewObserver: Send + Sync {
+    /// A view was loaded at open (its log resumes from what it stored).
+    fn loaded(&self, view: &Arc<View>);
+    /// The worker is about to write rows of `views`.
+    fn begin_write(&self, views: &[Arc<View>]);
+    /// The worker wrote `rows` (the view's columns, and which are deletions) of `view` as
+    /// write `seq` (None: the write failed), reflecting source writes up to `applied`.
+    fn written(
         &self,
-        views: &[Arc<View>],
-        seq: u64,
-        timeout: std::time::Duration,
-    ) -> Result<(), String> {
-        let deadline = std::time::Instant::now() + timeout;
-        let mut q = self.queue.lock();
-        loop {
-            if self.caught_up(&q, views, seq) {
-                return Ok(());
-            }
-            if q.stop {
-                return Err("the database is closing".to_string());
-            }
-            let now = std::time::Instant::now();
-            if now >= deadline {
-                let mut parts = Vec::new();
-                for v in views {
-                    let st = v.status.lock();
-                    let mut s = format!("'{}' has applied writes up to {}", v.name(), st.applied);
-                    if let Some((done, total)) = st.backfill {
-                        s.push_str(&format!(", backfill {done}/{total}"));
-                    }
-                    if let Some(e) = &st.last_error {
-                        s.push_str(&format!(", last error: {e}"));
-                    }
-                    parts.push(s);
-                }
-                return Err(format!(
-                    "materialized views did not catch up with write {seq} within {:?}: {}",
-                    timeout,
-                    parts.join("; ")
-                ));
-            }
-            self.progress.wait_for(&mut q, deadline - now);
-        }
-    }
-
-    /// The worker's next round: every queued write (None when stopping).
-    fn next_round(&self) -> Option<(Vec<Item>, u64)> {
-        let mut q = self.queue.lock();
-        loop {
-            if !q.items.is_empty() || q.kick {
-                q.kick = false;
-                let items: Vec<Item> = q.items.drain(..).collect();
-                let upto = items.last().map_or(q.done, |i| i.0);
-                return Some((items, upto));
-            }
-            if q.stop {
-                return None;
-            }
-            self.wake
-                .wait_for(&mut q, std::time::Duration::from_millis(500));
-            if !q.stop
-                && q.items.is_empty()
-                && self.views.read().iter().any(|v| v.status.lock().has_work())
-            {
-                // Retry views whose last round failed.
-                q.kick = true;
-            }
-        }
-    }
-
-    /// Marks a round done.
-    fn finish_round(&self, upto: u64, bytes: usize) {
-        let mut q = self.queue.lock();
-        q.done = q.done.max(upto);
-        q.bytes = q.bytes.saturating_sub(bytes);
-        self.progress.notify_all();
-    }
+        view: &Arc<View>,
+        seq: Option<u64>,
+        applied: u64,
+        rows: Option<(RecordBatch, BooleanArray)>,
+        watermark: Option<i64>,
+    );
+    /// The view was recomputed from scratch (having applied writes up to `applied`): earlier
+    /// positions cannot resume.
+    fn reset(&self, view: &Arc<View>, applied: u64);
+    /// The view stored in table `id` was dropped.
+    fn dropped(&self, id: u64, name: &str);
+    /// The watermark as of the last change subscribers were sent (windows it closed are
+    /// final already).
+    fn emitted_watermark(&self, view: &Arc<View>) -> Option<i64>;
 }
 
 /// The changes of one round to one table: chunks written to it, and ranges of it recomputed.
@@ -364,161 +162,161 @@ pub(crate) struct Change {
     pub all: bool,
 }
 
-/// Records a failed round: its changes become pending recomputes, retried next round.
-fn retry_later(view: &View, changes: &HashMap<u64, Change>, error: &str) {
-    tracing::warn!(view = %view.name(), error, "view maintenance failed; will retry");
-    let mut st = view.status.lock();
-    st.last_error = Some(error.to_string());
-    for id in &view.source_ids {
-        if let Some(c) = changes.get(id) {
-            if Some(*id) == view.primary_id && !c.all {
-                st.pending
-                    .extend(c.chunks.iter().map(|c| (c.min_time, c.max_time)));
-                st.pending.extend(c.ranges.iter().copied());
-            } else {
-                st.full = true;
-            }
-        }
+/// The views of one database handle: registry and queue, the worker, and the engines it
+/// maintains them with.
+pub(crate) struct Views {
+    pub(crate) engine: Arc<Engine>,
+    pub(crate) query: Arc<QueryEngine>,
+    pub(crate) shared: Arc<ViewsShared>,
+    /// Held by the worker during a round (dropping a view waits for it).
+    pub(crate) round: Mutex<()>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+    observer: OnceLock<Weak<dyn ViewObserver>>,
+}
+
+impl std::fmt::Debug for Views {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Views").finish_non_exhaustive()
     }
 }
 
-/// Runs the maintenance worker until the views are stopped or the database is gone.
-pub(crate) fn run_worker(db: std::sync::Weak<crate::db::DbInner>, shared: Arc<ViewsShared>) {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(error = %e, "could not start the view maintenance runtime");
-            return;
-        }
-    };
-    if let Some(inner) = db.upgrade()
-        && let Err(e) = runtime.block_on(inner.load_views())
-    {
-        tracing::error!(error = %e, "could not load the materialized views");
+impl Views {
+    /// The views layer over `engine` and `query`: its queue observes the engine's writes and
+    /// it reads views for the query engine. Nothing is loaded until [`Views::start`].
+    pub(crate) fn new(engine: Arc<Engine>, query: Arc<QueryEngine>) -> Arc<Views> {
+        let shared = Arc::new(ViewsShared::new(
+            engine.config.view_queue_bytes,
+            engine.visible_seq(),
+        ));
+        engine.add_observer(&(shared.clone() as Arc<dyn ApplyObserver>));
+        let views = Arc::new(Views {
+            engine,
+            query,
+            shared,
+            round: Mutex::new(()),
+            worker: Mutex::new(None),
+            observer: OnceLock::new(),
+        });
+        let extension: Weak<dyn crate::query::QueryExtension> = Arc::downgrade(&views) as _;
+        views.query.set_extension(extension);
+        views
     }
-    if let Some(inner) = db.upgrade() {
-        // Subscribers resume from the stored change logs.
-        for view in shared.views.read().iter() {
-            inner.subs.view_source(view);
-        }
+
+    /// Installs the observer told of every view change (once, before [`Views::start`]).
+    pub(crate) fn set_observer(&self, observer: Weak<dyn ViewObserver>) {
+        let _ = self.observer.set(observer);
     }
-    shared.set_loaded();
-    while let Some((items, upto)) = shared.next_round() {
-        let Some(inner) = db.upgrade() else { return };
-        let round_lock = inner.view_round.lock();
-        let bytes: usize = items
-            .iter()
-            .flat_map(|i| i.1.iter())
-            .map(|(_, c)| c.batch.get_array_memory_size())
-            .sum();
-        let oldest = items.first().map(|i| i.2);
-        let mut changes: HashMap<u64, Change> = HashMap::new();
-        for (_, chunks, _) in items {
-            for (id, chunk) in chunks {
-                changes.entry(id).or_default().chunks.push(chunk);
-            }
+
+    /// The observer, while it lives.
+    pub(crate) fn observer(&self) -> Option<Arc<dyn ViewObserver>> {
+        self.observer.get().and_then(Weak::upgrade)
+    }
+
+    /// Starts the maintenance thread (it first loads the stored views).
+    pub(crate) fn start(self: &Arc<Self>) -> Result<(), Error> {
+        let weak = Arc::downgrade(self);
+        let handle = std::thread::Builder::new()
+            .name("rivulet-views".to_string())
+            .spawn(move || worker::run(weak))
+            .map_err(|e| Error::Config(format!("could not start the view thread: {e}")))?;
+        *self.worker.lock() = Some(handle);
+        Ok(())
+    }
+
+    /// Lets the views catch up with every acknowledged write (bounded by
+    /// `Config::view_wait`), then stops the worker.
+    pub(crate) fn stop(&self) {
+        let seq = self.engine.visible_seq();
+        let views = self.all();
+        if !views.is_empty()
+            && let Err(e) = self.shared.wait(&views, seq, self.engine.config.view_wait)
+        {
+            tracing::warn!(error = %e, "closing before the views caught up; they recover at open");
         }
-        let views: Vec<Arc<View>> = shared.views.read().clone();
-        let mut failed = false;
-        // Views of one depth read only shallower ones: run a depth, write its rows as one write
-        // per database (one WAL record, one fsync), then the next depth reads them.
-        let mut start = 0;
-        while start < views.len() {
-            let depth = views[start].depth;
-            let end = views[start..]
-                .iter()
-                .position(|v| v.depth != depth)
-                .map_or(views.len(), |n| start + n);
-            let level = &views[start..end];
-            start = end;
-            let mut done: Vec<(Arc<View>, maintain::Out, std::time::Instant)> = Vec::new();
-            for view in level {
-                let started = std::time::Instant::now();
-                match runtime.block_on(maintain::round(&inner, view, &changes, upto)) {
-                    Ok(Some(out)) => done.push((view.clone(), out, started)),
-                    Ok(None) => {
-                        let mut st = view.status.lock();
-                        st.applied = st.applied.max(upto);
-                        st.last_error = None;
-                    }
-                    Err(e) => {
-                        failed = true;
-                        retry_later(view, &changes, &e.to_string());
-                    }
-                }
-            }
-            let mut by_db: HashMap<Arc<str>, LevelWrite> = HashMap::new();
-            for (view, out, _) in &mut done {
-                if let Some(rows) = out.rows.take() {
-                    let entry = by_db.entry(view.db.clone()).or_default();
-                    view.status.lock().rows_written += rows.num_rows() as u64;
-                    entry.0.push((view.table.name.to_string(), rows.clone()));
-                    entry.1.push((view.clone(), rows));
-                }
-            }
-            let mut write_error = None;
-            for (db_name, (mut tables, written)) in by_db {
-                let views: Vec<Arc<View>> = written.iter().map(|(v, _)| v.clone()).collect();
-                let names: Vec<String> = views.iter().map(|v| v.name()).collect();
-                inner.subs.begin_write(&views);
-                let result = maintain::progress_batch(&names, upto).and_then(|p| {
-                    tables.push((PROGRESS_TABLE.to_string(), p));
-                    runtime.block_on(maintain::write_tables(&inner, &db_name, tables))
-                });
-                match result {
-                    Ok(seq) => {
-                        for (view, rows) in written {
-                            // Subscribers see the rows as the view's columns.
-                            match runtime
-                                .block_on(crate::subscribe::view_entry(&inner, &view, &rows, seq))
-                            {
-                                Ok((entry, wm)) => {
-                                    inner.subs.view_written(&view, Some(seq), upto, entry, wm);
-                                }
-                                Err(e) => {
-                                    tracing::error!(view = %view.name(), error = %e, "view change not logged for subscribers");
-                                    inner.subs.view_written(&view, Some(seq), upto, None, None);
-                                    inner.subs.view_reset(&view, upto);
-                                }
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        for view in &views {
-                            inner.subs.view_written(view, None, upto, None, None);
-                        }
-                        write_error = Some(e.to_string());
-                    }
-                }
-            }
-            for (view, out, started) in done {
-                if let Some(e) = &write_error {
-                    failed = true;
-                    retry_later(&view, &changes, e);
-                    continue;
-                }
-                {
-                    let mut st = view.status.lock();
-                    st.applied = st.applied.max(upto);
-                    st.last_error = None;
-                    st.last_round_ms = started.elapsed().as_secs_f64() * 1e3;
-                    if let Some(t) = oldest {
-                        st.lag_ms = t.elapsed().as_secs_f64() * 1e3;
-                    }
-                }
-                let c = changes.entry(view.table.id).or_default();
-                c.ranges.extend(out.ranges);
-                c.all |= out.all;
-            }
-        }
-        shared.finish_round(upto, bytes);
-        drop(round_lock);
-        drop(inner);
-        if failed {
-            std::thread::sleep(std::time::Duration::from_millis(200));
+        self.shared.stop();
+        if let Some(handle) = self.worker.lock().take()
+            && handle.thread().id() != std::thread::current().id()
+        {
+            let _ = handle.join();
         }
     }
+
+    /// Every view, in dependency order.
+    pub(crate) fn all(&self) -> Vec<Arc<View>> {
+        self.shared.views.read().clone()
+    }
+
+    /// The view `name` of database `db`.
+    pub(crate) fn get(&self, db: &str, name: &str) -> Option<Arc<View>> {
+        self.shared.get(db, name)
+    }
+
+    /// The view stored in table `id`.
+    pub(crate) fn by_table(&self, id: u64) -> Option<Arc<View>> {
+        self.shared.by_table(id)
+    }
+
+    /// Waits until every view reflects every write acknowledged so far, or fails after
+    /// `Config::view_wait`.
+    pub(crate) fn sync(&self) -> Result<(), Error> {
+        self.shared.wait_loaded();
+        self.shared
+            .wait(
+                &self.all(),
+                self.engine.visible_seq(),
+                self.engine.config.view_wait,
+            )
+            .map_err(|e| Error::View(ViewError::Behind(e)))
+    }
+
+    /// Marks a view's backfill done in its stored definition.
+    pub(crate) fn finish_backfill(&self, view: &View) -> Result<(), Error> {
+        let mut def = view.def.lock().clone();
+        def.backfilled = true;
+        self.save_view_def(&view.db, &def)?;
+        *view.def.lock() = def;
+        Ok(())
+    }
+
+    pub(crate) fn save_view_def(&self, db: &str, def: &ViewDef) -> Result<(), Error> {
+        let database = self
+            .engine
+            .catalog()
+            .database(db)
+            .ok_or_else(|| invalid(format!("database '{db}' not found")))?;
+        let json = serde_json::to_vec(def).map_err(|e| invalid(e.to_string()))?;
+        self.engine
+            .catalog()
+            .save_view(&database, &def.name, &json)?;
+        self.engine.catalog().flush()?;
+        Ok(())
+    }
+}
+
+/// Rivulet's own write of several tables of database `db`, as one WAL record.
+pub(crate) fn write_system(
+    engine: &Engine,
+    db: &str,
+    tables: Vec<(String, RecordBatch)>,
+) -> Result<u64, Error> {
+    let (seq, ()) = engine.write(Origin::System, |catalog| {
+        let mut all: Option<crate::ingest::prepare::PreparedWrite> = None;
+        for (table, batch) in &tables {
+            let p = prepare_system_batch(catalog, db, table, batch)?;
+            match &mut all {
+                None => all = Some(p),
+                Some(a) => {
+                    a.rows += p.rows;
+                    a.tables.extend(p.tables);
+                }
+            }
+        }
+        let all = all.ok_or_else(|| WriteError::InvalidBatch {
+            db: db.to_string(),
+            table: String::new(),
+            reason: "nothing to write".to_string(),
+        })?;
+        Ok::<_, Error>((all.split().0, ()))
+    })?;
+    Ok(seq)
 }

@@ -8,10 +8,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, OnceLock};
 
-use arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, RecordBatch, TimestampNanosecondArray, UInt32Array,
-    new_null_array,
-};
+use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, UInt32Array};
 use arrow::compute::{cast, concat_batches, take_record_batch};
 use arrow::datatypes::{Field, Schema, SchemaRef};
 use arrow::row::{RowConverter, SortField};
@@ -27,6 +24,7 @@ use crate::storage::catalog::TIME_COLUMN;
 use crate::storage::table::Table;
 use crate::views::View;
 use crate::views::ddl::Emit;
+use crate::views::emit::conform;
 use crate::views::plan::{OutColumn, TimeMap};
 
 fn unsupported(m: impl Into<String>) -> Error {
@@ -480,52 +478,4 @@ impl Feed {
             json: Arc::new(OnceLock::new()),
         })
     }
-}
-
-/// [`conform`], for the view worker.
-pub(crate) fn conform_pub(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, Error> {
-    conform(batch, schema)
-}
-
-/// `batch` with exactly `schema`'s columns, by name: missing columns are null, others cast.
-fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, Error> {
-    if batch.schema().fields() == schema.fields() {
-        return Ok(batch.clone());
-    }
-    let n = batch.num_rows();
-    let columns = schema
-        .fields()
-        .iter()
-        .map(|f| match batch.column_by_name(f.name()) {
-            Some(a) if a.data_type() == f.data_type() => Ok(a.clone()),
-            Some(a) => Ok(cast(a, f.data_type())?),
-            None => Ok(new_null_array(f.data_type(), n)),
-        })
-        .collect::<Result<Vec<ArrayRef>, Error>>()?;
-    let nullable = Arc::new(Schema::new(
-        schema
-            .fields()
-            .iter()
-            .map(|f| f.as_ref().clone().with_nullable(true))
-            .collect::<Vec<Field>>(),
-    ));
-    Ok(RecordBatch::try_new_with_options(
-        nullable,
-        columns,
-        &arrow::array::RecordBatchOptions::new().with_row_count(Some(n)),
-    )?)
-}
-
-/// Keeps only rows whose window closed at `watermark` (for the worker's on-window-close logs):
-/// `time` is the view's time column (nanoseconds).
-pub(crate) fn final_mask(
-    time: &TimestampNanosecondArray,
-    map: TimeMap,
-    watermark: Option<i64>,
-) -> BooleanArray {
-    (0..time.len())
-        .map(|r| {
-            Some(time.is_valid(r) && watermark.is_some_and(|w| map.bucket_end(time.value(r)) <= w))
-        })
-        .collect()
 }

@@ -16,8 +16,7 @@ use datafusion::logical_expr::{col, lit};
 
 use super::plan::{OutColumn, Strategy, TimeMap, ViewPlan, quote};
 use super::provider::DELETED;
-use super::{Change, PROGRESS_TABLE, View};
-use crate::db::DbInner;
+use super::{Change, PROGRESS_TABLE, View, Views};
 use crate::error::Error;
 use crate::query::{QuerySnapshot, TableOverride};
 use crate::storage::buffer::{Chunk, time_values};
@@ -43,7 +42,7 @@ fn query_error(m: String) -> Error {
 
 /// Applies the round's `changes` to `view`; `upto` is the round's last sequence.
 pub(crate) async fn round(
-    db: &Arc<DbInner>,
+    db: &Views,
     view: &Arc<View>,
     changes: &HashMap<u64, Change>,
     upto: u64,
@@ -71,7 +70,9 @@ pub(crate) async fn round(
             st.max_source_time = Some(st.max_source_time.map_or(m, |x| x.max(m)));
         }
         // Subscribers' earlier positions predate the backfill.
-        db.subs.view_reset(view, upto);
+        if let Some(o) = db.observer() {
+            o.reset(view, upto);
+        }
         let mut st = view.status.lock();
         st.pending.clear();
         st.full = false;
@@ -154,7 +155,7 @@ fn coalesce(mut ranges: Vec<(i64, i64)>) -> Vec<(i64, i64)> {
 }
 
 async fn incremental(
-    db: &Arc<DbInner>,
+    db: &Views,
     view: &Arc<View>,
     chunks: Vec<Arc<Chunk>>,
     mut ranges: Vec<(i64, i64)>,
@@ -295,7 +296,7 @@ async fn incremental(
 }
 
 /// Recomputes the whole view.
-async fn recompute_all(db: &Arc<DbInner>, view: &Arc<View>, upto: u64) -> Result<Out, Error> {
+async fn recompute_all(db: &Views, view: &Arc<View>, upto: u64) -> Result<Out, Error> {
     let (new, deleted) = recompute(db, view, None, (i64::MIN, i64::MAX), upto, None).await?;
     if view.plan.strategy == Strategy::Aggregate {
         // The read may have seen writes after `upto`: they must not be merged again.
@@ -318,7 +319,7 @@ async fn recompute_all(db: &Arc<DbInner>, view: &Arc<View>, upto: u64) -> Result
 /// With `keys` (one value list per key tag of a keyed aggregate view), only those keys'
 /// groups are recomputed and compared.
 async fn recompute(
-    db: &Arc<DbInner>,
+    db: &Views,
     view: &Arc<View>,
     source: Option<(i64, i64)>,
     (lo, hi): (i64, i64),
@@ -347,10 +348,10 @@ async fn recompute(
 
 /// Source times below this may have been dropped by the primary source's retention (the
 /// start of the oldest partition retention keeps now).
-fn retention_horizon(db: &DbInner, view: &View) -> Option<i64> {
+fn retention_horizon(db: &Views, view: &View) -> Option<i64> {
     let table = db.engine.table_by_id(view.primary_id?)?;
     let retention = table.settings.read().retention?;
-    let cutoff = db.config.clock.now_ns().saturating_sub(retention);
+    let cutoff = db.engine.config.clock.now_ns().saturating_sub(retention);
     Some(crate::storage::segment::partition_of(
         cutoff,
         db.engine.partition_len(),
@@ -360,13 +361,13 @@ fn retention_horizon(db: &DbInner, view: &View) -> Option<i64> {
 /// The sequence maintenance reads at: at least the round's last write. The worker may run
 /// before the commit step that handed it the write has published the visible sequence, but
 /// every write up to `upto` is already applied to the buffers.
-fn read_seq(db: &DbInner, upto: u64) -> u64 {
-    db.visible_seq().max(upto)
+fn read_seq(db: &Views, upto: u64) -> u64 {
+    db.engine.visible_seq().max(upto)
 }
 
 /// Runs the view's storage SQL, with the primary source replaced by `over`.
 async fn run(
-    db: &Arc<DbInner>,
+    db: &Views,
     view: &View,
     over: Option<TableOverride>,
     upto: u64,
@@ -396,7 +397,7 @@ fn ts(v: i64) -> datafusion::logical_expr::Expr {
 
 /// The view's stored (not deleted) rows with time in `[lo, hi]`, in the storage schema.
 async fn read_stored(
-    db: &Arc<DbInner>,
+    db: &Views,
     view: &View,
     lo: i64,
     hi: i64,
@@ -585,7 +586,7 @@ fn rows_of(view: &View, writes: Writes) -> Result<Option<RecordBatch>, Error> {
 }
 
 /// Writes rows of one view now, with its applied sequence (backfill pieces).
-async fn write(db: &Arc<DbInner>, view: &View, writes: Writes, upto: u64) -> Result<(), Error> {
+async fn write(db: &Views, view: &View, writes: Writes, upto: u64) -> Result<(), Error> {
     let rows = rows_of(view, writes)?;
     let n = rows.as_ref().map_or(0, |r| r.num_rows() as u64);
     let mut tables = vec![(
@@ -602,13 +603,13 @@ async fn write(db: &Arc<DbInner>, view: &View, writes: Writes, upto: u64) -> Res
 
 /// One system write of several tables of database `db` (off the async thread).
 pub(crate) async fn write_tables(
-    db: &Arc<DbInner>,
+    db: &Views,
     db_name: &str,
     tables: Vec<(String, RecordBatch)>,
 ) -> Result<u64, Error> {
-    let db2 = db.clone();
+    let engine = db.engine.clone();
     let db_name = db_name.to_string();
-    tokio::task::spawn_blocking(move || db2.write_system(&db_name, tables))
+    tokio::task::spawn_blocking(move || super::write_system(&engine, &db_name, tables))
         .await
         .map_err(|e| query_error(format!("view write task failed: {e}")))?
 }
@@ -658,7 +659,7 @@ fn extent(table: &crate::storage::table::Table) -> Option<(i64, i64)> {
 
 /// Computes a new view over everything stored, one piece (at least a partition long, a whole
 /// number of buckets) at a time, so memory stays bounded by a piece.
-async fn backfill_view(db: &Arc<DbInner>, view: &Arc<View>, upto: u64) -> Result<(), Error> {
+async fn backfill_view(db: &Views, view: &Arc<View>, upto: u64) -> Result<(), Error> {
     let plan = &view.plan;
     let source = view
         .primary_id
@@ -680,7 +681,7 @@ async fn backfill_view(db: &Arc<DbInner>, view: &Arc<View>, upto: u64) -> Result
                 lo = lo.min(a);
                 hi = hi.max(b);
             }
-            let partition = (db.config.partition.as_nanos() as i64).max(1);
+            let partition = (db.engine.config.partition.as_nanos() as i64).max(1);
             let (start, step) = match time {
                 TimeMap::Bin { stride, .. } => {
                     let step = ((partition + stride - 1) / stride)
