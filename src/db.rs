@@ -120,6 +120,8 @@ pub(crate) struct DbInner {
     pub(crate) query: Arc<QueryEngine>,
     syncer: Mutex<Option<(JoinHandle<()>, Arc<StopSignal>)>>,
     persister: Mutex<Option<(JoinHandle<()>, Arc<StopSignal>)>>,
+    /// Drops idle shared subscription views.
+    collector: Mutex<Option<(JoinHandle<()>, Arc<StopSignal>)>>,
     /// Materialized views: registry, maintenance queue and worker.
     pub(crate) views: Arc<crate::views::Views>,
     /// Change logs of subscribed views and tables.
@@ -189,11 +191,12 @@ impl Db {
         );
         let views = crate::views::Views::new(engine.clone(), query.clone());
         let subs = Arc::new(crate::subscribe::Hub::new(
+            engine.clone(),
+            views.clone(),
             crate::subscribe::LogLimits {
                 bytes: config.subscribe_log_bytes,
                 age: config.subscribe_log_age,
             },
-            config.data_dir.clone(),
         ));
         engine.add_observer(&(subs.clone() as Arc<dyn crate::storage::commit::ApplyObserver>));
         let observer: Weak<dyn crate::views::ViewObserver> = Arc::downgrade(&subs) as _;
@@ -204,10 +207,12 @@ impl Db {
             engine: engine.clone(),
             syncer: Mutex::new(None),
             persister: Mutex::new(None),
+            collector: Mutex::new(None),
             views,
             subs,
         });
-        inner.subs.attach(Arc::downgrade(&inner));
+        let keep: Weak<dyn std::any::Any + Send + Sync> = Arc::downgrade(&inner) as _;
+        inner.subs.keep_alive(keep);
         inner.engine.recount_buffer();
         if let Durability::Interval(every) = inner.config.durability {
             start_syncer(&inner, every);
@@ -216,6 +221,7 @@ impl Db {
             start_persister(&inner);
         }
         inner.views.start()?;
+        start_collector(&inner);
         Ok(Db { inner })
     }
 
@@ -421,7 +427,7 @@ impl Db {
         sql: &str,
         options: crate::SubscribeOptions,
     ) -> Result<crate::Subscription, Error> {
-        crate::subscribe::subscribe(&self.inner, sql, options, None).await
+        crate::subscribe::subscribe(&self.inner.subs, sql, options, None).await
     }
 
     /// [`Db::subscribe`] limited to `databases` (a token's).
@@ -431,7 +437,7 @@ impl Db {
         options: crate::SubscribeOptions,
         databases: Option<Vec<String>>,
     ) -> Result<crate::Subscription, Error> {
-        crate::subscribe::subscribe(&self.inner, sql, options, databases).await
+        crate::subscribe::subscribe(&self.inner.subs, sql, options, databases).await
     }
 
     /// Waits until every materialized view reflects every write acknowledged so far (queries
@@ -524,25 +530,6 @@ impl Db {
     }
 }
 
-/// Plans a subscription's query (also its snapshot): a plain query, waiting for the views it
-/// reads like any query.
-pub(crate) async fn plan_subscription(
-    inner: &Arc<DbInner>,
-    db: &str,
-    sql: &str,
-    databases: Option<&[String]>,
-) -> Result<datafusion::dataframe::DataFrame, Error> {
-    inner.check_open()?;
-    inner.views.shared.wait_loaded();
-    if crate::views::ddl::parse(sql).is_some() || crate::query::admin::parse(sql).is_some() {
-        return Err(crate::SubscribeError::Unsupported(
-            "statements cannot be subscribed to; subscribe to a SELECT".to_string(),
-        )
-        .into());
-    }
-    inner.views.plan_read(db, sql, false, databases).await
-}
-
 /// Collects a result; an empty one is a single empty batch, so the schema is never lost.
 pub(crate) async fn collect(
     df: datafusion::dataframe::DataFrame,
@@ -625,6 +612,18 @@ impl DbInner {
         self.subs.close_all();
         self.views.stop();
     }
+}
+
+/// Starts the thread that drops shared subscription views idle for the change-log age.
+fn start_collector(inner: &Arc<DbInner>) {
+    let every = (inner.config.subscribe_log_age / 4).clamp(
+        std::time::Duration::from_millis(10),
+        std::time::Duration::from_secs(60),
+    );
+    *inner.collector.lock() = spawn_periodic(inner, "rivulet-sub-gc", every, |inner| {
+        inner.subs.drop_idle_views();
+        true
+    });
 }
 
 /// Starts the thread that persists by size and age, compacts and applies retention.
@@ -725,16 +724,12 @@ impl DbInner {
         Ok(())
     }
 
-    /// Every write up to this sequence is applied to all its tables.
-    pub(crate) fn visible_seq(&self) -> u64 {
-        self.engine.visible_seq()
-    }
-
     fn shutdown(&self) -> Result<(), Error> {
         if !self.engine.begin_close() {
             return Ok(());
         }
         stop_periodic(&self.persister);
+        stop_periodic(&self.collector);
         self.stop_views();
         self.engine.seal();
         let closed = self.engine.finish_close();

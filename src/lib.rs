@@ -64,5 +64,5 @@ pub use ingest::prepare::ImportCheck;
 pub use storage::catalog::{CatalogError, ColumnKind, FieldType};
 pub use storage::segment::SegmentError;
 pub use storage::wal::{IoFaults, ReplayReport, WalError};
-pub use subscribe::encode::{error_json, message_arrow, message_json};
 pub use subscribe::{ChangeBatch, ChangeKind, Op, SubscribeError, SubscribeOptions, Subscription};
+pub use subscribe::{error_json, message_arrow, message_json};

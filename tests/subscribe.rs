@@ -456,6 +456,46 @@ fn an_aggregate_query_is_kept_current_by_one_shared_view() {
 }
 
 #[test]
+fn idle_shared_views_are_dropped_on_a_timer() {
+    // Nobody subscribes again: the collector, not the next subscription, drops the view.
+    let rt = rt();
+    let db = Db::open_with(Config {
+        durability: Durability::None,
+        subscribe_log_age: Duration::from_millis(50),
+        ..Config::default()
+    })
+    .expect("open");
+    db.write_lines("main", "cpu,host=a u=1 1", Precision::Second)
+        .expect("write");
+    let shared = "SELECT count(*) FROM system.views WHERE name LIKE 'rivulet_sub_%'";
+    rt.block_on(async {
+        let sub = db
+            .subscribe(
+                "SELECT host, max(u) AS top FROM cpu GROUP BY host",
+                fast(None),
+            )
+            .await
+            .expect("subscribe");
+        let views = db.sql(shared).await.expect("views");
+        assert_eq!(rows(&views[0]), [["1"]]);
+        drop(sub);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let views = db.sql(shared).await.expect("views");
+            if rows(&views[0]) == [["0"]] {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the idle shared view was not dropped"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    db.close().expect("close");
+}
+
+#[test]
 fn on_window_close_sends_only_final_windows() {
     let rt = rt();
     let db = memory();

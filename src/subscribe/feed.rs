@@ -17,8 +17,8 @@ use datafusion::execution::SessionState;
 use datafusion::logical_expr::{Expr, LogicalPlan};
 use datafusion::physical_expr::PhysicalExpr;
 
-use super::{Entry, EntryData, Op, Source, SourceKind, SubscribeError};
-use crate::db::DbInner;
+use super::log::{Entry, EntryData, Source, SourceKind};
+use super::{Op, SubscribeError};
 use crate::error::Error;
 use crate::storage::catalog::TIME_COLUMN;
 use crate::storage::table::Table;
@@ -101,7 +101,7 @@ pub(crate) fn needs_view(plan: &LogicalPlan) -> bool {
 
 /// Finds what `plan` (unoptimized, as planned from SQL) reads and computes.
 pub(crate) fn analyse(
-    db: &DbInner,
+    views: &crate::views::Views,
     default_db: &str,
     plan: &LogicalPlan,
 ) -> Result<Analysed, Error> {
@@ -130,9 +130,9 @@ pub(crate) fn analyse(
         )));
     }
     let table = name.table();
-    let source = match db.views.get(database, table) {
+    let source = match views.get(database, table) {
         Some(v) => Target::View(v),
-        None => match db.engine.catalog().table(database, table) {
+        None => match views.engine.catalog().table(database, table) {
             Some(t) => Target::Table(t),
             None => return Err(unsupported(format!("no table or view '{name}'"))),
         },

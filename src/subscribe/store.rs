@@ -29,7 +29,7 @@ use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
 use parking_lot::Mutex;
 
-use super::{Entry, EntryData, Log, LogLimits, Source};
+use super::log::{Entry, EntryData, Log, LogLimits, Source};
 use crate::views::View;
 
 const START: u8 = 1;

@@ -357,7 +357,7 @@ impl Views {
         Ok(view)
     }
 
-    fn drop_view(&self, db: &str, name: &str, if_exists: bool) -> Result<bool, Error> {
+    pub(crate) fn drop_view(&self, db: &str, name: &str, if_exists: bool) -> Result<bool, Error> {
         let Some(view) = self.get(db, name) else {
             if if_exists {
                 return Ok(false);

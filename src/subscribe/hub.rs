@@ -1,0 +1,295 @@
+//! The hub: every source's change log, fed by the group-commit step (tables, through
+//! [`ApplyObserver`]) and by the view worker (views, through [`ViewObserver`]).
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Instant;
+
+use arrow::array::{Array, BooleanArray, RecordBatch};
+use parking_lot::RwLock;
+
+use super::log::{Entry, EntryData, LogLimits, Source, SourceKind};
+use super::store;
+use crate::storage::buffer::Chunk;
+use crate::storage::commit::ApplyObserver;
+use crate::storage::engine::Engine;
+use crate::storage::table::Table;
+use crate::views::{View, ViewObserver, Views};
+
+/// Every source with a change log.
+pub(crate) struct Hub {
+    pub(super) engine: Arc<Engine>,
+    pub(super) views: Arc<Views>,
+    /// What a subscription holds to keep the database open while it lives (the facade).
+    keep_alive: OnceLock<Weak<dyn Any + Send + Sync>>,
+    pub(super) tables: RwLock<HashMap<u64, Arc<Source>>>,
+    pub(super) view_logs: RwLock<HashMap<u64, Arc<Source>>>,
+    pub(super) limits: LogLimits,
+    store: Option<store::Store>,
+    /// The last write the commit step has shown to [`ApplyObserver::applied`].
+    observed: AtomicU64,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub").finish_non_exhaustive()
+    }
+}
+
+impl ApplyObserver for Hub {
+    fn applied(&self, seq: u64, chunks: &[(Arc<Table>, Arc<Chunk>)]) {
+        let tables = self.tables.read();
+        // Under the read lock: a table log created later starts after this write.
+        self.observed.fetch_max(seq, Ordering::AcqRel);
+        if tables.is_empty() {
+            return;
+        }
+        for (table, chunk) in chunks {
+            if let Some(source) = tables.get(&table.id) {
+                let entry = Entry {
+                    seq,
+                    applied: seq,
+                    bytes: chunk.batch.get_array_memory_size(),
+                    data: EntryData::Chunk(chunk.clone()),
+                    at: Instant::now(),
+                    watermark: None,
+                };
+                let mut log = source.log.lock();
+                source.push(&mut log, entry, self.limits.bytes, self.limits.age);
+            }
+        }
+    }
+
+    fn published(&self, seq: u64) {
+        let tables = self.tables.read();
+        for source in tables.values() {
+            if source.dirty.swap(false, Ordering::AcqRel) {
+                source.notify(seq);
+            }
+        }
+    }
+}
+
+impl Hub {
+    pub(crate) fn new(engine: Arc<Engine>, views: Arc<Views>, limits: LogLimits) -> Hub {
+        let dir = engine.data_dir.clone();
+        Hub {
+            engine,
+            views,
+            keep_alive: OnceLock::new(),
+            tables: RwLock::new(HashMap::new()),
+            view_logs: RwLock::new(HashMap::new()),
+            limits,
+            store: dir.map(store::Store::new),
+            observed: AtomicU64::new(0),
+        }
+    }
+
+    /// Sets what every subscription keeps alive while it lives (the database handle, so a
+    /// subscription outliving the `Db` it came from keeps working).
+    pub(crate) fn keep_alive(&self, handle: Weak<dyn Any + Send + Sync>) {
+        let _ = self.keep_alive.set(handle);
+    }
+
+    /// A strong handle on what [`Hub::keep_alive`] named.
+    pub(super) fn hold(&self) -> Option<Arc<dyn Any + Send + Sync>> {
+        self.keep_alive.get().and_then(Weak::upgrade)
+    }
+
+    /// Plans a subscription's query (also its snapshot): a plain query, waiting for the views
+    /// it reads like any query. Statements are refused.
+    pub(super) async fn plan(
+        &self,
+        db: &str,
+        sql: &str,
+        databases: Option<&[String]>,
+    ) -> Result<datafusion::dataframe::DataFrame, crate::error::Error> {
+        if self.engine.is_closed() {
+            return Err(crate::error::Error::Closed);
+        }
+        if crate::views::ddl::parse(sql).is_some() || crate::query::admin::parse(sql).is_some() {
+            return Err(super::SubscribeError::Unsupported(
+                "statements cannot be subscribed to; subscribe to a SELECT".to_string(),
+            )
+            .into());
+        }
+        self.views.plan_read(db, sql, false, databases).await
+    }
+
+    pub(super) fn visible(&self) -> u64 {
+        self.engine.visible_seq()
+    }
+
+    /// The log of `view`, created (from its stored log, if any) on first use.
+    pub(crate) fn view_source(&self, view: &Arc<View>) -> Arc<Source> {
+        if let Some(s) = self.view_logs.read().get(&view.table.id) {
+            return s.clone();
+        }
+        let mut views = self.view_logs.write();
+        views
+            .entry(view.table.id)
+            .or_insert_with(|| {
+                let source = Source::new(SourceKind::View(view.clone()), self.visible());
+                if let Some(store) = &self.store {
+                    store.load(view, &source, self.limits);
+                }
+                {
+                    let mut log = source.log.lock();
+                    if log.watermark.is_none() {
+                        log.watermark = crate::views::emit::watermark(view);
+                    }
+                }
+                Arc::new(source)
+            })
+            .clone()
+    }
+
+    /// The log of base table `table`, created on first use (starting now).
+    pub(super) fn table_source(&self, table: &Arc<Table>) -> Arc<Source> {
+        let mut tables = self.tables.write();
+        // Table logs nobody subscribed to for a log age are dropped.
+        let age = self.limits.age;
+        tables.retain(|_, s| {
+            s.subscribers.load(Ordering::Acquire) > 0
+                || s.idle_since.lock().is_none_or(|t| t.elapsed() < age)
+        });
+        // Every write after `start` reaches the log: writes the commit step has shown to the
+        // observer so far (they skipped this log) are at most `observed`.
+        let start = self.visible().max(self.observed.load(Ordering::Acquire));
+        tables
+            .entry(table.id)
+            .or_insert_with(|| Arc::new(Source::new(SourceKind::Table(table.clone()), start)))
+            .clone()
+    }
+
+    /// The view worker is about to write rows of `views`.
+    pub(crate) fn begin_write(&self, views: &[Arc<View>]) {
+        for v in views {
+            let source = self.view_source(v);
+            let mut log = source.log.lock();
+            let visible = self.visible();
+            log.complete = source.frontier(&log, visible);
+            log.writing = true;
+        }
+    }
+
+    /// The view worker wrote `rows` (storage rows) of `view` as write `seq`, reflecting source
+    /// writes up to `applied`; `extra` are rows of windows that became final (on window close).
+    pub(crate) fn view_written(
+        &self,
+        view: &Arc<View>,
+        seq: Option<u64>,
+        applied: u64,
+        rows: Option<(RecordBatch, BooleanArray)>,
+        watermark: Option<i64>,
+    ) {
+        let source = self.view_source(view);
+        let mut log = source.log.lock();
+        log.writing = false;
+        if let (Some(seq), Some((rows, deleted))) = (seq, rows)
+            && rows.num_rows() > 0
+        {
+            log.complete = log.complete.max(seq);
+            let entry = Entry {
+                seq,
+                applied,
+                bytes: rows.get_array_memory_size() + deleted.get_array_memory_size(),
+                data: EntryData::View { rows, deleted },
+                at: Instant::now(),
+                watermark,
+            };
+            source.push(&mut log, entry, self.limits.bytes, self.limits.age);
+            if let (Some(store), Some(entry)) = (&self.store, log.entries.back()) {
+                store.append(view, entry, &log, self.limits);
+            }
+        }
+        log.watermark = watermark.or(log.watermark);
+        drop(log);
+        source.dirty.store(false, Ordering::Release);
+        if let Some(seq) = seq {
+            source.notify(seq);
+        }
+    }
+
+    /// A view was (re)computed from scratch (backfill, having applied writes up to `applied`):
+    /// earlier positions cannot resume.
+    pub(crate) fn view_reset(&self, view: &Arc<View>, applied: u64) {
+        let source = self.view_source(view);
+        let visible = self.visible();
+        let mut log = source.log.lock();
+        log.entries.clear();
+        log.bytes = 0;
+        log.start = log.start.max(visible);
+        log.complete = log.complete.max(visible);
+        if let Some(store) = &self.store {
+            store.reset(view, log.start, applied);
+        }
+    }
+
+    /// The view stored in table `id` was dropped.
+    pub(crate) fn view_dropped(&self, id: u64, name: &str) {
+        if let Some(source) = self.view_logs.write().remove(&id) {
+            source.close(&format!("materialized view '{name}' was dropped"));
+        }
+        if let Some(store) = &self.store {
+            store.remove(id);
+        }
+    }
+
+    /// Every subscription ends (the database is closing).
+    pub(crate) fn close_all(&self) {
+        for s in self
+            .view_logs
+            .read()
+            .values()
+            .chain(self.tables.read().values())
+        {
+            s.close("the database is closing");
+        }
+    }
+
+    /// Subscribers connected now (for metrics).
+    pub(crate) fn subscribers(&self) -> usize {
+        self.view_logs
+            .read()
+            .values()
+            .chain(self.tables.read().values())
+            .map(|s| s.subscribers.load(Ordering::Acquire))
+            .sum()
+    }
+}
+
+impl ViewObserver for Hub {
+    fn loaded(&self, view: &Arc<View>) {
+        self.view_source(view);
+    }
+
+    fn begin_write(&self, views: &[Arc<View>]) {
+        Hub::begin_write(self, views);
+    }
+
+    fn written(
+        &self,
+        view: &Arc<View>,
+        seq: Option<u64>,
+        applied: u64,
+        rows: Option<(RecordBatch, BooleanArray)>,
+        watermark: Option<i64>,
+    ) {
+        self.view_written(view, seq, applied, rows, watermark);
+    }
+
+    fn reset(&self, view: &Arc<View>, applied: u64) {
+        self.view_reset(view, applied);
+    }
+
+    fn dropped(&self, id: u64, name: &str) {
+        self.view_dropped(id, name);
+    }
+
+    fn emitted_watermark(&self, view: &Arc<View>) -> Option<i64> {
+        self.view_source(view).log.lock().watermark
+    }
+}
