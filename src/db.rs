@@ -19,11 +19,10 @@ use parking_lot::Mutex;
 use crate::config::{Config, Durability};
 use crate::error::Error;
 use crate::ingest::WriteError;
+use crate::ingest::batch::{prepare_batch, prepare_system_batch};
+use crate::ingest::check::{ImportCheck, check_lines};
 use crate::ingest::line_protocol::{self, LineError, ParseOptions, Precision};
-use crate::ingest::prepare::{
-    ImportCheck, PreparedWrite, WriteSummary, check_lines, prepare_batch, prepare_lines,
-    prepare_system_batch,
-};
+use crate::ingest::prepare::{PreparedWrite, WriteSummary, prepare_lines};
 use crate::query::QueryEngine;
 use crate::storage::catalog::{Catalog, check_database_name};
 use crate::storage::engine::{Engine, Origin, StorageError, WriteSet};

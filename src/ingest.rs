@@ -1,6 +1,10 @@
-//! Ingest: line protocol parsing and turning rows into per-table Arrow chunks.
+//! Ingest: line protocol parsing and turning rows (lines or Arrow batches) into per-table
+//! Arrow chunks checked against the catalog. Pure: nothing here writes; the storage engine
+//! logs and applies what it prepares.
 
+pub(crate) mod batch;
 pub(crate) mod builder;
+pub(crate) mod check;
 pub mod line_protocol;
 pub(crate) mod prepare;
 

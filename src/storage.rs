@@ -8,6 +8,7 @@ pub(crate) mod engine;
 pub(crate) mod last;
 pub(crate) mod layout;
 pub(crate) mod manifest;
+mod open;
 pub(crate) mod persist;
 pub(crate) mod segment;
 pub(crate) mod segment_scan;

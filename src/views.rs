@@ -20,6 +20,7 @@
 //! 5. queries reading a view wait until it has applied every write visible when they started
 //!    ([`Views::plan_read`]).
 
+mod backfill;
 mod check;
 pub(crate) mod ddl;
 pub(crate) mod emit;
@@ -48,7 +49,7 @@ pub(crate) use queue::ViewsShared;
 
 use crate::error::Error;
 use crate::ingest::WriteError;
-use crate::ingest::prepare::prepare_system_batch;
+use crate::ingest::batch::prepare_system_batch;
 use crate::query::QueryEngine;
 use crate::storage::buffer::Chunk;
 use crate::storage::commit::ApplyObserver;

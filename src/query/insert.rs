@@ -13,7 +13,7 @@ use datafusion::physical_plan::{DisplayAs, DisplayFormatType};
 use futures::TryStreamExt;
 
 use crate::error::Error;
-use crate::ingest::prepare::prepare_batch;
+use crate::ingest::batch::prepare_batch;
 use crate::storage::engine::{Engine, Origin};
 
 /// Writes the rows of an `INSERT` into one table.

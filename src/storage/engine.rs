@@ -25,7 +25,7 @@ use super::buffer::Chunk;
 use super::catalog::{Catalog, CatalogError, ColumnDef, Database, check_database_name};
 use super::commit::{ApplyObserver, CommitQueue, PendingApply};
 use super::manifest::Manifest;
-use super::segment::{Segment, SegmentError};
+use super::segment::SegmentError;
 use super::table::Table;
 use super::wal::{self, ReplayReport, WalError, WalWriter};
 use crate::config::{Config, Durability};
@@ -191,11 +191,11 @@ impl Engine {
         }
         let (sled, dir_lock, wal_dir) = match &config.data_dir {
             Some(dir) => {
-                let lock = lock_directory(dir)?;
+                let lock = super::open::lock_directory(dir)?;
                 let wal_dir = dir.join("wal");
                 std::fs::create_dir_all(&wal_dir)
                     .map_err(|e| StorageError::io("creating", &wal_dir, e))?;
-                let sled = open_sled(&dir.join("catalog"))?;
+                let sled = super::open::open_sled(&dir.join("catalog"))?;
                 (sled, Some(lock), Some(wal_dir))
             }
             None => {
@@ -216,7 +216,7 @@ impl Engine {
                 let manifest = Manifest::open(catalog.sled())?;
                 manifest.check_partition(partition_len)?;
                 super::layout::migrate(dir, &catalog, &manifest, partition_len)?;
-                persisted_seq = load_segments(&catalog, &manifest, dir)?;
+                persisted_seq = super::open::load_segments(&catalog, &manifest, dir)?;
                 Some(manifest)
             }
             None => None,
@@ -226,7 +226,7 @@ impl Engine {
         let mut replay = ReplayReport::default();
         if let Some(wal_dir) = &wal_dir {
             replay = wal::replay(wal_dir, |payload| {
-                replay_record(&catalog, payload, persisted_seq, prepare)
+                super::open::replay_record(&catalog, payload, persisted_seq, prepare)
             })
             .map_err(StorageError::Replay)?;
             if let Some((path, offset, reason)) = &replay.truncated_tail {
@@ -249,7 +249,7 @@ impl Engine {
             .as_ref()
             .map(|dir| WalWriter::new(dir, config.wal_segment_bytes, config.io_faults.clone()));
         let commit = CommitQueue::new(next_seq - 1, config.durability, config.io_faults.clone());
-        let runtime = compaction_runtime(config.data_dir.as_deref())?;
+        let runtime = super::open::compaction_runtime(config.data_dir.as_deref())?;
         Ok(Engine {
             catalog,
             writer: Mutex::new(Writer { wal, next_seq }),
@@ -564,158 +564,14 @@ impl Engine {
     }
 }
 
-/// Takes the data directory's exclusive lock (`LOCK`, an OS advisory lock).
-fn lock_directory(dir: &Path) -> Result<File, StorageError> {
-    let lock_path = dir.join("LOCK");
-    let lock = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|e| StorageError::io("opening", &lock_path, e))?;
-    match lock.try_lock() {
-        Ok(()) => Ok(lock),
-        Err(std::fs::TryLockError::WouldBlock) => Err(StorageError::Locked(dir.to_path_buf())),
-        Err(std::fs::TryLockError::Error(e)) => Err(StorageError::io("locking", &lock_path, e)),
-    }
-}
-
-/// Opens the catalog's sled database. Our own `LOCK` file already excludes other processes, so
-/// a busy sled lock can only be a previous handle of this process whose background threads are
-/// still letting go of it (sled releases its lock asynchronously): retry for a moment.
-fn open_sled(path: &Path) -> Result<sled::Db, StorageError> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        // No periodic flusher: the WAL makes catalog changes durable, and close flushes.
-        match sled::Config::new().path(path).flush_every_ms(None).open() {
-            Ok(db) => return Ok(db),
-            Err(sled::Error::Io(e))
-                if e.to_string().contains("could not acquire lock")
-                    && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            Err(e) => return Err(CatalogError::from(e).into()),
-        }
-    }
-}
-
-/// The DataFusion runtime compaction runs its merge in.
-fn compaction_runtime(
-    data_dir: Option<&Path>,
-) -> Result<Arc<datafusion::execution::runtime_env::RuntimeEnv>, StorageError> {
-    let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
-        .build_arc()
-        .map_err(|e| SegmentError::Layout(format!("compaction runtime: {e}")))?;
-    if let Some(dir) = data_dir {
-        super::layout::register_store(&runtime, dir)?;
-    }
-    Ok(runtime)
-}
-
-/// Loads the manifest into the tables' segment lists, raises each table's series floor to its
-/// latest persisted time, and removes unlisted files. Returns the persisted sequence.
-fn load_segments(catalog: &Catalog, manifest: &Manifest, dir: &Path) -> Result<u64, StorageError> {
-    let (metas, persisted_seq) = manifest.load()?;
-    let mut tables = std::collections::HashMap::new();
-    for db in catalog.databases() {
-        for table in db.tables() {
-            tables.insert(table.id, table);
-        }
-    }
-    let mut known = std::collections::HashSet::new();
-    let mut by_table: std::collections::HashMap<u64, Vec<Arc<Segment>>> =
-        std::collections::HashMap::new();
-    for meta in metas {
-        let segment = Segment::new(meta, dir);
-        if !segment.path.exists() {
-            return Err(SegmentError::Manifest(format!(
-                "segment {} is registered but missing",
-                segment.path.display()
-            ))
-            .into());
-        }
-        known.insert(segment.path.clone());
-        by_table
-            .entry(segment.meta.table_id)
-            .or_default()
-            .push(Arc::new(segment));
-    }
-    for (id, segments) in by_table {
-        let Some(table) = tables.get(&id) else {
-            return Err(SegmentError::Manifest(format!(
-                "segments are registered for table id {id}, which the catalog does not have"
-            ))
-            .into());
-        };
-        let latest = segments
-            .iter()
-            .map(|s| s.meta.max_time)
-            .max()
-            .unwrap_or(i64::MIN);
-        table.series.lock().raise_floor(latest);
-        table.buffer.write().replace_segments(&[], segments, None);
-    }
-    // Each table's last-point state as of the persisted sequence (replay adds later writes).
-    for (id, table) in &tables {
-        let Some(bytes) = manifest.get(&format!("last/{id:016x}"))? else {
-            continue;
-        };
-        let schema = table.schema();
-        let mut series = table.series.lock();
-        let mut last = table.last.lock();
-        for batch in super::persist::decode_ipc(&bytes)? {
-            let projected = super::buffer::to_table_schema(&batch, &schema)?;
-            last.load(&schema, projected, &mut series)?;
-        }
-    }
-    let table_dirs = catalog
-        .databases()
-        .iter()
-        .flat_map(|db| {
-            db.tables()
-                .into_iter()
-                .map(|t| super::layout::table_dir(db.id, t.id))
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    super::layout::remove_unlisted(dir, &known, &table_dirs)?;
-    Ok(persisted_seq)
-}
-
-/// Applies one replayed WAL record: re-creates missing catalog entries and fills the buffers.
-fn replay_record(
-    catalog: &Catalog,
-    payload: &[u8],
-    persisted_seq: u64,
-    prepare: ReplayPrepare<'_>,
-) -> Result<u64, WalError> {
-    let seq = u64::from_le_bytes(payload[..8].try_into().unwrap_or([0; 8]));
-    if seq <= persisted_seq {
-        // Already in segments.
-        return Ok(seq);
-    }
-    let record = wal::decode_write(payload)?;
-    let seq = record.seq;
-    let fail = |reason: String| WalError::Record {
-        seq,
-        op: "replayed",
-        reason,
-    };
-    for (table, batch) in &record.tables {
-        let prepared = prepare(catalog, &record.db, table, batch).map_err(fail)?;
-        let chunks = publish(catalog, prepared, seq).map_err(|e| fail(e.to_string()))?;
-        for (table, chunk) in chunks {
-            table.apply(chunk);
-        }
-    }
-    Ok(seq)
-}
-
-type SequencedChunks = Vec<(Arc<Table>, Arc<Chunk>)>;
+pub(super) type SequencedChunks = Vec<(Arc<Table>, Arc<Chunk>)>;
 
 /// Publishes a prepared write's catalog changes and stamps its chunks with `seq`.
-fn publish(catalog: &Catalog, set: WriteSet, seq: u64) -> Result<SequencedChunks, CatalogError> {
+pub(super) fn publish(
+    catalog: &Catalog,
+    set: WriteSet,
+    seq: u64,
+) -> Result<SequencedChunks, CatalogError> {
     let db = match set.db {
         Some(db) => db,
         None => catalog.ensure_database(&set.db_name)?,

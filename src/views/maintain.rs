@@ -32,8 +32,8 @@ pub(crate) struct Out {
 
 /// Rows a round writes to the view's storage table.
 #[derive(Default)]
-struct Writes {
-    batches: Vec<RecordBatch>,
+pub(super) struct Writes {
+    pub(super) batches: Vec<RecordBatch>,
 }
 
 fn query_error(m: String) -> Error {
@@ -59,11 +59,11 @@ pub(crate) async fn round(
         )
     };
     if backfill {
-        backfill_view(db, view, upto).await?;
+        super::backfill::backfill_view(db, view, upto).await?;
         let source_max = view
             .primary_id
             .and_then(|id| db.engine.table_by_id(id))
-            .and_then(|t| extent(&t))
+            .and_then(|t| super::backfill::extent(&t))
             .map(|(_, hi)| hi);
         if let Some(m) = source_max {
             let mut st = view.status.lock();
@@ -154,11 +154,18 @@ fn coalesce(mut ranges: Vec<(i64, i64)>) -> Vec<(i64, i64)> {
     out
 }
 
+/// Keys of a keyed aggregate view's dirty groups (one value set per key tag); None: whole
+/// buckets.
+type DirtyKeys = Option<Vec<std::collections::BTreeSet<String>>>;
+
+/// The incremental path: appended rows are transformed (and, for aggregates, their states
+/// merged into the stored ones); chunks that may overwrite, late ones and fenced ones mark
+/// their time buckets dirty, which are recomputed whole from stored data.
 async fn incremental(
     db: &Views,
     view: &Arc<View>,
     chunks: Vec<Arc<Chunk>>,
-    mut ranges: Vec<(i64, i64)>,
+    ranges: Vec<(i64, i64)>,
     fences: &[(i64, i64, u64)],
     max_before: Option<i64>,
     upto: u64,
@@ -179,62 +186,12 @@ async fn incremental(
                 .count() as u64;
         }
     }
-    // Dirty windows come from chunks only (no pending or upstream ranges): an aggregate view
-    // keyed by source tags recomputes just the keys those chunks hold.
-    let mut keys: Option<Vec<std::collections::BTreeSet<String>>> = plan
-        .keyed
-        .as_ref()
-        .filter(|_| ranges.is_empty())
-        .map(|k| vec![Default::default(); k.tags.len()]);
-    let mut appends: Vec<Arc<Chunk>> = Vec::new();
-    for c in chunks {
-        let fenced = fences
-            .iter()
-            .any(|&(lo, hi, seq)| c.seq <= seq && c.max_time >= lo && c.min_time <= hi);
-        if plan.strategy == Strategy::Recompute || c.overlaps || c.over_persisted || fenced {
-            ranges.push((c.min_time, c.max_time));
-            if let (Some(k), Some(keyed)) = (&mut keys, &plan.keyed)
-                && !key_values(&c, keyed, k)?
-            {
-                keys = None;
-            }
-        } else {
-            appends.push(c);
-        }
-    }
-    let keys: Option<Vec<Vec<String>>> =
-        keys.map(|k| k.into_iter().map(|s| s.into_iter().collect()).collect());
+    let (appends, ranges, keys) = classify(view, chunks, ranges, fences)?;
     if plan.time == TimeMap::None && !ranges.is_empty() {
         // Overwrites in a view without time buckets: everything is one window.
         return recompute_all(db, view, upto).await;
     }
-    // Dirty windows, as whole buckets, from `floor` on: with `late = 'drop'` final windows
-    // are not recomputed (late points stay out), and windows whose source rows retention may
-    // have dropped are kept as they are (a recompute would lose what the view still holds).
-    let mut floor = i64::MIN;
-    if let Some(w) = watermark {
-        floor = floor.max(plan.time.bucket(w));
-    }
-    if let Some(h) = retention_horizon(db, view) {
-        let first_whole = plan.time.bucket(h);
-        floor = floor.max(if first_whole < h {
-            plan.time.bucket_end(h)
-        } else {
-            first_whole
-        });
-    }
-    let dirty_out: Vec<(i64, i64)> = coalesce(
-        ranges
-            .iter()
-            .filter_map(|&(lo, hi)| {
-                let lo = lo.max(floor);
-                if lo > hi {
-                    return None;
-                }
-                plan.time.out_range(lo, hi)
-            })
-            .collect(),
-    );
+    let dirty_out = dirty_windows(db, view, &ranges, watermark);
     let mut out_ranges = dirty_out.clone();
     let dirty_src: Vec<(i64, i64)> = dirty_out
         .iter()
@@ -242,34 +199,11 @@ async fn incremental(
         .collect();
 
     let mut writes = Writes::default();
-    // Appended rows outside the dirty windows (those are recomputed whole).
-    let mut rows: Vec<RecordBatch> = Vec::new();
-    for c in &appends {
-        let times = time_values(&c.batch)?;
-        let keep: BooleanArray = times
-            .iter()
-            .map(|&t| {
-                let late = watermark.is_some_and(|w| plan.time.bucket_end(t) <= w);
-                Some(!late && !dirty_src.iter().any(|&(lo, hi)| t >= lo && t <= hi))
-            })
-            .collect();
-        let kept = filter_record_batch(&c.batch, &keep)?;
-        if kept.num_rows() > 0 {
-            rows.push(kept);
-        }
-    }
-    if !rows.is_empty() {
-        let produced = run(db, view, Some(TableOverride::Rows(rows)), upto, None).await?;
-        let mut new = conform(view, &produced, false)?;
-        if new.num_rows() > 0 {
-            let (lo, hi) = crate::storage::buffer::min_max(time_values(&new)?);
-            if plan.strategy == Strategy::Aggregate {
-                let stored = read_stored(db, view, lo, hi, upto, None).await?;
-                new = merge_states(view, new, stored).await?;
-            }
-            out_ranges.push((lo, hi));
-            writes.batches.push(new);
-        }
+    if let Some((new, range)) =
+        appended_rows(db, view, &appends, watermark, &dirty_src, upto).await?
+    {
+        out_ranges.push(range);
+        writes.batches.push(new);
     }
     let mut fences_added = Vec::new();
     for &(lo, hi) in &dirty_out {
@@ -295,8 +229,123 @@ async fn incremental(
     })
 }
 
+/// Splits a round's chunks into plain appends and dirty source ranges (added to `ranges`),
+/// with the keys of the dirty groups of a keyed aggregate view.
+#[allow(clippy::type_complexity)]
+fn classify(
+    view: &View,
+    chunks: Vec<Arc<Chunk>>,
+    mut ranges: Vec<(i64, i64)>,
+    fences: &[(i64, i64, u64)],
+) -> Result<(Vec<Arc<Chunk>>, Vec<(i64, i64)>, Option<Vec<Vec<String>>>), Error> {
+    let plan = &view.plan;
+    // Dirty windows come from chunks only (no pending or upstream ranges): an aggregate view
+    // keyed by source tags recomputes just the keys those chunks hold.
+    let mut keys: DirtyKeys = plan
+        .keyed
+        .as_ref()
+        .filter(|_| ranges.is_empty())
+        .map(|k| vec![Default::default(); k.tags.len()]);
+    let mut appends: Vec<Arc<Chunk>> = Vec::new();
+    for c in chunks {
+        let fenced = fences
+            .iter()
+            .any(|&(lo, hi, seq)| c.seq <= seq && c.max_time >= lo && c.min_time <= hi);
+        if plan.strategy == Strategy::Recompute || c.overlaps || c.over_persisted || fenced {
+            ranges.push((c.min_time, c.max_time));
+            if let (Some(k), Some(keyed)) = (&mut keys, &plan.keyed)
+                && !key_values(&c, keyed, k)?
+            {
+                keys = None;
+            }
+        } else {
+            appends.push(c);
+        }
+    }
+    let keys = keys.map(|k| k.into_iter().map(|s| s.into_iter().collect()).collect());
+    Ok((appends, ranges, keys))
+}
+
+/// The dirty windows, as whole output buckets, from a floor on: with `late = 'drop'` final
+/// windows are not recomputed (late points stay out), and windows whose source rows retention
+/// may have dropped are kept as they are (a recompute would lose what the view still holds).
+fn dirty_windows(
+    db: &Views,
+    view: &View,
+    ranges: &[(i64, i64)],
+    watermark: Option<i64>,
+) -> Vec<(i64, i64)> {
+    let plan = &view.plan;
+    let mut floor = i64::MIN;
+    if let Some(w) = watermark {
+        floor = floor.max(plan.time.bucket(w));
+    }
+    if let Some(h) = retention_horizon(db, view) {
+        let first_whole = plan.time.bucket(h);
+        floor = floor.max(if first_whole < h {
+            plan.time.bucket_end(h)
+        } else {
+            first_whole
+        });
+    }
+    coalesce(
+        ranges
+            .iter()
+            .filter_map(|&(lo, hi)| {
+                let lo = lo.max(floor);
+                if lo > hi {
+                    return None;
+                }
+                plan.time.out_range(lo, hi)
+            })
+            .collect(),
+    )
+}
+
+/// The view rows of the appended rows outside the dirty windows (those are recomputed whole)
+/// and not late, merged into the stored states for aggregates, with their time range.
+async fn appended_rows(
+    db: &Views,
+    view: &Arc<View>,
+    appends: &[Arc<Chunk>],
+    watermark: Option<i64>,
+    dirty_src: &[(i64, i64)],
+    upto: u64,
+) -> Result<Option<(RecordBatch, (i64, i64))>, Error> {
+    let plan = &view.plan;
+    let mut rows: Vec<RecordBatch> = Vec::new();
+    for c in appends {
+        let times = time_values(&c.batch)?;
+        let keep: BooleanArray = times
+            .iter()
+            .map(|&t| {
+                let late = watermark.is_some_and(|w| plan.time.bucket_end(t) <= w);
+                Some(!late && !dirty_src.iter().any(|&(lo, hi)| t >= lo && t <= hi))
+            })
+            .collect();
+        let kept = filter_record_batch(&c.batch, &keep)?;
+        if kept.num_rows() > 0 {
+            rows.push(kept);
+        }
+    }
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let produced = run(db, view, Some(TableOverride::Rows(rows)), upto, None).await?;
+    let mut new = conform(view, &produced, false)?;
+    if new.num_rows() == 0 {
+        return Ok(None);
+    }
+    let (lo, hi) = crate::storage::buffer::min_max(time_values(&new)?);
+    if plan.strategy == Strategy::Aggregate {
+        let stored = read_stored(db, view, lo, hi, upto, None).await?;
+        new = merge_states(view, new, stored).await?;
+    }
+    Ok(Some((new, (lo, hi))))
+}
+
 /// Recomputes the whole view.
-async fn recompute_all(db: &Views, view: &Arc<View>, upto: u64) -> Result<Out, Error> {
+pub(super) async fn recompute_all(db: &Views, view: &Arc<View>, upto: u64) -> Result<Out, Error> {
     let (new, deleted) = recompute(db, view, None, (i64::MIN, i64::MAX), upto, None).await?;
     if view.plan.strategy == Strategy::Aggregate {
         // The read may have seen writes after `upto`: they must not be merged again.
@@ -318,7 +367,7 @@ async fn recompute_all(db: &Views, view: &Arc<View>, upto: u64) -> Result<Out, E
 ///
 /// With `keys` (one value list per key tag of a keyed aggregate view), only those keys'
 /// groups are recomputed and compared.
-async fn recompute(
+pub(super) async fn recompute(
     db: &Views,
     view: &Arc<View>,
     source: Option<(i64, i64)>,
@@ -361,7 +410,7 @@ fn retention_horizon(db: &Views, view: &View) -> Option<i64> {
 /// The sequence maintenance reads at: at least the round's last write. The worker may run
 /// before the commit step that handed it the write has published the visible sequence, but
 /// every write up to `upto` is already applied to the buffers.
-fn read_seq(db: &Views, upto: u64) -> u64 {
+pub(super) fn read_seq(db: &Views, upto: u64) -> u64 {
     db.engine.visible_seq().max(upto)
 }
 
@@ -586,7 +635,7 @@ fn rows_of(view: &View, writes: Writes) -> Result<Option<RecordBatch>, Error> {
 }
 
 /// Writes rows of one view now, with its applied sequence (backfill pieces).
-async fn write(db: &Views, view: &View, writes: Writes, upto: u64) -> Result<(), Error> {
+pub(super) async fn write(db: &Views, view: &View, writes: Writes, upto: u64) -> Result<(), Error> {
     let rows = rows_of(view, writes)?;
     let n = rows.as_ref().map_or(0, |r| r.num_rows() as u64);
     let mut tables = vec![(
@@ -639,92 +688,4 @@ pub(crate) fn progress_batch(views: &[String], upto: u64) -> Result<RecordBatch,
             Arc::new(UInt64Array::from(vec![upto; n])),
         ],
     )?)
-}
-
-/// The time extent of a table: segments and buffered chunks.
-fn extent(table: &crate::storage::table::Table) -> Option<(i64, i64)> {
-    let snap = table.buffer.read().snapshot();
-    let mut lo = i64::MAX;
-    let mut hi = i64::MIN;
-    for s in snap.segments.iter() {
-        lo = lo.min(s.meta.min_time);
-        hi = hi.max(s.meta.max_time);
-    }
-    for c in snap.frozen.iter().chain(&snap.chunks) {
-        lo = lo.min(c.min_time);
-        hi = hi.max(c.max_time);
-    }
-    (lo <= hi).then_some((lo, hi))
-}
-
-/// Computes a new view over everything stored, one piece (at least a partition long, a whole
-/// number of buckets) at a time, so memory stays bounded by a piece.
-async fn backfill_view(db: &Views, view: &Arc<View>, upto: u64) -> Result<(), Error> {
-    let plan = &view.plan;
-    let source = view
-        .primary_id
-        .and_then(|id| db.engine.table_by_id(id))
-        .and_then(|t| extent(&t));
-    let stored = extent(&view.table);
-    match (plan.time, source) {
-        (TimeMap::None, _) | (_, None) => {
-            view.status.lock().backfill = Some((0, 1));
-            let out = recompute_all(db, view, upto).await?;
-            let mut writes = Writes::default();
-            writes.batches.extend(out.rows);
-            write(db, view, writes, upto).await?;
-            view.status.lock().backfill = Some((1, 1));
-        }
-        (time, Some((mut lo, mut hi))) => {
-            if let Some((a, b)) = stored {
-                // Rows left by an interrupted backfill or an earlier definition.
-                lo = lo.min(a);
-                hi = hi.max(b);
-            }
-            let partition = (db.engine.config.partition.as_nanos() as i64).max(1);
-            let (start, step) = match time {
-                TimeMap::Bin { stride, .. } => {
-                    let step = ((partition + stride - 1) / stride)
-                        .max(1)
-                        .saturating_mul(stride);
-                    (time.bucket(lo), step)
-                }
-                _ => (lo, partition),
-            };
-            let total = ((hi as i128 - start as i128) / step as i128 + 1) as u64;
-            view.status.lock().backfill = Some((0, total));
-            let mut a = start;
-            let mut done = 0;
-            loop {
-                let b = a.saturating_add(step - 1);
-                let out = match time {
-                    TimeMap::Bin { stride, .. } => (a, b.saturating_sub(stride - 1).max(a)),
-                    _ => (a, b),
-                };
-                let (new, deleted) = recompute(db, view, Some((a, b)), out, upto, None).await?;
-                let fence = (a, b, read_seq(db, upto));
-                let mut writes = Writes::default();
-                writes.batches.extend(deleted);
-                writes.batches.push(new);
-                write(db, view, writes, upto).await?;
-                done += 1;
-                {
-                    let mut st = view.status.lock();
-                    st.backfill = Some((done, total));
-                    if plan.strategy == Strategy::Aggregate {
-                        st.fences.push(fence);
-                    }
-                }
-                if b >= hi || b == i64::MAX {
-                    break;
-                }
-                a = b + 1;
-            }
-        }
-    }
-    db.finish_backfill(view)?;
-    let mut st = view.status.lock();
-    st.backfill = None;
-    st.backfill_pending = false;
-    Ok(())
 }
