@@ -8,25 +8,27 @@
 //! 4. return the sequence.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Weak};
-use std::thread::JoinHandle;
 
 use arrow::array::RecordBatch;
 use datafusion::execution::SendableRecordBatchStream;
-use parking_lot::Mutex;
 
-use crate::config::{Config, Durability};
+use crate::config::Config;
 use crate::error::Error;
 use crate::ingest::WriteError;
-use crate::ingest::batch::{prepare_batch, prepare_system_batch};
+use crate::ingest::batch::prepare_batch;
 use crate::ingest::check::{ImportCheck, check_lines};
 use crate::ingest::line_protocol::{self, LineError, ParseOptions, Precision};
 use crate::ingest::prepare::{PreparedWrite, WriteSummary, prepare_lines};
 use crate::query::QueryEngine;
 use crate::storage::catalog::{Catalog, check_database_name};
-use crate::storage::engine::{Engine, Origin, StorageError, WriteSet};
+use crate::storage::engine::{Engine, Origin, WriteSet};
 use crate::storage::wal::ReplayReport;
+
+mod admin;
+mod background;
+mod open;
 
 pub use crate::storage::persist::{CompactReport, PersistReport};
 pub use crate::views::ViewError;
@@ -77,9 +79,6 @@ pub struct WriteReceipt {
     pub rejected_total: usize,
 }
 
-/// Tells the interval-sync thread to stop.
-type StopSignal = (parking_lot::Mutex<bool>, parking_lot::Condvar);
-
 /// Counters describing a database, for monitoring.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct DbStats {
@@ -117,10 +116,8 @@ pub(crate) struct DbInner {
     /// The storage engine: catalog, WAL, buffers, segments.
     pub(crate) engine: Arc<Engine>,
     pub(crate) query: Arc<QueryEngine>,
-    syncer: Mutex<Option<(JoinHandle<()>, Arc<StopSignal>)>>,
-    persister: Mutex<Option<(JoinHandle<()>, Arc<StopSignal>)>>,
-    /// Drops idle shared subscription views.
-    collector: Mutex<Option<(JoinHandle<()>, Arc<StopSignal>)>>,
+    /// The periodic background threads.
+    threads: background::Threads,
     /// Materialized views: registry, maintenance queue and worker.
     pub(crate) views: Arc<crate::views::Views>,
     /// Change logs of subscribed views and tables.
@@ -173,55 +170,9 @@ impl Db {
     /// Opens a database with explicit settings: takes the directory lock, loads the catalog,
     /// replays the WAL (cutting off a torn tail) and starts a new WAL segment.
     pub fn open_with(config: Config) -> Result<Db, Error> {
-        let replay_prepare = |catalog: &Catalog, db: &str, table: &str, batch: &RecordBatch| {
-            prepare_system_batch(catalog, db, table, batch)
-                .map(|p| p.split().0)
-                .map_err(|e| e.to_string())
-        };
-        let engine = Arc::new(Engine::open(config, &replay_prepare)?);
-        let config = engine.config.clone();
-        let query = Arc::new(
-            QueryEngine::new(
-                engine.clone(),
-                &config.default_database,
-                config.query_memory_limit,
-            )
-            .map_err(|e| Error::Config(format!("query engine: {e}")))?,
-        );
-        let views = crate::views::Views::new(engine.clone(), query.clone());
-        let subs = Arc::new(crate::subscribe::Hub::new(
-            engine.clone(),
-            views.clone(),
-            crate::subscribe::LogLimits {
-                bytes: config.subscribe_log_bytes,
-                age: config.subscribe_log_age,
-            },
-        ));
-        engine.add_observer(&(subs.clone() as Arc<dyn crate::storage::commit::ApplyObserver>));
-        let observer: Weak<dyn crate::views::ViewObserver> = Arc::downgrade(&subs) as _;
-        views.set_observer(observer);
-        let inner = Arc::new(DbInner {
-            query,
-            config,
-            engine: engine.clone(),
-            syncer: Mutex::new(None),
-            persister: Mutex::new(None),
-            collector: Mutex::new(None),
-            views,
-            subs,
-        });
-        let keep: Weak<dyn std::any::Any + Send + Sync> = Arc::downgrade(&inner) as _;
-        inner.subs.keep_alive(keep);
-        inner.engine.recount_buffer();
-        if let Durability::Interval(every) = inner.config.durability {
-            start_syncer(&inner, every);
-        }
-        if inner.config.background && inner.engine.manifest.is_some() {
-            start_persister(&inner);
-        }
-        inner.views.start()?;
-        start_collector(&inner);
-        Ok(Db { inner })
+        Ok(Db {
+            inner: DbInner::open(config)?,
+        })
     }
 
     /// What WAL replay found when this database was opened.
@@ -541,103 +492,13 @@ pub(crate) async fn collect(
     Ok(batches)
 }
 
-fn start_syncer(inner: &Arc<DbInner>, every: std::time::Duration) {
-    *inner.syncer.lock() = spawn_periodic(inner, "rivulet-wal-sync", every, |inner| {
-        match inner.engine.commit.sync_now() {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::error!(error = %e, "interval WAL fsync failed");
-                false
-            }
-        }
-    });
-}
-
-/// A thread named `name` that calls `step` every `every` until the handle is closed or dropped,
-/// or `step` returns false. Stop it with [`stop_periodic`].
-fn spawn_periodic(
-    inner: &Arc<DbInner>,
-    name: &str,
-    every: std::time::Duration,
-    step: impl Fn(&DbInner) -> bool + Send + 'static,
-) -> Option<(JoinHandle<()>, Arc<StopSignal>)> {
-    let stop: Arc<StopSignal> =
-        Arc::new((parking_lot::Mutex::new(false), parking_lot::Condvar::new()));
-    let weak = Arc::downgrade(inner);
-    let stop2 = stop.clone();
-    let handle = std::thread::Builder::new()
-        .name(name.to_string())
-        .spawn(move || {
-            loop {
-                {
-                    let mut stopped = stop2.0.lock();
-                    if !*stopped {
-                        stop2.1.wait_for(&mut stopped, every);
-                    }
-                    if *stopped {
-                        return;
-                    }
-                }
-                let Some(inner) = weak.upgrade() else { return };
-                if !step(&inner) {
-                    return;
-                }
-            }
-        });
-    match handle {
-        Ok(h) => Some((h, stop)),
-        Err(e) => {
-            tracing::error!(error = %e, thread = name, "could not start a background thread");
-            None
-        }
-    }
-}
-
-/// Stops a thread started by [`spawn_periodic`] and waits for it (unless it is the caller: the
-/// thread may itself drop the last handle).
-fn stop_periodic(slot: &Mutex<Option<(JoinHandle<()>, Arc<StopSignal>)>>) {
-    if let Some((handle, stop)) = slot.lock().take() {
-        *stop.0.lock() = true;
-        stop.1.notify_all();
-        if handle.thread().id() != std::thread::current().id() {
-            let _ = handle.join();
-        }
-    }
-}
-
 impl DbInner {
     /// Ends every subscription, lets the views catch up (bounded), then stops their worker.
     fn stop_views(&self) {
         self.subs.close_all();
         self.views.stop();
     }
-}
 
-/// Starts the thread that drops shared subscription views idle for the change-log age.
-fn start_collector(inner: &Arc<DbInner>) {
-    let every = (inner.config.subscribe_log_age / 4).clamp(
-        std::time::Duration::from_millis(10),
-        std::time::Duration::from_secs(60),
-    );
-    *inner.collector.lock() = spawn_periodic(inner, "rivulet-sub-gc", every, |inner| {
-        inner.subs.drop_idle_views();
-        true
-    });
-}
-
-/// Starts the thread that persists by size and age, compacts and applies retention.
-fn start_persister(inner: &Arc<DbInner>) {
-    let every = std::time::Duration::from_millis(250);
-    *inner.persister.lock() = spawn_periodic(inner, "rivulet-persist", every, |inner| {
-        if let Err(e) = inner.engine.background_step() {
-            tracing::error!(error = %e, "background persistence failed; retrying");
-            std::thread::sleep(std::time::Duration::from_secs(1));
-        }
-        true
-    });
-}
-
-impl DbInner {
     pub(crate) fn write_batch(
         &self,
         db: &str,
@@ -668,55 +529,7 @@ impl DbInner {
         })
     }
 
-    /// Runs a storage statement; the result is one row describing what it set.
-    fn run_admin(
-        &self,
-        default_db: &str,
-        statement: crate::query::admin::AdminStatement,
-        databases: Option<&[String]>,
-    ) -> Result<datafusion::dataframe::DataFrame, Error> {
-        use crate::query::admin::AdminStatement;
-        let AdminStatement::SetRetention {
-            db,
-            table,
-            retention,
-        } = statement;
-        let db = db.unwrap_or_else(|| default_db.to_string());
-        if let Some(allowed) = databases
-            && !allowed.contains(&db)
-        {
-            return Err(Error::Denied(format!(
-                "this token may not use database '{db}'"
-            )));
-        }
-        self.engine
-            .set_retention(&db, &table, retention)
-            .map_err(|e| match e {
-                StorageError::DatabaseNotFound(_) | StorageError::TableNotFound { .. } => {
-                    Error::Query(datafusion::error::DataFusionError::Plan(e.to_string()))
-                }
-                other => other.into(),
-            })?;
-        let shown = retention.map_or_else(
-            || "none".to_string(),
-            |ns| format!("{}s", ns / 1_000_000_000),
-        );
-        let batch = RecordBatch::try_from_iter([
-            (
-                "table",
-                Arc::new(arrow::array::StringArray::from(vec![format!(
-                    "{db}.{table}"
-                )])) as arrow::array::ArrayRef,
-            ),
-            (
-                "retention",
-                Arc::new(arrow::array::StringArray::from(vec![shown])) as arrow::array::ArrayRef,
-            ),
-        ])?;
-        Ok(datafusion::prelude::SessionContext::new().read_batch(batch)?)
-    }
-
-    fn check_open(&self) -> Result<(), Error> {
+    pub(super) fn check_open(&self) -> Result<(), Error> {
         if self.engine.is_closed() {
             return Err(Error::Closed);
         }
@@ -727,12 +540,11 @@ impl DbInner {
         if !self.engine.begin_close() {
             return Ok(());
         }
-        stop_periodic(&self.persister);
-        stop_periodic(&self.collector);
+        self.threads.stop_maintenance();
         self.stop_views();
         self.engine.seal();
         let closed = self.engine.finish_close();
-        stop_periodic(&self.syncer);
+        self.threads.stop_syncer();
         Ok(closed?)
     }
 }

@@ -190,35 +190,8 @@ pub(crate) fn run(args: WriteArgs) -> CliResult {
     } else {
         None
     };
-
     if atomic {
-        let (reader, total) = open_input(&args.file, stdin.as_ref())?;
-        let bar = progress(total, "checking");
-        let mut chunks = Chunks::new(reader);
-        let mut state = ImportCheck::default();
-        let mut errors = Vec::new();
-        let mut bad = 0usize;
-        while let Some(chunk) = chunks.next_chunk()? {
-            let opts = WriteOptions {
-                first_line: chunk.first_line,
-                ..options
-            };
-            let mut found = db.check_lines(&args.dir.db, &chunk.text, &opts, &mut state)?;
-            if let Some(tail) = incomplete_tail(&chunk, &found, chunks.eof) {
-                found.retain(|e| e.line < tail.1);
-                chunks.unread(&chunk.text[tail.0..]);
-                bar.inc((tail.0) as u64);
-            } else {
-                bar.inc(chunk.bytes as u64);
-            }
-            bad += found.len();
-            errors.extend(
-                found
-                    .into_iter()
-                    .take(MAX_PRINTED_ERRORS.saturating_sub(errors.len())),
-            );
-        }
-        bar.finish_and_clear();
+        let (bad, errors) = check_pass(&db, &args, options, stdin.as_ref())?;
         if bad > 0 {
             db.close()?;
             return Err(format!(
@@ -230,26 +203,111 @@ pub(crate) fn run(args: WriteArgs) -> CliResult {
             .into());
         }
     }
-
-    let (reader, total) = open_input(&args.file, stdin.as_ref())?;
-    let bar = progress(total, "writing ");
-    let mut chunks = Chunks::new(reader);
     let started = Instant::now();
-    let (mut rows, mut bytes, mut last_seq) = (0usize, 0u64, db.last_seq());
-    let (mut rejected, mut rejected_total) = (Vec::new(), 0usize);
+    let written = write_pass(&db, &args, options, stdin.as_ref())?;
+    db.close()?;
+    let secs = started.elapsed().as_secs_f64().max(1e-9);
+    let Written {
+        rows,
+        bytes,
+        last_seq,
+        rejected,
+        rejected_total,
+    } = written;
+    println!(
+        "wrote {rows} rows ({:.1} MB) into database '{}' in {secs:.2} s: {:.0} rows/s, {:.1} MB/s; last sequence {last_seq}",
+        bytes as f64 / 1e6,
+        args.dir.db,
+        rows as f64 / secs,
+        bytes as f64 / 1e6 / secs,
+    );
+    if rejected_total > 0 {
+        return Err(format!(
+            "{rejected_total} bad line(s) were skipped:{}",
+            report_errors(&rejected, rejected_total)
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// The first pass of an atomic import: checks every line without writing; returns how many
+/// are bad and the first of them.
+fn check_pass(
+    db: &Db,
+    args: &WriteArgs,
+    options: WriteOptions,
+    stdin: Option<&Arc<[u8]>>,
+) -> Result<(usize, Vec<LineError>), Box<dyn std::error::Error>> {
+    let (reader, total) = open_input(&args.file, stdin)?;
+    let bar = progress(total, "checking");
+    let mut chunks = Chunks::new(reader);
+    let mut state = ImportCheck::default();
+    let mut errors = Vec::new();
+    let mut bad = 0usize;
     while let Some(chunk) = chunks.next_chunk()? {
         let opts = WriteOptions {
             first_line: chunk.first_line,
             ..options
         };
+        let mut found = db.check_lines(&args.dir.db, &chunk.text, &opts, &mut state)?;
+        if let Some(tail) = incomplete_tail(&chunk, &found, chunks.eof) {
+            found.retain(|e| e.line < tail.1);
+            chunks.unread(&chunk.text[tail.0..]);
+            bar.inc((tail.0) as u64);
+        } else {
+            bar.inc(chunk.bytes as u64);
+        }
+        bad += found.len();
+        errors.extend(
+            found
+                .into_iter()
+                .take(MAX_PRINTED_ERRORS.saturating_sub(errors.len())),
+        );
+    }
+    bar.finish_and_clear();
+    Ok((bad, errors))
+}
+
+/// What the write pass did.
+struct Written {
+    rows: usize,
+    bytes: u64,
+    last_seq: u64,
+    rejected: Vec<LineError>,
+    rejected_total: usize,
+}
+
+/// Writes the input chunk by chunk (a chunk that ends inside a quoted string is written up to
+/// that line; the rest is carried over to the next chunk).
+fn write_pass(
+    db: &Db,
+    args: &WriteArgs,
+    options: WriteOptions,
+    stdin: Option<&Arc<[u8]>>,
+) -> Result<Written, Box<dyn std::error::Error>> {
+    let (reader, total) = open_input(&args.file, stdin)?;
+    let bar = progress(total, "writing ");
+    let mut chunks = Chunks::new(reader);
+    let mut out = Written {
+        rows: 0,
+        bytes: 0,
+        last_seq: db.last_seq(),
+        rejected: Vec::new(),
+        rejected_total: 0,
+    };
+    while let Some(chunk) = chunks.next_chunk()? {
+        let opts = WriteOptions {
+            first_line: chunk.first_line,
+            ..options
+        };
+        let rows = out.rows;
         let fail = |e: rivulet::Error| {
             format!(
                 "writing lines from line {} failed after {rows} rows were written: {e}",
                 chunk.first_line
             )
         };
-        // A chunk that ends inside a quoted string is written up to that line; the rest is
-        // carried over to the next chunk.
         let mut text = chunk.text.as_str();
         let receipt = match db.write_lines_with(&args.dir.db, text, &opts) {
             Ok(mut receipt) => {
@@ -272,37 +330,17 @@ pub(crate) fn run(args: WriteArgs) -> CliResult {
             }
             Err(e) => return Err(fail(e).into()),
         };
-        rows += receipt.rows;
-        bytes += text.len() as u64;
-        last_seq = receipt.seq;
-        rejected_total += receipt.rejected_total;
-        rejected.extend(
-            receipt
-                .rejected
-                .into_iter()
-                .take(MAX_PRINTED_ERRORS.saturating_sub(rejected.len())),
-        );
+        out.rows += receipt.rows;
+        out.bytes += text.len() as u64;
+        out.last_seq = receipt.seq;
+        out.rejected_total += receipt.rejected_total;
+        let room = MAX_PRINTED_ERRORS.saturating_sub(out.rejected.len());
+        out.rejected.extend(receipt.rejected.into_iter().take(room));
         bar.inc(text.len() as u64);
-        bar.set_message(format!("{rows} rows"));
+        bar.set_message(format!("{} rows", out.rows));
     }
     bar.finish_and_clear();
-    db.close()?;
-    let secs = started.elapsed().as_secs_f64().max(1e-9);
-    println!(
-        "wrote {rows} rows ({:.1} MB) into database '{}' in {secs:.2} s: {:.0} rows/s, {:.1} MB/s; last sequence {last_seq}",
-        bytes as f64 / 1e6,
-        args.dir.db,
-        rows as f64 / secs,
-        bytes as f64 / 1e6 / secs,
-    );
-    if rejected_total > 0 {
-        return Err(format!(
-            "{rejected_total} bad line(s) were skipped:{}",
-            report_errors(&rejected, rejected_total)
-        )
-        .into());
-    }
-    Ok(())
+    Ok(out)
 }
 
 /// When a checked chunk ended inside a quoted string and more input follows: the byte offset

@@ -44,43 +44,113 @@ impl Metrics {
     pub(crate) fn render(&self, db: &DbStats, open_connections: u64) -> String {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut out = String::new();
-        let mut counter = |name: &str, help: &str, value: u64| {
+        let counters = [
+            (
+                "rivulet_writes_total",
+                "Write requests that stored rows.",
+                get(&self.writes),
+            ),
+            (
+                "rivulet_write_rows_total",
+                "Rows stored by write requests.",
+                get(&self.write_rows),
+            ),
+            (
+                "rivulet_write_bytes_total",
+                "Request body bytes of write requests.",
+                get(&self.write_bytes),
+            ),
+            (
+                "rivulet_write_errors_total",
+                "Write requests that failed or rejected lines.",
+                get(&self.write_errors),
+            ),
+            ("rivulet_queries_total", "Queries run.", get(&self.queries)),
+            (
+                "rivulet_query_errors_total",
+                "Queries that failed.",
+                get(&self.query_errors),
+            ),
+            (
+                "rivulet_auth_failures_total",
+                "Requests refused by authentication.",
+                get(&self.auth_failures),
+            ),
+        ];
+        for (name, help, value) in counters {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
             );
-        };
-        counter(
-            "rivulet_writes_total",
-            "Write requests that stored rows.",
-            get(&self.writes),
+        }
+        self.render_query_histogram(&mut out);
+        let gauges = [
+            (
+                "rivulet_http_requests_in_flight",
+                "Requests being served.",
+                get(&self.in_flight),
+            ),
+            (
+                "rivulet_http_open_connections",
+                "Open client connections.",
+                open_connections,
+            ),
+            (
+                "rivulet_subscribers",
+                "Live subscriptions (all transports and embedded).",
+                db.subscribers as u64,
+            ),
+            (
+                "rivulet_last_sequence",
+                "Sequence of the latest visible write.",
+                db.last_seq,
+            ),
+            ("rivulet_databases", "Databases.", db.databases as u64),
+            ("rivulet_tables", "Tables.", db.tables as u64),
+            (
+                "rivulet_buffer_rows",
+                "Rows in the mutable buffers.",
+                db.buffer_rows as u64,
+            ),
+            (
+                "rivulet_buffer_bytes",
+                "Memory of the mutable buffers.",
+                db.buffer_bytes as u64,
+            ),
+            (
+                "rivulet_persisted_sequence",
+                "Every write up to this sequence is in segments.",
+                db.persisted_seq,
+            ),
+            ("rivulet_segments", "Segment files.", db.segments as u64),
+            ("rivulet_segment_rows", "Rows in segments.", db.segment_rows),
+            (
+                "rivulet_segment_bytes",
+                "Bytes of segment files.",
+                db.segment_bytes,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP rivulet_segments_scanned_total Segment files opened by queries.\n# TYPE rivulet_segments_scanned_total counter\nrivulet_segments_scanned_total {}",
+            db.segments_scanned
         );
-        counter(
-            "rivulet_write_rows_total",
-            "Rows stored by write requests.",
-            get(&self.write_rows),
+        let _ = writeln!(
+            out,
+            "# HELP rivulet_wal_fsync_seconds WAL fsyncs and the time spent in them.\n# TYPE rivulet_wal_fsync_seconds summary\nrivulet_wal_fsync_seconds_sum {}\nrivulet_wal_fsync_seconds_count {}",
+            db.wal_fsync_seconds, db.wal_fsyncs
         );
-        counter(
-            "rivulet_write_bytes_total",
-            "Request body bytes of write requests.",
-            get(&self.write_bytes),
-        );
-        counter(
-            "rivulet_write_errors_total",
-            "Write requests that failed or rejected lines.",
-            get(&self.write_errors),
-        );
-        counter("rivulet_queries_total", "Queries run.", get(&self.queries));
-        counter(
-            "rivulet_query_errors_total",
-            "Queries that failed.",
-            get(&self.query_errors),
-        );
-        counter(
-            "rivulet_auth_failures_total",
-            "Requests refused by authentication.",
-            get(&self.auth_failures),
-        );
+        out
+    }
+
+    fn render_query_histogram(&self, out: &mut String) {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let _ = writeln!(
             out,
             "# HELP rivulet_query_duration_seconds Query latency.\n# TYPE rivulet_query_duration_seconds histogram"
@@ -102,74 +172,5 @@ impl Metrics {
             "rivulet_query_duration_seconds_sum {}\nrivulet_query_duration_seconds_count {count}",
             get(&self.query_nanos) as f64 / 1e9
         );
-        let mut gauge = |name: &str, help: &str, value: String| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-            );
-        };
-        gauge(
-            "rivulet_http_requests_in_flight",
-            "Requests being served.",
-            get(&self.in_flight).to_string(),
-        );
-        gauge(
-            "rivulet_http_open_connections",
-            "Open client connections.",
-            open_connections.to_string(),
-        );
-        gauge(
-            "rivulet_subscribers",
-            "Live subscriptions (all transports and embedded).",
-            db.subscribers.to_string(),
-        );
-        gauge(
-            "rivulet_last_sequence",
-            "Sequence of the latest visible write.",
-            db.last_seq.to_string(),
-        );
-        gauge("rivulet_databases", "Databases.", db.databases.to_string());
-        gauge("rivulet_tables", "Tables.", db.tables.to_string());
-        gauge(
-            "rivulet_buffer_rows",
-            "Rows in the mutable buffers.",
-            db.buffer_rows.to_string(),
-        );
-        gauge(
-            "rivulet_buffer_bytes",
-            "Memory of the mutable buffers.",
-            db.buffer_bytes.to_string(),
-        );
-        gauge(
-            "rivulet_persisted_sequence",
-            "Every write up to this sequence is in segments.",
-            db.persisted_seq.to_string(),
-        );
-        gauge(
-            "rivulet_segments",
-            "Segment files.",
-            db.segments.to_string(),
-        );
-        gauge(
-            "rivulet_segment_rows",
-            "Rows in segments.",
-            db.segment_rows.to_string(),
-        );
-        gauge(
-            "rivulet_segment_bytes",
-            "Bytes of segment files.",
-            db.segment_bytes.to_string(),
-        );
-        let _ = writeln!(
-            out,
-            "# HELP rivulet_segments_scanned_total Segment files opened by queries.\n# TYPE rivulet_segments_scanned_total counter\nrivulet_segments_scanned_total {}",
-            db.segments_scanned
-        );
-        let _ = writeln!(
-            out,
-            "# HELP rivulet_wal_fsync_seconds WAL fsyncs and the time spent in them.\n# TYPE rivulet_wal_fsync_seconds summary\nrivulet_wal_fsync_seconds_sum {}\nrivulet_wal_fsync_seconds_count {}",
-            db.wal_fsync_seconds, db.wal_fsyncs
-        );
-        out
     }
 }

@@ -57,6 +57,76 @@ pub struct CompactReport {
     pub segments_out: usize,
 }
 
+/// What step 1 froze: the persisted sequence, each table's frozen chunks and last-point state.
+struct Frozen {
+    seq: u64,
+    tables: Vec<(Arc<Table>, Vec<Arc<Chunk>>)>,
+    last_points: Vec<(Arc<Table>, LastSnapshot)>,
+}
+
+/// A table's last-point state encoded for the manifest, to rebase once registered.
+type Rebase<'a> = (Arc<Table>, &'a LastSnapshot, RecordBatch, Vec<u32>);
+
+/// The last-point states, stored with the segments (one compact batch per table): the
+/// manifest records, and what to rebase the states on once they are registered.
+#[allow(clippy::type_complexity)]
+fn last_point_records(
+    last_points: &[(Arc<Table>, LastSnapshot)],
+) -> Result<(Vec<(String, Vec<u8>)>, Vec<Rebase<'_>>), StorageError> {
+    let mut extra = Vec::new();
+    let mut rebases = Vec::new();
+    for (table, snapshot) in last_points {
+        if snapshot.is_empty() {
+            continue;
+        }
+        let schema = table.schema();
+        let (batch, sids) = snapshot.to_batch(&schema)?;
+        extra.push((format!("last/{:016x}", table.id), encode_ipc(&batch)?));
+        rebases.push((table.clone(), snapshot, batch, sids));
+    }
+    Ok((extra, rebases))
+}
+
+/// Step 4: each table's frozen chunks give way to its new segments (merged ones are dropped
+/// once nobody reads them).
+fn install(data_dir: &Path, outputs: Vec<TableOutput>, seq: u64) {
+    for out in outputs {
+        let segments: Vec<Arc<Segment>> = out
+            .added
+            .into_iter()
+            .map(|m| Arc::new(Segment::new(m, data_dir)))
+            .collect();
+        let removed_ids: Vec<u64> = out.removed.iter().map(|m| m.id).collect();
+        let mut buffer = out.table.buffer.write();
+        for s in buffer.segments().iter() {
+            if removed_ids.contains(&s.meta.id) {
+                s.mark_obsolete();
+            }
+        }
+        buffer.replace_segments(&removed_ids, segments, Some(seq));
+    }
+}
+
+/// Last-point entries unchanged since the snapshot now point at the compact batch, not at
+/// chunks.
+fn rebase_last_points(rebases: Vec<Rebase<'_>>, seq: u64) -> Result<(), StorageError> {
+    for (table, snapshot, batch, sids) in rebases {
+        let (lo, hi) = crate::storage::buffer::min_max(time_values(&batch)?);
+        let compact = Arc::new(Chunk {
+            seq,
+            batch,
+            series: sids.clone().into(),
+            min_time: lo,
+            max_time: hi,
+            overlaps: false,
+            over_persisted: false,
+            merged: true,
+        });
+        table.last.lock().rebase(snapshot, &compact, &sids);
+    }
+    Ok(())
+}
+
 /// A table's frozen rows after step 2.
 struct TableOutput {
     table: Arc<Table>,
@@ -76,86 +146,35 @@ impl Engine {
             return Ok(PersistReport::default());
         };
         // 1. Freeze.
-        let mut frozen: Vec<(Arc<Table>, Vec<Arc<Chunk>>)> = Vec::new();
-        let mut last_points: Vec<(Arc<Table>, LastSnapshot)> = Vec::new();
-        let seq;
-        {
-            let mut w = self.writer.lock();
-            self.commit.check().map_err(StorageError::Wal)?;
-            seq = w.next_seq - 1;
-            self.commit.wait(seq).map_err(StorageError::Wal)?;
-            if let Some(wal) = &mut w.wal
-                && let Err(e) = wal.rotate()
-            {
-                // A failed fsync: nothing may be reported durable again.
-                self.commit.poison(e.to_string());
-                return Err(StorageError::Wal(e));
-            }
-            for db in self.catalog().databases() {
-                for table in db.tables() {
-                    // From now on a point at or before a series' latest time may overwrite
-                    // persisted data (the frozen rows).
-                    table.series.lock().mark_persisted();
-                    let chunks = table.buffer.write().freeze();
-                    if !chunks.is_empty() {
-                        // The last-point state exactly as of `seq` (every write up to it is
-                        // applied, none after it yet).
-                        last_points.push((table.clone(), table.last.lock().snapshot()));
-                        frozen.push((table, chunks));
-                    }
-                }
-            }
-        }
+        let frozen = self.freeze()?;
+        let seq = frozen.seq;
 
         // 2. Write segments; on failure remove what was written (the frozen rows stay frozen
         // and are retried by the next persist).
         let mut written: Vec<PathBuf> = Vec::new();
-        let mut outputs = Vec::new();
         let mut report = PersistReport {
             persisted_seq: seq,
             ..PersistReport::default()
         };
-        let mut merge_guard = None;
-        for (table, chunks) in &frozen {
-            let may_overwrite = chunks.iter().any(|c| c.over_persisted);
-            if may_overwrite && merge_guard.is_none() {
-                // Merging with existing segments: compaction must not replace them meanwhile.
-                merge_guard = Some(self.compact_lock.lock());
+        let merges = frozen
+            .tables
+            .iter()
+            .any(|(_, chunks)| chunks.iter().any(|c| c.over_persisted));
+        // Merging with existing segments: compaction must not replace them meanwhile.
+        let merge_guard = merges.then(|| self.compact_lock.lock());
+        let written_out = self
+            .write_frozen(data_dir, manifest, &frozen, &mut written)
+            .and_then(|outputs| Ok((outputs, last_point_records(&frozen.last_points)?)));
+        let (outputs, (extra, rebases)) = match written_out {
+            Ok(v) => v,
+            Err(e) => {
+                remove_files(&written);
+                return Err(e);
             }
-            match self.persist_table(data_dir, manifest, table, chunks, seq, &mut written) {
-                Ok(out) => {
-                    report.rows += out.added.iter().map(|m| m.rows).sum::<u64>();
-                    report.segments += out.added.len();
-                    outputs.push(out);
-                }
-                Err(e) => {
-                    remove_files(&written);
-                    return Err(e);
-                }
-            }
-        }
-
-        // The last-point states, stored with the segments (one compact batch per table).
-        let mut extra = Vec::new();
-        let mut rebases = Vec::new();
-        for (table, snapshot) in &last_points {
-            if snapshot.is_empty() {
-                continue;
-            }
-            let schema = table.schema();
-            let encoded = snapshot
-                .to_batch(&schema)
-                .map_err(StorageError::from)
-                .and_then(|(batch, sids)| Ok((encode_ipc(&batch)?, batch, sids)));
-            let (bytes, batch, sids) = match encoded {
-                Ok(v) => v,
-                Err(e) => {
-                    remove_files(&written);
-                    return Err(e);
-                }
-            };
-            extra.push((format!("last/{:016x}", table.id), bytes));
-            rebases.push((table.clone(), snapshot, batch, sids));
+        };
+        for out in &outputs {
+            report.rows += out.added.iter().map(|m| m.rows).sum::<u64>();
+            report.segments += out.added.len();
         }
 
         // 3. Register.
@@ -171,37 +190,9 @@ impl Engine {
         }
 
         // 4. Swap frozen chunks for segments.
-        for out in outputs {
-            let segments: Vec<Arc<Segment>> = out
-                .added
-                .into_iter()
-                .map(|m| Arc::new(Segment::new(m, data_dir)))
-                .collect();
-            let removed_ids: Vec<u64> = out.removed.iter().map(|m| m.id).collect();
-            let mut buffer = out.table.buffer.write();
-            for s in buffer.segments().iter() {
-                if removed_ids.contains(&s.meta.id) {
-                    s.mark_obsolete();
-                }
-            }
-            buffer.replace_segments(&removed_ids, segments, Some(seq));
-        }
+        install(data_dir, outputs, seq);
         drop(merge_guard);
-        // Entries unchanged since the snapshot now point at the compact batch, not at chunks.
-        for (table, snapshot, batch, sids) in rebases {
-            let (lo, hi) = crate::storage::buffer::min_max(time_values(&batch)?);
-            let compact = Arc::new(Chunk {
-                seq,
-                batch,
-                series: sids.clone().into(),
-                min_time: lo,
-                max_time: hi,
-                overlaps: false,
-                over_persisted: false,
-                merged: true,
-            });
-            table.last.lock().rebase(snapshot, &compact, &sids);
-        }
+        rebase_last_points(rebases, seq)?;
         self.persisted_seq
             .store(seq, std::sync::atomic::Ordering::Release);
 
@@ -213,6 +204,62 @@ impl Engine {
         self.recount_buffer();
         *self.last_persist.lock() = std::time::Instant::now();
         Ok(report)
+    }
+
+    /// Step 1, under the write lock: takes sequence `S` (every write up to it is applied),
+    /// closes the WAL segment, moves every table's live chunks to its frozen list and takes its
+    /// last-point state as of `S`.
+    fn freeze(&self) -> Result<Frozen, StorageError> {
+        let mut w = self.writer.lock();
+        self.commit.check().map_err(StorageError::Wal)?;
+        let seq = w.next_seq - 1;
+        self.commit.wait(seq).map_err(StorageError::Wal)?;
+        if let Some(wal) = &mut w.wal
+            && let Err(e) = wal.rotate()
+        {
+            // A failed fsync: nothing may be reported durable again.
+            self.commit.poison(e.to_string());
+            return Err(StorageError::Wal(e));
+        }
+        let mut frozen = Frozen {
+            seq,
+            tables: Vec::new(),
+            last_points: Vec::new(),
+        };
+        for db in self.catalog().databases() {
+            for table in db.tables() {
+                // From now on a point at or before a series' latest time may overwrite
+                // persisted data (the frozen rows).
+                table.series.lock().mark_persisted();
+                let chunks = table.buffer.write().freeze();
+                if !chunks.is_empty() {
+                    // The last-point state exactly as of `seq` (every write up to it is
+                    // applied, none after it yet).
+                    frozen
+                        .last_points
+                        .push((table.clone(), table.last.lock().snapshot()));
+                    frozen.tables.push((table, chunks));
+                }
+            }
+        }
+        Ok(frozen)
+    }
+
+    /// Step 2: one table at a time; every file written is listed in `written`.
+    fn write_frozen(
+        &self,
+        data_dir: &Path,
+        manifest: &crate::storage::manifest::Manifest,
+        frozen: &Frozen,
+        written: &mut Vec<PathBuf>,
+    ) -> Result<Vec<TableOutput>, StorageError> {
+        frozen
+            .tables
+            .iter()
+            .map(|(table, chunks)| {
+                self.persist_table(data_dir, manifest, table, chunks, frozen.seq, written)
+            })
+            .collect()
     }
 
     /// Step 2 for one table.

@@ -31,14 +31,18 @@ enum Phase {
     /// Take a snapshot (after a reset with this reason, if any).
     Snapshot(Option<String>),
     /// Sending the snapshot's parts.
-    Snapshotting {
-        stream: SendableRecordBatchStream,
-        next: Option<RecordBatch>,
-        first: bool,
-        seq: u64,
-        watermark: Option<i64>,
-    },
+    Snapshotting(Snapshotting),
     Live,
+}
+
+/// A snapshot being sent: its stream, the batch read ahead, and the position it brings the
+/// client to.
+struct Snapshotting {
+    stream: SendableRecordBatchStream,
+    next: Option<RecordBatch>,
+    first: bool,
+    seq: u64,
+    watermark: Option<i64>,
 }
 
 struct State {
@@ -99,79 +103,93 @@ impl State {
             m.reason = Some(reason);
             self.emit(m);
         }
-        self.phase = Phase::Snapshotting {
+        self.phase = Phase::Snapshotting(Snapshotting {
             stream,
             next: None,
             first: true,
             seq,
             watermark,
-        };
+        });
         Ok(())
     }
 
     async fn step(&mut self) -> Result<(), Error> {
         match std::mem::replace(&mut self.phase, Phase::Live) {
-            Phase::Snapshot(reset) => return self.start_snapshot(reset).await,
-            Phase::Snapshotting {
-                mut stream,
-                next,
-                first,
+            Phase::Snapshot(reset) => self.start_snapshot(reset).await,
+            Phase::Snapshotting(part) => self.snapshot_part(part).await,
+            Phase::Live => {
+                if self.read_log()? {
+                    return Ok(());
+                }
+                self.wait().await
+            }
+        }
+    }
+
+    /// Sends the next part of the snapshot (looking one batch ahead to mark the last part;
+    /// empty batches are skipped).
+    async fn snapshot_part(&mut self, part: Snapshotting) -> Result<(), Error> {
+        let Snapshotting {
+            mut stream,
+            next,
+            first,
+            seq,
+            watermark,
+        } = part;
+        let mut current = match next {
+            Some(b) => Some(b),
+            None => stream.next().await.transpose()?,
+        };
+        let mut following = None;
+        while current.is_some() {
+            match stream.next().await.transpose()? {
+                Some(b) if b.num_rows() == 0 => continue,
+                other => {
+                    following = other;
+                    break;
+                }
+            }
+        }
+        let last = following.is_none();
+        let rows = match current.take() {
+            Some(b) => b,
+            None => RecordBatch::new_empty(self.feed.schema.clone()),
+        };
+        let (rows, ops, finals) = self.feed.snapshot_rows(rows, watermark)?;
+        let applied = self.applied();
+        self.emit(ChangeBatch {
+            kind: ChangeKind::Snapshot { first, last },
+            seq,
+            applied,
+            rows,
+            ops,
+            finals,
+            reason: None,
+            json: Arc::new(OnceLock::new()),
+        });
+        if last {
+            self.cursor = seq;
+            self.quiet_since = tokio::time::Instant::now();
+        } else {
+            self.phase = Phase::Snapshotting(Snapshotting {
+                stream,
+                next: following,
+                first: false,
                 seq,
                 watermark,
-            } => {
-                let mut current = match next {
-                    Some(b) => Some(b),
-                    None => stream.next().await.transpose()?,
-                };
-                // Look one batch ahead to mark the last part; skip empty batches.
-                let mut following = None;
-                while current.is_some() {
-                    match stream.next().await.transpose()? {
-                        Some(b) if b.num_rows() == 0 => continue,
-                        other => {
-                            following = other;
-                            break;
-                        }
-                    }
-                }
-                let last = following.is_none();
-                let rows = match current.take() {
-                    Some(b) => b,
-                    None => RecordBatch::new_empty(self.feed.schema.clone()),
-                };
-                let (rows, ops, finals) = self.feed.snapshot_rows(rows, watermark)?;
-                let applied = self.applied();
-                self.emit(ChangeBatch {
-                    kind: ChangeKind::Snapshot { first, last },
-                    seq,
-                    applied,
-                    rows,
-                    ops,
-                    finals,
-                    reason: None,
-                    json: Arc::new(OnceLock::new()),
-                });
-                if last {
-                    self.cursor = seq;
-                    self.quiet_since = tokio::time::Instant::now();
-                } else {
-                    self.phase = Phase::Snapshotting {
-                        stream,
-                        next: following,
-                        first: false,
-                        seq,
-                        watermark,
-                    };
-                }
-                return Ok(());
-            }
-            Phase::Live => {}
+            });
         }
+        Ok(())
+    }
+
+    /// Takes what the log holds after the cursor: changes (conflated when too many for a keyed
+    /// result), or a reset / lagged when the cursor is older than the log. True when it queued
+    /// a message or changed phase.
+    fn read_log(&mut self) -> Result<bool, Error> {
         self.rx.borrow_and_update();
         let hub = self.hub.clone();
-        let read = self.source.read_after(self.cursor, &|| hub.visible());
-        match read {
-            Read::Closed(reason) => return Err(SubscribeError::Ended(reason).into()),
+        match self.source.read_after(self.cursor, &|| hub.visible()) {
+            Read::Closed(reason) => Err(SubscribeError::Ended(reason).into()),
             Read::Behind(start) => {
                 let reason = format!(
                     "the change log starts after sequence {start}; this subscriber was at {}",
@@ -182,7 +200,7 @@ impl State {
                 } else {
                     self.lagged(reason);
                 }
-                return Ok(());
+                Ok(true)
             }
             Read::Entries(entries, frontier, applied) => {
                 if entries.len() > self.options.queue_len && !self.feed.keyed() {
@@ -191,7 +209,7 @@ impl State {
                         entries.len(),
                         self.options.queue_len
                     ));
-                    return Ok(());
+                    return Ok(true);
                 }
                 let mut processed = Vec::new();
                 for e in &entries {
@@ -212,10 +230,14 @@ impl State {
                 self.applied = self.applied.max(applied);
                 if sent {
                     self.quiet_since = tokio::time::Instant::now();
-                    return Ok(());
                 }
+                Ok(sent)
             }
         }
+    }
+
+    /// Waits for the log to move, or sends progress after `progress_interval` of quiet.
+    async fn wait(&mut self) -> Result<(), Error> {
         let deadline = self.quiet_since + self.options.progress_interval;
         tokio::select! {
             changed = self.rx.changed() => {
