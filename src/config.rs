@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clock::{Clock, SystemClock};
-use crate::storage::wal::IoFaults;
+use crate::storage::io::IoFaults;
 
 /// When a write is acknowledged relative to its WAL record reaching the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -198,7 +198,7 @@ impl Db {
         lines: &str,
         options: &WriteOptions,
     ) -> Result<WriteReceipt, Error> {
-        check_database_name(db).map_err(WriteError::InvalidDatabase)?;
+        check_database_name(db).map_err(|e| WriteError::InvalidDatabase(e.to_string()))?;
         let parsed = line_protocol::parse(
             lines,
             ParseOptions {
@@ -233,7 +233,7 @@ impl Db {
         state: &mut ImportCheck,
     ) -> Result<Vec<LineError>, Error> {
         self.inner.check_open()?;
-        check_database_name(db).map_err(WriteError::InvalidDatabase)?;
+        check_database_name(db).map_err(|e| WriteError::InvalidDatabase(e.to_string()))?;
         let parsed = line_protocol::parse(
             lines,
             ParseOptions {
@@ -317,7 +317,7 @@ impl Db {
         self.inner.check_open()?;
         self.inner.views.shared.wait_loaded();
         if let Some(statement) = crate::views::ddl::parse(query) {
-            let statement = statement.map_err(|e| Error::View(ViewError::Invalid(e)))?;
+            let statement = statement.map_err(Error::View)?;
             if !allow_dml && !matches!(statement, crate::views::ddl::ViewStatement::Show) {
                 return Err(Error::Denied(
                     "materialized view statements need write access (use the statement endpoint)"
@@ -331,8 +331,7 @@ impl Db {
                 .await;
         }
         if allow_dml && let Some(statement) = crate::query::admin::parse(query) {
-            let statement =
-                statement.map_err(|e| Error::Query(datafusion::error::DataFusionError::Plan(e)))?;
+            let statement = statement?;
             return self.inner.run_admin(db, statement, databases);
         }
         self.inner
@@ -505,7 +504,7 @@ impl DbInner {
         table: &str,
         batch: &RecordBatch,
     ) -> Result<WriteReceipt, Error> {
-        check_database_name(db).map_err(WriteError::InvalidDatabase)?;
+        check_database_name(db).map_err(|e| WriteError::InvalidDatabase(e.to_string()))?;
         self.write(Origin::User, |catalog| {
             prepare_batch(catalog, db, table, batch)
         })

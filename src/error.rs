@@ -62,6 +62,13 @@ impl From<arrow::error::ArrowError> for Error {
     }
 }
 
+impl From<crate::query::QueryError> for Error {
+    /// A malformed storage statement is a planning error, like any bad SQL.
+    fn from(e: crate::query::QueryError) -> Error {
+        Error::Query(datafusion::error::DataFusionError::Plan(e.to_string()))
+    }
+}
+
 impl From<crate::storage::engine::StorageError> for Error {
     fn from(e: crate::storage::engine::StorageError) -> Error {
         use crate::storage::engine::StorageError as S;

@@ -13,6 +13,24 @@ use line_protocol::LineError;
 use crate::storage::catalog::CatalogError;
 use crate::storage::wal::WalError;
 
+/// Why a line, a column or a batch does not fit (the reason a [`LineError`] or
+/// [`WriteError::InvalidBatch`] carries).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct Refusal(pub(crate) String);
+
+impl From<String> for Refusal {
+    fn from(reason: String) -> Refusal {
+        Refusal(reason)
+    }
+}
+
+impl From<Refusal> for String {
+    fn from(r: Refusal) -> String {
+        r.0
+    }
+}
+
 /// Why a write was refused or failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

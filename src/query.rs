@@ -33,6 +33,15 @@ use datafusion::catalog::TableProvider;
 use crate::storage::engine::Engine;
 use crate::storage::table::Table;
 
+/// Errors of the query layer's own statements (DataFusion's planning and execution errors
+/// stay DataFusion's).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum QueryError {
+    /// A storage statement (`ALTER TABLE …`), or a duration in one, is not valid.
+    #[error("{0}")]
+    Invalid(String),
+}
+
 /// The DataFusion catalog name under which databases appear as schemas.
 pub(crate) const CATALOG_NAME: &str = "rivulet";
 

@@ -5,6 +5,7 @@ pub(crate) mod buffer;
 pub(crate) mod catalog;
 pub(crate) mod commit;
 pub(crate) mod engine;
+pub(crate) mod io;
 pub(crate) mod last;
 pub(crate) mod layout;
 pub(crate) mod manifest;

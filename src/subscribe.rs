@@ -44,6 +44,7 @@ use feed::Processed;
 
 /// Why a subscription could not start or had to end.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SubscribeError {
     /// The query cannot be maintained incrementally (the reason says why and what to do).
     #[error("cannot subscribe: {0}")]
@@ -51,6 +52,9 @@ pub enum SubscribeError {
     /// The source went away (the view or table was dropped) or the database is closing.
     #[error("subscription ended: {0}")]
     Ended(String),
+    /// The subscription machinery failed (not the query's fault).
+    #[error("subscription failed: {0}")]
+    Internal(String),
 }
 
 /// What a [`ChangeBatch`] is.

@@ -188,6 +188,7 @@ impl Views {
         let shared = Arc::new(ViewsShared::new(
             engine.config.view_queue_bytes,
             engine.visible_seq(),
+            engine.config.clock.clone(),
         ));
         engine.add_observer(&(shared.clone() as Arc<dyn ApplyObserver>));
         let views = Arc::new(Views {
@@ -267,7 +268,7 @@ impl Views {
                 self.engine.visible_seq(),
                 self.engine.config.view_wait,
             )
-            .map_err(|e| Error::View(ViewError::Behind(e)))
+            .map_err(Error::View)
     }
 
     /// Marks a view's backfill done in its stored definition.

@@ -29,7 +29,7 @@ impl DbInner {
         let replay_prepare = |catalog: &Catalog, db: &str, table: &str, batch: &RecordBatch| {
             prepare_system_batch(catalog, db, table, batch)
                 .map(|p| p.split().0)
-                .map_err(|e| e.to_string())
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
         };
         let engine = Arc::new(Engine::open(config, &replay_prepare)?);
         let config = engine.config.clone();

@@ -8,8 +8,8 @@ use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 
-use super::WriteError;
 use super::prepare::{Columns, PreparedTable, PreparedWrite, resolve_table};
+use super::{Refusal, WriteError};
 use crate::storage::buffer::Chunk;
 use crate::storage::catalog::{Catalog, ColumnKind, FieldType, TIME_COLUMN, tag_type, time_type};
 use crate::storage::table::{OVER_PERSISTED, OVERLAPS, Table, canonical_key};
@@ -47,10 +47,10 @@ fn prepare_batch_as(
     batch: &RecordBatch,
     system: bool,
 ) -> Result<PreparedWrite, WriteError> {
-    let invalid = |reason: String| WriteError::InvalidBatch {
+    let invalid = |reason: Refusal| WriteError::InvalidBatch {
         db: db_name.to_string(),
         table: table_name.to_string(),
-        reason,
+        reason: reason.0,
     };
     let db_name_arc: Arc<str> = db_name.into();
     let db = catalog.database(db_name);
@@ -114,7 +114,7 @@ struct Parts {
 
 /// Maps every column of `batch` to the table's columns (adding new ones to `columns`) and
 /// converts it; checks that there is a time and that every row has a field value.
-fn split_columns(batch: &RecordBatch, columns: &mut Columns<'_>) -> Result<Parts, String> {
+fn split_columns(batch: &RecordBatch, columns: &mut Columns<'_>) -> Result<Parts, Refusal> {
     let rows = batch.num_rows();
     let mut time: Option<ArrayRef> = None;
     let mut tags = Vec::new();
@@ -142,10 +142,10 @@ fn split_columns(batch: &RecordBatch, columns: &mut Columns<'_>) -> Result<Parts
         }
     }
     let Some(time) = time else {
-        return Err("the batch has no 'time' column".to_string());
+        return Err(Refusal("the batch has no 'time' column".to_string()));
     };
     if fields.is_empty() && rows > 0 {
-        return Err("the batch has no field columns".to_string());
+        return Err(Refusal("the batch has no field columns".to_string()));
     }
     // Every row needs at least one field value (a point without fields does not exist).
     for row in 0..rows {
@@ -153,7 +153,7 @@ fn split_columns(batch: &RecordBatch, columns: &mut Columns<'_>) -> Result<Parts
             .iter()
             .all(|(_, _, a): &(_, _, ArrayRef)| a.is_null(row))
         {
-            return Err(format!("row {row} has no field values"));
+            return Err(Refusal(format!("row {row} has no field values")));
         }
     }
     Ok(Parts { time, tags, fields })
@@ -161,7 +161,7 @@ fn split_columns(batch: &RecordBatch, columns: &mut Columns<'_>) -> Result<Parts
 
 /// The `time` column in nanoseconds, UTC: a timestamp of any unit or Int64 nanoseconds,
 /// without nulls.
-fn time_column(array: &ArrayRef) -> Result<ArrayRef, String> {
+fn time_column(array: &ArrayRef) -> Result<ArrayRef, Refusal> {
     let ns = match array.data_type() {
         DataType::Timestamp(_, _) | DataType::Int64 => {
             // Not "safe": a time out of the nanosecond range is an error, not a null.
@@ -178,16 +178,16 @@ fn time_column(array: &ArrayRef) -> Result<ArrayRef, String> {
             cast(&as_ns, &time_type()).map_err(|e| format!("column 'time': {e}"))?
         }
         other => {
-            return Err(format!(
+            return Err(Refusal(format!(
                 "column 'time' has type {other}; expected a timestamp or Int64 nanoseconds"
-            ));
+            )));
         }
     };
     if ns.null_count() > 0 {
-        return Err(format!(
+        return Err(Refusal(format!(
             "column 'time' has {} null values; every row needs a time",
             ns.null_count()
-        ));
+        )));
     }
     Ok(ns)
 }
@@ -197,7 +197,7 @@ fn column_kind(
     name: &str,
     dt: &DataType,
     existing_tag: bool,
-) -> Result<Option<ColumnKind>, String> {
+) -> Result<Option<ColumnKind>, Refusal> {
     let is_string = matches!(
         dt,
         DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
@@ -224,7 +224,11 @@ fn column_kind(
         _ if is_string => ColumnKind::Field(FieldType::String),
         DataType::Boolean => ColumnKind::Field(FieldType::Boolean),
         DataType::Null => return Ok(None),
-        other => return Err(format!("column '{name}' has unsupported type {other}")),
+        other => {
+            return Err(Refusal(format!(
+                "column '{name}' has unsupported type {other}"
+            )));
+        }
     }))
 }
 

@@ -60,7 +60,7 @@ pub(crate) fn check_lines(
                 errors.push(LineError {
                     line: line.line_no,
                     column: column_of(line_start, key.raw()),
-                    reason,
+                    reason: reason.0,
                 });
                 break;
             }

@@ -18,6 +18,7 @@
 //! Every error names the line (1-based), the column (1-based, in bytes) and the reason. After an
 //! error the parser skips to the next line, so one request reports all its bad lines.
 
+use super::Refusal;
 use std::fmt;
 use std::ops::Range;
 
@@ -671,7 +672,7 @@ fn check_duplicates<T>(
     items: &[T],
     key: impl Fn(&T) -> Token<'_>,
     what: &str,
-) -> Result<(), String> {
+) -> Result<(), Refusal> {
     // Fast path: equal keys have equal fingerprints (length and last byte), so when no two
     // fingerprints collide there is no duplicate. Escaped keys take the full check.
     let mut seen = 0u64;
@@ -694,7 +695,7 @@ fn check_duplicates<T>(
         for b in &items[i + 1..] {
             let kb = key(b);
             if ka.raw == kb.raw || (ka.escaped || kb.escaped) && ka.to_cow() == kb.to_cow() {
-                return Err(format!("duplicate {what} '{ka}'"));
+                return Err(Refusal(format!("duplicate {what} '{ka}'")));
             }
         }
     }
@@ -702,17 +703,17 @@ fn check_duplicates<T>(
 }
 
 /// Parses an unquoted field value: integer, unsigned, boolean or float.
-fn parse_scalar(text: &str) -> Result<FieldValue<'static>, String> {
+fn parse_scalar(text: &str) -> Result<FieldValue<'static>, Refusal> {
     let bytes = text.as_bytes();
     let Some(&last) = bytes.last() else {
-        return Err("missing value".to_string());
+        return Err(Refusal("missing value".to_string()));
     };
     match last {
         b'i' if bytes.len() > 1 => {
             let digits = &text[..text.len() - 1];
             parse_i64(digits)
                 .map(FieldValue::Integer)
-                .ok_or_else(|| integer_error(digits, "integer"))
+                .ok_or_else(|| Refusal(integer_error(digits, "integer")))
         }
         b'u' if bytes.len() > 1 => {
             let digits = &text[..text.len() - 1];
@@ -720,9 +721,9 @@ fn parse_scalar(text: &str) -> Result<FieldValue<'static>, String> {
                 digits
                     .parse::<u64>()
                     .map(FieldValue::UInteger)
-                    .map_err(|_| format!("unsigned integer '{digits}' is out of range"))
+                    .map_err(|_| Refusal(format!("unsigned integer '{digits}' is out of range")))
             } else {
-                Err(format!("invalid unsigned integer '{text}'"))
+                Err(Refusal(format!("invalid unsigned integer '{text}'")))
             }
         }
         _ => match text {
@@ -742,7 +743,7 @@ fn integer_error(digits: &str, what: &str) -> String {
     }
 }
 
-fn parse_float(text: &str) -> Result<f64, String> {
+fn parse_float(text: &str) -> Result<f64, Refusal> {
     // Rust also accepts "inf", "NaN" and "infinity": line protocol does not.
     let ok_start = text
         .as_bytes()
@@ -752,14 +753,14 @@ fn parse_float(text: &str) -> Result<f64, String> {
         .bytes()
         .all(|b| b.is_ascii_digit() || matches!(b, b'-' | b'+' | b'.' | b'e' | b'E'));
     if !(ok_start && ok_chars) {
-        return Err(format!(
+        return Err(Refusal(format!(
             "invalid value '{text}': expected a number, an integer with suffix i or u, a boolean, or a quoted string"
-        ));
+        )));
     }
     match text.parse::<f64>() {
         Ok(v) if v.is_finite() => Ok(v),
-        Ok(_) => Err(format!("float '{text}' is out of range")),
-        Err(_) => Err(format!("invalid float '{text}'")),
+        Ok(_) => Err(Refusal(format!("float '{text}' is out of range"))),
+        Err(_) => Err(Refusal(format!("invalid float '{text}'"))),
     }
 }
 

@@ -9,9 +9,9 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::WriteError;
 use super::builder::{ChunkBuilder, Value};
 use super::line_protocol::{FieldValue, Line, LineError, MAX_LISTED_ERRORS, ParsedLines, Token};
+use super::{Refusal, WriteError};
 use crate::storage::buffer::Chunk;
 use crate::storage::catalog::{
     Catalog, ColumnDef, ColumnKind, Database, FieldType, TIME_COLUMN, TableSchema, check_name,
@@ -68,19 +68,19 @@ pub(super) fn resolve_table(
     db_name: &Arc<str>,
     name: &str,
     system: bool,
-) -> Result<(Arc<Table>, bool), String> {
+) -> Result<(Arc<Table>, bool), Refusal> {
     if let Some(t) = db.and_then(|d| d.table(name)) {
         if !system && t.settings.read().view {
-            return Err(format!(
+            return Err(Refusal(format!(
                 "'{name}' is a materialized view: only its definition writes it"
-            ));
+            )));
         }
         return Ok((t, false));
     }
     if !system && name.starts_with(RESERVED_PREFIX) {
-        return Err(format!(
+        return Err(Refusal(format!(
             "invalid table name '{name}': names starting with '{RESERVED_PREFIX}' are reserved"
-        ));
+        )));
     }
     check_name(name).map_err(|e| format!("invalid table name '{name}': {e}"))?;
     let table = Table::new(
@@ -103,11 +103,11 @@ pub(super) struct Columns<'s> {
 
 impl Columns<'_> {
     /// The kind of column `name` for a value of `want`, adding the column if it is new.
-    pub(super) fn resolve(&mut self, name: &str, want: ColumnKind) -> Result<ColumnKind, String> {
+    pub(super) fn resolve(&mut self, name: &str, want: ColumnKind) -> Result<ColumnKind, Refusal> {
         if name == TIME_COLUMN {
-            return Err(format!(
+            return Err(Refusal(format!(
                 "'{TIME_COLUMN}' is reserved for the timestamp and cannot be a tag or field name"
-            ));
+            )));
         }
         let have = self
             .schema
@@ -116,7 +116,7 @@ impl Columns<'_> {
             .or_else(|| self.added_by_name.get(name).map(|&i| self.added[i].kind));
         match have {
             Some(kind) if kind == want => Ok(kind),
-            Some(kind) => Err(self.conflict(name, kind, want)),
+            Some(kind) => Err(Refusal(self.conflict(name, kind, want))),
             None => {
                 check_name(name).map_err(|e| format!("invalid column name '{name}': {e}"))?;
                 let name: Arc<str> = name.into();
@@ -224,7 +224,7 @@ pub(crate) fn prepare_lines(
                     run.rejected.push(LineError {
                         line: line.line_no,
                         column: 1,
-                        reason: reason.clone(),
+                        reason: reason.0.clone(),
                     });
                 }
                 continue;
@@ -408,10 +408,10 @@ impl<'a> Shapes<'a> {
         builder: &mut ChunkBuilder,
     ) -> Result<(), LineError> {
         let line_start = line.measurement.raw();
-        let fail = |key: &Token<'_>, reason| LineError {
+        let fail = |key: &Token<'_>, reason: Refusal| LineError {
             line: line.line_no,
             column: column_of(line_start, key.raw()),
-            reason,
+            reason: reason.0,
         };
         self.tag_slots.clear();
         self.field_slots.clear();

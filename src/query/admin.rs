@@ -1,6 +1,7 @@
 //! Storage statements DataFusion does not plan itself:
 //! `ALTER TABLE [db.]name SET (retention = '30d' | 'none')`.
 
+use super::QueryError;
 use datafusion::sql::parser::{DFParser, Statement as DfStatement};
 use datafusion::sql::sqlparser::ast::{
     AlterTableOperation, Expr, SqlOption, Statement, Value, ValueWithSpan,
@@ -18,7 +19,7 @@ pub(crate) enum AdminStatement {
 }
 
 /// `Some` when `sql` is a storage statement (or a malformed one, with the reason).
-pub(crate) fn parse(sql: &str) -> Option<Result<AdminStatement, String>> {
+pub(crate) fn parse(sql: &str) -> Option<Result<AdminStatement, QueryError>> {
     let head = sql.trim_start();
     if !head
         .get(..11)
@@ -28,10 +29,12 @@ pub(crate) fn parse(sql: &str) -> Option<Result<AdminStatement, String>> {
     }
     let statements = match DFParser::parse_sql(sql) {
         Ok(s) => s,
-        Err(e) => return Some(Err(e.to_string())),
+        Err(e) => return Some(Err(QueryError::Invalid(e.to_string()))),
     };
     if statements.len() != 1 {
-        return Some(Err("send one statement at a time".to_string()));
+        return Some(Err(QueryError::Invalid(
+            "send one statement at a time".to_string(),
+        )));
     }
     let Some(DfStatement::Statement(statement)) = statements.front() else {
         return None;
@@ -44,7 +47,7 @@ pub(crate) fn parse(sql: &str) -> Option<Result<AdminStatement, String>> {
 
 fn parse_alter(
     alter: &datafusion::sql::sqlparser::ast::AlterTable,
-) -> Result<AdminStatement, String> {
+) -> Result<AdminStatement, QueryError> {
     let parts: Vec<String> = alter
         .name
         .0
@@ -54,13 +57,18 @@ fn parse_alter(
     let (db, table) = match parts.as_slice() {
         [t] => (None, t.clone()),
         [d, t] => (Some(d.clone()), t.clone()),
-        _ => return Err(format!("'{}' is not a table name", alter.name)),
+        _ => {
+            return Err(QueryError::Invalid(format!(
+                "'{}' is not a table name",
+                alter.name
+            )));
+        }
     };
     let [AlterTableOperation::SetOptionsParens { options }] = alter.operations.as_slice() else {
-        return Err(
+        return Err(QueryError::Invalid(
             "ALTER TABLE supports one operation: SET (retention = '<duration>' | 'none')"
                 .to_string(),
-        );
+        ));
     };
     let mut retention = None;
     for option in options {
@@ -73,21 +81,23 @@ fn parse_alter(
                     }) => s.clone(),
                     Expr::Identifier(i) => i.value.clone(),
                     other => {
-                        return Err(format!(
+                        return Err(QueryError::Invalid(format!(
                             "retention must be a quoted duration such as '30d', not {other}"
-                        ));
+                        )));
                     }
                 };
                 retention = Some(parse_retention(&text)?);
             }
             other => {
-                return Err(format!(
+                return Err(QueryError::Invalid(format!(
                     "unknown table option {other}; the supported option is retention"
-                ));
+                )));
             }
         }
     }
-    let retention = retention.ok_or("SET (…) needs retention = '<duration>' or 'none'")?;
+    let retention = retention.ok_or_else(|| {
+        QueryError::Invalid("SET (…) needs retention = '<duration>' or 'none'".to_string())
+    })?;
     Ok(AdminStatement::SetRetention {
         db,
         table,
@@ -96,7 +106,7 @@ fn parse_alter(
 }
 
 /// `30d`, `12h`, `90m`, `45s`, `2w` (or combinations such as `1d12h`); `none`/`inf` clears.
-pub(crate) fn parse_retention(text: &str) -> Result<Option<i64>, String> {
+pub(crate) fn parse_retention(text: &str) -> Result<Option<i64>, QueryError> {
     let t = text.trim();
     if t.eq_ignore_ascii_case("none")
         || t.eq_ignore_ascii_case("inf")
@@ -104,8 +114,11 @@ pub(crate) fn parse_retention(text: &str) -> Result<Option<i64>, String> {
     {
         return Ok(None);
     }
-    let bad =
-        || format!("retention '{text}' is not a duration such as '30d', '12h', '90m' or 'none'");
+    let bad = || {
+        QueryError::Invalid(format!(
+            "retention '{text}' is not a duration such as '30d', '12h', '90m' or 'none'"
+        ))
+    };
     let mut total: i64 = 0;
     let mut number = String::new();
     let mut any = false;
@@ -160,10 +173,10 @@ mod tests {
             }))
         );
         assert!(
-            matches!(parse("ALTER TABLE cpu SET (retention = 'soon')"), Some(Err(e)) if e.contains("'soon'"))
+            matches!(parse("ALTER TABLE cpu SET (retention = 'soon')"), Some(Err(e)) if e.to_string().contains("'soon'"))
         );
         assert!(
-            matches!(parse("ALTER TABLE cpu SET (colour = 'red')"), Some(Err(e)) if e.contains("unknown table option"))
+            matches!(parse("ALTER TABLE cpu SET (colour = 'red')"), Some(Err(e)) if e.to_string().contains("unknown table option"))
         );
         assert_eq!(parse("SELECT 1"), None);
         assert_eq!(

@@ -82,7 +82,9 @@ impl From<Error> for ApiError {
     }
 }
 
-fn classify(e: &Error) -> ApiError {
+/// The response for `e` (internal failures are logged here, and answered with a generic
+/// message).
+pub(crate) fn classify(e: &Error) -> ApiError {
     match e {
         Error::Write(WriteError::Rejected { .. })
         | Error::Write(WriteError::InvalidDatabase(_))
@@ -106,6 +108,7 @@ fn classify(e: &Error) -> ApiError {
             crate::ViewError::Behind(_) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
             }
+            _ => internal(e),
         },
         Error::Subscribe(crate::SubscribeError::Unsupported(_)) => {
             ApiError::bad_request(e.to_string())

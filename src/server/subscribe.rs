@@ -77,10 +77,16 @@ impl SubscribeParams {
     }
 }
 
+/// What a client is told of a library error: the same classification as every other response
+/// (internal failures are logged, and the client gets a generic message).
+fn client_message(e: &crate::Error) -> String {
+    super::error::classify(e).message().to_string()
+}
+
 /// The SSE event of a message. Only messages a client can resume from carry an `id`
 /// (not the parts of a snapshot before its last, nor a reset).
 fn event(m: &ChangeBatch) -> Event {
-    let data = message_json(m, None).unwrap_or_else(|e| error_json(&e.to_string(), None));
+    let data = message_json(m, None).unwrap_or_else(|e| error_json(&client_message(&e), None));
     let e = Event::default().event(m.kind.name()).data(data);
     match m.kind {
         ChangeKind::Snapshot { last: false, .. } | ChangeKind::Reset => e,
@@ -118,7 +124,7 @@ pub(crate) async fn sse(
             Ok(m) => event(&m),
             Err(e) => Event::default()
                 .event("error")
-                .data(error_json(&e.to_string(), None)),
+                .data(error_json(&client_message(&e), None)),
         })
     });
     let mut response = Sse::new(stream).into_response();
@@ -159,7 +165,7 @@ pub(crate) async fn long_poll(
             Ok(m) => m,
             Err(e) if messages.is_empty() => return Err(e.into()),
             Err(e) => {
-                messages.push(error_json(&e.to_string(), None));
+                messages.push(error_json(&client_message(&e), None));
                 break;
             }
         };
@@ -343,7 +349,9 @@ fn command(
                     Ok(s) => s,
                     Err(e) => {
                         let _ = tx
-                            .send(Message::Text(error_json(&e.to_string(), Some(&id)).into()))
+                            .send(Message::Text(
+                                error_json(&client_message(&e), Some(&id)).into(),
+                            ))
                             .await;
                         return;
                     }
@@ -372,16 +380,16 @@ fn command(
                             match message_arrow(&m, Some(&id)) {
                                 Ok(bytes) => Message::Binary(bytes.into()),
                                 Err(e) => {
-                                    Message::Text(error_json(&e.to_string(), Some(&id)).into())
+                                    Message::Text(error_json(&client_message(&e), Some(&id)).into())
                                 }
                             }
                         }
                         Ok(m) => Message::Text(
                             message_json(&m, Some(&id))
-                                .unwrap_or_else(|e| error_json(&e.to_string(), Some(&id)))
+                                .unwrap_or_else(|e| error_json(&client_message(&e), Some(&id)))
                                 .into(),
                         ),
-                        Err(e) => Message::Text(error_json(&e.to_string(), Some(&id)).into()),
+                        Err(e) => Message::Text(error_json(&client_message(&e), Some(&id)).into()),
                     };
                     if tx.send(frame).await.is_err() {
                         return;

@@ -19,6 +19,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 
+use super::io::{Io, IoOp};
 use super::table::Table;
 
 /// The catalog format version this build writes and reads.
@@ -53,6 +54,14 @@ pub enum CatalogError {
         key: String,
         /// What is wrong.
         reason: String,
+    },
+    /// A file operation on the catalog failed.
+    #[error("catalog {op} failed: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The OS error.
+        source: std::io::Error,
     },
     /// The catalog was written by an incompatible version.
     #[error(
@@ -294,6 +303,7 @@ impl Database {
 /// The catalog of databases and tables.
 pub(crate) struct Catalog {
     sled: sled::Db,
+    io: Io,
     tree: sled::Tree,
     databases: RwLock<BTreeMap<Arc<str>, Arc<Database>>>,
     next_id: AtomicU64,
@@ -319,7 +329,7 @@ fn corrupt(key: &[u8], reason: impl ToString) -> CatalogError {
 
 impl Catalog {
     /// Loads the catalog from `sled`.
-    pub(crate) fn load(sled: sled::Db) -> Result<Catalog, CatalogError> {
+    pub(crate) fn load(sled: sled::Db, io: Io) -> Result<Catalog, CatalogError> {
         let tree = sled.open_tree("catalog")?;
         match tree.get("meta/format")? {
             None => {
@@ -390,6 +400,7 @@ impl Catalog {
         };
         Ok(Catalog {
             sled,
+            io,
             tree,
             databases: RwLock::new(databases),
             next_id: AtomicU64::new((max_id + 1).max(stored_next)),
@@ -539,42 +550,172 @@ impl Catalog {
 
     /// Makes everything written to the catalog durable.
     pub(crate) fn flush(&self) -> Result<(), CatalogError> {
+        self.io
+            .check(IoOp::CatalogFlush, std::path::Path::new("catalog"))
+            .map_err(|source| CatalogError::Io {
+                op: "flushing",
+                source,
+            })?;
         self.sled.flush()?;
         Ok(())
     }
 }
 
+/// Why a name is not allowed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum NameError {
+    /// A table, tag or field name is empty.
+    #[error("the name is empty")]
+    Empty,
+    /// A table, tag or field name is too long.
+    #[error("the name is {len} bytes long; the limit is {MAX_NAME_BYTES}")]
+    TooLong {
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// A name holds a control character.
+    #[error("the name contains the control character {0:?}")]
+    Control(char),
+    /// A database name is empty or longer than 64 characters.
+    #[error("database name '{0}' must be 1 to 64 characters long")]
+    DatabaseLength(String),
+    /// A database name holds something other than letters, digits, `_` and `-`.
+    #[error("database name '{0}' may only contain letters, digits, '_' and '-'")]
+    DatabaseCharacters(String),
+}
+
 /// Why a table, tag or field name is not allowed, if it is not.
-pub(crate) fn check_name(name: &str) -> Result<(), String> {
+pub(crate) fn check_name(name: &str) -> Result<(), NameError> {
     if name.is_empty() {
-        return Err("the name is empty".to_string());
+        return Err(NameError::Empty);
     }
     if name.len() > MAX_NAME_BYTES {
-        return Err(format!(
-            "the name is {} bytes long; the limit is {MAX_NAME_BYTES}",
-            name.len()
-        ));
+        return Err(NameError::TooLong { len: name.len() });
     }
     if let Some(c) = name.chars().find(|c| c.is_control()) {
-        return Err(format!("the name contains the control character {c:?}"));
+        return Err(NameError::Control(c));
     }
     Ok(())
 }
 
 /// Why a database name is not allowed, if it is not: 1–64 letters, digits, `_` or `-`.
-pub(crate) fn check_database_name(name: &str) -> Result<(), String> {
+pub(crate) fn check_database_name(name: &str) -> Result<(), NameError> {
     if name.is_empty() || name.len() > 64 {
-        return Err(format!(
-            "database name '{name}' must be 1 to 64 characters long"
-        ));
+        return Err(NameError::DatabaseLength(name.to_string()));
     }
     if !name
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
     {
-        return Err(format!(
-            "database name '{name}' may only contain letters, digits, '_' and '-'"
-        ));
+        return Err(NameError::DatabaseCharacters(name.to_string()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &std::path::Path) -> Catalog {
+        let sled = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(None)
+            .open()
+            .expect("sled");
+        Catalog::load(sled, Io::default()).expect("load")
+    }
+
+    fn add_table(c: &Catalog, db: &Arc<Database>, name: &str) -> Arc<Table> {
+        let table = Arc::new(Table::new(
+            c.allocate_id(),
+            db.name.clone(),
+            name.into(),
+            TableSchema::new(vec![ColumnDef {
+                name: "host".into(),
+                kind: ColumnKind::Tag,
+            }]),
+        ));
+        c.save_table(db, &table).expect("save");
+        table
+    }
+
+    #[test]
+    fn databases_tables_and_views_survive_a_reload() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let c = open(dir.path());
+            let db = c.ensure_database("main").expect("db");
+            let t = add_table(&c, &db, "cpu, the \"first\"");
+            t.settings.write().retention = Some(60);
+            c.save_table(&db, &t).expect("save");
+            c.save_view(&db, "v", b"{}").expect("view");
+            c.store_next_seq(42).expect("seq");
+            c.flush().expect("flush");
+        }
+        let c = open(dir.path());
+        let t = c.table("main", "cpu, the \"first\"").expect("table");
+        assert_eq!(t.settings.read().retention, Some(60));
+        assert!(t.schema().column("host").is_some());
+        assert!(
+            t.schema().column(TIME_COLUMN).is_some(),
+            "time is always there"
+        );
+        assert_eq!(c.views().expect("views").len(), 1);
+        assert_eq!(c.stored_next_seq().expect("seq"), 42);
+    }
+
+    #[test]
+    fn ids_are_never_given_out_twice_even_after_a_drop_and_a_reload() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dropped = {
+            let c = open(dir.path());
+            let db = c.ensure_database("main").expect("db");
+            add_table(&c, &db, "a");
+            let last = add_table(&c, &db, "b");
+            c.drop_table(&db, "b").expect("drop");
+            c.flush().expect("flush");
+            last.id
+        };
+        let c = open(dir.path());
+        assert!(c.table("main", "b").is_none());
+        assert!(c.allocate_id() > dropped);
+    }
+
+    #[test]
+    fn another_catalog_version_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let c = open(dir.path());
+            c.tree.insert("meta/format", "7").expect("insert");
+            c.flush().expect("flush");
+        }
+        let sled = sled::Config::new().path(dir.path()).open().expect("sled");
+        let err = Catalog::load(sled, Io::default()).expect_err("version 7");
+        assert!(
+            matches!(err, CatalogError::Version { found: 7, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn name_rules() {
+        assert!(check_name("température, 日本 / .. %41").is_ok());
+        assert_eq!(check_name(""), Err(NameError::Empty));
+        assert_eq!(
+            check_name(&"x".repeat(MAX_NAME_BYTES + 1)),
+            Err(NameError::TooLong {
+                len: MAX_NAME_BYTES + 1
+            })
+        );
+        assert_eq!(check_name("a\nb"), Err(NameError::Control('\n')));
+        assert!(check_database_name("Main-2_x").is_ok());
+        assert!(matches!(
+            check_database_name("my db"),
+            Err(NameError::DatabaseCharacters(_))
+        ));
+        assert!(matches!(
+            check_database_name(&"d".repeat(65)),
+            Err(NameError::DatabaseLength(_))
+        ));
+    }
 }

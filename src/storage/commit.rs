@@ -19,8 +19,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::{Condvar, Mutex};
 
 use super::buffer::Chunk;
+use super::io::Io;
 use super::table::Table;
-use super::wal::{IoFaults, WalError, WalWriter};
+use super::wal::{WalError, WalWriter};
 use crate::config::Durability;
 
 /// Told of every write as it becomes visible, in sequence order (view maintenance). Must not
@@ -56,7 +57,7 @@ pub(crate) struct CommitQueue {
     state: Mutex<State>,
     wake: Condvar,
     durability: Durability,
-    faults: Option<Arc<dyn IoFaults>>,
+    io: Io,
     /// fsyncs issued and their total time, for metrics.
     fsyncs: AtomicU64,
     fsync_nanos: AtomicU64,
@@ -67,11 +68,7 @@ pub(crate) struct CommitQueue {
 }
 
 impl CommitQueue {
-    pub(crate) fn new(
-        applied_seq: u64,
-        durability: Durability,
-        faults: Option<Arc<dyn IoFaults>>,
-    ) -> CommitQueue {
+    pub(crate) fn new(applied_seq: u64, durability: Durability, io: Io) -> CommitQueue {
         CommitQueue {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
@@ -82,7 +79,7 @@ impl CommitQueue {
             }),
             wake: Condvar::new(),
             durability,
-            faults,
+            io,
             fsyncs: AtomicU64::new(0),
             fsync_nanos: AtomicU64::new(0),
             buffer_bytes: std::sync::atomic::AtomicUsize::new(0),
@@ -207,7 +204,7 @@ impl CommitQueue {
 
     fn timed_sync(&self, file: &File, path: &std::path::Path) -> Result<(), WalError> {
         let started = std::time::Instant::now();
-        let result = WalWriter::sync(self.faults.as_ref(), file, path);
+        let result = WalWriter::sync(&self.io, file, path);
         self.fsyncs.fetch_add(1, Ordering::Relaxed);
         self.fsync_nanos
             .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -232,5 +229,120 @@ impl CommitQueue {
             return Err(e);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use parking_lot::Mutex as PlMutex;
+
+    use super::*;
+
+    /// Records what it is told.
+    #[derive(Default)]
+    struct Recorder {
+        applied: PlMutex<Vec<u64>>,
+        published: PlMutex<Vec<u64>>,
+    }
+
+    impl ApplyObserver for Recorder {
+        fn applied(&self, seq: u64, _chunks: &[(Arc<Table>, Arc<Chunk>)]) {
+            self.applied.lock().push(seq);
+        }
+
+        fn published(&self, seq: u64) {
+            self.published.lock().push(seq);
+        }
+    }
+
+    fn queue() -> CommitQueue {
+        CommitQueue::new(0, Durability::None, Io::default())
+    }
+
+    #[test]
+    fn one_waiter_applies_every_queued_write_in_order() {
+        let q = queue();
+        let recorder = Arc::new(Recorder::default());
+        let observer: Arc<dyn ApplyObserver> = recorder.clone();
+        q.add_observer(Arc::downgrade(&observer));
+        for seq in 1..=3 {
+            q.enqueue(
+                PendingApply {
+                    seq,
+                    chunks: Vec::new(),
+                },
+                None,
+            );
+        }
+        assert_eq!(q.applied_seq(), 0);
+        // Waiting for the last write applies all three (one leader, one "fsync").
+        q.wait(3).expect("wait");
+        assert_eq!(q.applied_seq(), 3);
+        assert_eq!(*recorder.applied.lock(), [1, 2, 3]);
+        assert_eq!(*recorder.published.lock(), [3]);
+        // Already applied: returns at once.
+        q.wait(2).expect("wait");
+    }
+
+    #[test]
+    fn concurrent_writers_all_return_once_applied() {
+        let q = Arc::new(queue());
+        for seq in 1..=8 {
+            q.enqueue(
+                PendingApply {
+                    seq,
+                    chunks: Vec::new(),
+                },
+                None,
+            );
+        }
+        let waiters: Vec<_> = (1..=8)
+            .map(|seq| {
+                let q = q.clone();
+                std::thread::spawn(move || q.wait(seq))
+            })
+            .collect();
+        for w in waiters {
+            w.join().expect("join").expect("wait");
+        }
+        assert_eq!(q.applied_seq(), 8);
+    }
+
+    #[test]
+    fn a_poisoned_queue_fails_every_later_wait() {
+        let q = queue();
+        q.poison("disk on fire".to_string());
+        q.enqueue(
+            PendingApply {
+                seq: 1,
+                chunks: Vec::new(),
+            },
+            None,
+        );
+        let err = q.wait(1).expect_err("poisoned");
+        assert!(
+            matches!(err, WalError::Poisoned(ref m) if m.contains("disk on fire")),
+            "{err}"
+        );
+        assert!(q.check().is_err());
+        assert_eq!(q.applied_seq(), 0, "nothing poisoned becomes visible");
+    }
+
+    #[test]
+    fn dropped_observers_are_skipped() {
+        let q = queue();
+        {
+            let observer: Arc<dyn ApplyObserver> = Arc::new(Recorder::default());
+            q.add_observer(Arc::downgrade(&observer));
+        }
+        q.enqueue(
+            PendingApply {
+                seq: 1,
+                chunks: Vec::new(),
+            },
+            None,
+        );
+        q.admit();
+        q.wait(1).expect("wait");
     }
 }

@@ -24,6 +24,7 @@ use parking_lot::Mutex;
 use super::buffer::Chunk;
 use super::catalog::{Catalog, CatalogError, ColumnDef, Database, check_database_name};
 use super::commit::{ApplyObserver, CommitQueue, PendingApply};
+use super::io::Io;
 use super::manifest::Manifest;
 use super::segment::SegmentError;
 use super::table::Table;
@@ -125,7 +126,12 @@ pub(crate) enum Origin {
 
 /// Turns one replayed WAL table entry into a prepared table (validated against the catalog).
 pub(crate) type ReplayPrepare<'a> =
-    &'a dyn Fn(&Catalog, &str, &str, &RecordBatch) -> Result<WriteSet, String>;
+    &'a dyn Fn(
+        &Catalog,
+        &str,
+        &str,
+        &RecordBatch,
+    ) -> Result<WriteSet, Box<dyn std::error::Error + Send + Sync>>;
 
 /// The single writer's state, behind the write lock.
 pub(super) struct Writer {
@@ -153,6 +159,8 @@ pub(crate) struct Engine {
     /// DataFusion's runtime for compaction's merge (it reads segments through the store
     /// rooted at the data directory).
     pub(crate) runtime: Arc<datafusion::execution::runtime_env::RuntimeEnv>,
+    /// The storage I/O seam (fault hook).
+    pub(crate) io: Io,
     replay: ReplayReport,
     /// User writes are refused (close has begun).
     closed: AtomicBool,
@@ -175,7 +183,8 @@ impl Engine {
     /// `prepare` validates each replayed WAL entry against the catalog (the ingest layer's
     /// rules), so the storage layer replays exactly what a write would have applied.
     pub(crate) fn open(config: Config, prepare: ReplayPrepare<'_>) -> Result<Engine, StorageError> {
-        check_database_name(&config.default_database).map_err(StorageError::Config)?;
+        check_database_name(&config.default_database)
+            .map_err(|e| StorageError::Config(e.to_string()))?;
         if config.durability == Durability::Interval(std::time::Duration::ZERO) {
             return Err(StorageError::Config(
                 "the interval of interval durability must be above zero".to_string(),
@@ -206,16 +215,17 @@ impl Engine {
                 (sled, None, None)
             }
         };
-        let catalog = Catalog::load(sled)?;
+        let io = Io::new(config.io_faults.clone());
+        let catalog = Catalog::load(sled, io.clone())?;
         let partition_len = (config.partition.as_nanos() as i64).max(1);
 
         // Load the segments, remove files the manifest does not list.
         let mut persisted_seq = 0;
         let manifest = match &config.data_dir {
             Some(dir) => {
-                let manifest = Manifest::open(catalog.sled())?;
+                let manifest = Manifest::open(catalog.sled(), io.clone())?;
                 manifest.check_partition(partition_len)?;
-                super::layout::migrate(dir, &catalog, &manifest, partition_len)?;
+                super::layout::migrate(&io, dir, &catalog, &manifest, partition_len)?;
                 persisted_seq = super::open::load_segments(&catalog, &manifest, dir)?;
                 Some(manifest)
             }
@@ -247,8 +257,8 @@ impl Engine {
             .max(persisted_seq + 1);
         let wal = wal_dir
             .as_ref()
-            .map(|dir| WalWriter::new(dir, config.wal_segment_bytes, config.io_faults.clone()));
-        let commit = CommitQueue::new(next_seq - 1, config.durability, config.io_faults.clone());
+            .map(|dir| WalWriter::new(dir, config.wal_segment_bytes, io.clone()));
+        let commit = CommitQueue::new(next_seq - 1, config.durability, io.clone());
         let runtime = super::open::compaction_runtime(config.data_dir.as_deref())?;
         Ok(Engine {
             catalog,
@@ -262,6 +272,7 @@ impl Engine {
             persisted_seq: AtomicU64::new(persisted_seq),
             last_persist: Mutex::new(std::time::Instant::now()),
             runtime,
+            io,
             replay,
             closed: AtomicBool::new(false),
             sealed: AtomicBool::new(false),

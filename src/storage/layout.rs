@@ -26,6 +26,7 @@ use datafusion::object_store::local::LocalFileSystem;
 use serde::{Deserialize, Serialize};
 
 use super::catalog::{Catalog, ColumnDef};
+use super::io::{Io, IoOp};
 use super::manifest::Manifest;
 use super::segment::{SegmentError, SegmentMeta, io_err, sync_dir};
 use super::table::Table;
@@ -153,6 +154,7 @@ impl TableMetaFile {
 /// Writes the table's `_table.json` unless it already says the same: to a temporary file,
 /// fsynced, renamed, directory fsynced (and its parents', which may be new).
 pub(crate) fn write_table_meta(
+    io: &Io,
     data_dir: &Path,
     db_id: u64,
     table: &Table,
@@ -172,14 +174,20 @@ pub(crate) fn write_table_meta(
     let tmp = dir.join(format!("{TABLE_META_FILE}.tmp"));
     {
         use std::io::Write;
+        io.check(IoOp::TableMetaWrite, &tmp)
+            .map_err(io_err("writing", &tmp))?;
         let mut f = std::fs::File::create(&tmp).map_err(io_err("creating", &tmp))?;
         f.write_all(&json).map_err(io_err("writing", &tmp))?;
-        f.sync_all().map_err(io_err("fsync", &tmp))?;
+        io.check(IoOp::FileSync, &tmp)
+            .and_then(|()| f.sync_all())
+            .map_err(io_err("fsync", &tmp))?;
     }
-    std::fs::rename(&tmp, &path).map_err(io_err("renaming", &tmp))?;
+    io.check(IoOp::Rename, &tmp)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(io_err("renaming", &tmp))?;
     // The table directory, and the database and `tables` directories that may be new.
     for d in path.ancestors().skip(1).take(3) {
-        sync_dir(d)?;
+        sync_dir(io, d)?;
     }
     Ok(())
 }
@@ -212,6 +220,7 @@ pub(crate) fn remove_table_meta(data_dir: &Path, db_id: u64, table_id: u64) {
 /// finds them at their new paths and finishes. Empty layout-1 directories are removed by the
 /// sweep that follows ([`remove_unlisted`]).
 pub(crate) fn migrate(
+    io: &Io,
     data_dir: &Path,
     catalog: &Catalog,
     manifest: &Manifest,
@@ -260,7 +269,9 @@ pub(crate) fn migrate(
             if old.exists() {
                 let parent = new.parent().unwrap_or(data_dir);
                 std::fs::create_dir_all(parent).map_err(io_err("creating directory", parent))?;
-                std::fs::rename(&old, &new).map_err(io_err("moving", &old))?;
+                io.check(IoOp::Rename, &old)
+                    .and_then(|()| std::fs::rename(&old, &new))
+                    .map_err(io_err("moving", &old))?;
                 if let Some(p) = old.parent() {
                     dirs.insert(p.to_path_buf());
                 }
@@ -280,12 +291,12 @@ pub(crate) fn migrate(
         });
     }
     for d in &dirs {
-        sync_dir(d)?;
+        sync_dir(io, d)?;
     }
     let with_segments: HashSet<u64> = moved.iter().map(|m| m.table_id).collect();
     for id in with_segments {
         if let Some((db_id, table)) = db_of_table.get(&id) {
-            write_table_meta(data_dir, *db_id, table)?;
+            write_table_meta(io, data_dir, *db_id, table)?;
         }
     }
     manifest.commit(&moved, &[], None, &[layout_record()])?;

@@ -10,12 +10,14 @@
 //! (storage/layout.rs); `last/<table id:016x>` → the table's last-point state
 //! as of `persisted_seq` (an Arrow IPC stream, one row per series).
 
+use super::io::{Io, IoOp};
 use super::segment::{SegmentError, SegmentMeta};
 
 /// The manifest tree.
 pub(crate) struct Manifest {
     sled: sled::Db,
     tree: sled::Tree,
+    io: Io,
 }
 
 fn err(e: impl std::fmt::Display) -> SegmentError {
@@ -27,10 +29,11 @@ fn key(meta: &SegmentMeta) -> String {
 }
 
 impl Manifest {
-    pub(crate) fn open(sled: &sled::Db) -> Result<Manifest, SegmentError> {
+    pub(crate) fn open(sled: &sled::Db, io: Io) -> Result<Manifest, SegmentError> {
         Ok(Manifest {
             sled: sled.clone(),
             tree: sled.open_tree("manifest").map_err(err)?,
+            io,
         })
     }
 
@@ -147,8 +150,94 @@ impl Manifest {
         if let Some(seq) = persisted_seq {
             batch.insert("meta/persisted_seq", seq.to_string().as_bytes());
         }
+        let path = std::path::Path::new("manifest");
+        self.io
+            .check(IoOp::ManifestCommit, path)
+            .map_err(super::segment::io_err("committing", path))?;
         self.tree.apply_batch(batch).map_err(err)?;
         self.sled.flush().map_err(err)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(id: u64, table_id: u64) -> SegmentMeta {
+        SegmentMeta {
+            id,
+            table_id,
+            partition: 0,
+            min_time: 1,
+            max_time: 2,
+            rows: 3,
+            bytes: 4,
+            max_seq: 5,
+            path: format!(
+                "tables/0000000000000001/{table_id:016x}/partition=1970-01-01/{id:016x}.parquet"
+            ),
+            format: super::super::segment::SEGMENT_FORMAT_VERSION,
+        }
+    }
+
+    fn temporary() -> sled::Db {
+        sled::Config::new().temporary(true).open().expect("sled")
+    }
+
+    #[test]
+    fn commits_add_and_remove_segments_atomically_with_the_persisted_sequence() {
+        let sled = temporary();
+        let m = Manifest::open(&sled, Io::default()).expect("open");
+        assert_eq!(m.load().expect("load"), (Vec::new(), 0));
+        m.commit(&[meta(1, 7), meta(2, 7)], &[], Some(10), &[])
+            .expect("commit");
+        m.commit(
+            &[meta(3, 7)],
+            &[meta(1, 7), meta(2, 7)],
+            None,
+            &[("last/0000000000000007".into(), b"state".to_vec())],
+        )
+        .expect("commit");
+        let (segments, persisted) = m.load().expect("load");
+        assert_eq!(segments, [meta(3, 7)]);
+        assert_eq!(persisted, 10, "a commit without a sequence keeps it");
+        assert_eq!(
+            m.get("last/0000000000000007").expect("get").as_deref(),
+            Some(&b"state"[..])
+        );
+    }
+
+    #[test]
+    fn a_record_of_another_format_or_a_corrupt_one_fails_the_load() {
+        let sled = temporary();
+        let m = Manifest::open(&sled, Io::default()).expect("open");
+        let mut newer = meta(1, 7);
+        newer.format = 99;
+        m.commit(&[newer], &[], None, &[]).expect("commit");
+        let err = m.load().expect_err("newer format");
+        assert!(err.to_string().contains("format version 99"), "{err}");
+        let sled = temporary();
+        let m = Manifest::open(&sled, Io::default()).expect("open");
+        m.tree
+            .insert("seg/0000000000000007/0000000000000001", "{not json")
+            .expect("insert");
+        let err = m.load().expect_err("corrupt");
+        assert!(err.to_string().contains("is corrupt"), "{err}");
+    }
+
+    #[test]
+    fn the_partition_length_and_layout_are_recorded_once() {
+        let sled = temporary();
+        let m = Manifest::open(&sled, Io::default()).expect("open");
+        let day = 86_400_000_000_000;
+        m.check_partition(day).expect("first use records it");
+        m.check_partition(day).expect("same length");
+        let err = m.check_partition(day / 24).expect_err("another length");
+        assert!(err.to_string().contains("cannot change"), "{err}");
+        assert_eq!(m.layout().expect("layout"), None);
+        m.set_layout(2).expect("set");
+        assert_eq!(m.layout().expect("layout"), Some(2));
+        assert!(m.next_id().expect("id") < m.next_id().expect("id"));
     }
 }

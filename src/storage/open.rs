@@ -149,14 +149,10 @@ pub(super) fn replay_record(
     }
     let record = wal::decode_write(payload)?;
     let seq = record.seq;
-    let fail = |reason: String| WalError::Record {
-        seq,
-        op: "replayed",
-        reason,
-    };
+    let fail = |source: Box<dyn std::error::Error + Send + Sync>| WalError::Replay { seq, source };
     for (table, batch) in &record.tables {
         let prepared = prepare(catalog, &record.db, table, batch).map_err(fail)?;
-        let chunks = publish(catalog, prepared, seq).map_err(|e| fail(e.to_string()))?;
+        let chunks = publish(catalog, prepared, seq).map_err(|e| fail(Box::new(e)))?;
         for (table, chunk) in chunks {
             table.apply(chunk);
         }

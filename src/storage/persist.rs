@@ -289,7 +289,7 @@ impl Engine {
         let sort_key = self.ensure_sort_key(table, &schema, &rows)?;
         // What other engines need to read the directory: the columns and sort key its
         // segments are written with.
-        layout::write_table_meta(data_dir, self.database_id(table)?, table)?;
+        layout::write_table_meta(&self.io, data_dir, self.database_id(table)?, table)?;
         let segments = table.buffer.read().segments();
         let len = self.partition_len();
         let mut out = TableOutput {
@@ -351,7 +351,7 @@ impl Engine {
             .first()
             .map(|b| b.schema())
             .unwrap_or_else(|| table.schema().arrow().clone());
-        let mut writer = SegmentWriter::create(&path, &schema, sort_key)?;
+        let mut writer = SegmentWriter::create(&self.io, &path, &schema, sort_key)?;
         for b in batches {
             writer.write(b)?;
         }
@@ -531,7 +531,7 @@ impl Engine {
         let plan = super::segment_scan::merge_plan(&schema, &sort_key, inputs)?;
         let max_seq = inputs.iter().map(|s| s.meta.max_seq).max().unwrap_or(0);
         let (id, rel, path) = self.new_segment_path(data_dir, manifest, table, partition)?;
-        let mut writer = SegmentWriter::create(&path, schema.arrow(), &sort_key)?;
+        let mut writer = SegmentWriter::create(&self.io, &path, schema.arrow(), &sort_key)?;
         // DataFusion needs a runtime; a scoped thread keeps this callable from async code too.
         let streamed: Result<(), StorageError> = std::thread::scope(|scope| {
             scope

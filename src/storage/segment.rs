@@ -24,6 +24,7 @@ use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use serde::{Deserialize, Serialize};
 
 use super::catalog::TIME_COLUMN;
+use super::io::{Io, IoOp};
 
 /// The segment format version this build writes and reads (stored in each file's metadata and
 /// in the manifest).
@@ -185,6 +186,7 @@ pub(crate) fn sort_batch(
 /// Writes a segment file: to a temporary name, fsynced, renamed into place, directory fsynced —
 /// so a file under its final name is always whole.
 pub(crate) struct SegmentWriter {
+    io: Io,
     writer: Option<ArrowWriter<File>>,
     tmp: PathBuf,
     path: PathBuf,
@@ -195,6 +197,7 @@ pub(crate) struct SegmentWriter {
 
 impl SegmentWriter {
     pub(crate) fn create(
+        io: &Io,
         path: &Path,
         schema: &SchemaRef,
         sort_key: &[Arc<str>],
@@ -238,6 +241,7 @@ impl SegmentWriter {
         let writer =
             ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(pq_err(path))?;
         Ok(SegmentWriter {
+            io: io.clone(),
             writer: Some(writer),
             tmp,
             path: path.to_path_buf(),
@@ -257,6 +261,9 @@ impl SegmentWriter {
         self.max_time = self.max_time.max(hi);
         self.rows += batch.num_rows() as u64;
         let path = &self.path;
+        self.io
+            .check(IoOp::SegmentWrite, &self.tmp)
+            .map_err(io_err("writing", &self.tmp))?;
         match &mut self.writer {
             Some(w) => w.write(batch).map_err(pq_err(path)),
             None => Err(SegmentError::Manifest(
@@ -272,15 +279,21 @@ impl SegmentWriter {
             .take()
             .ok_or_else(|| SegmentError::Manifest("segment writer already finished".into()))?;
         let file = writer.into_inner().map_err(pq_err(&self.path))?;
-        file.sync_all().map_err(io_err("fsync", &self.tmp))?;
+        self.io
+            .check(IoOp::FileSync, &self.tmp)
+            .and_then(|()| file.sync_all())
+            .map_err(io_err("fsync", &self.tmp))?;
         let bytes = file.metadata().map_err(io_err("stat", &self.tmp))?.len();
         drop(file);
-        std::fs::rename(&self.tmp, &self.path).map_err(io_err("renaming", &self.tmp))?;
+        self.io
+            .check(IoOp::Rename, &self.tmp)
+            .and_then(|()| std::fs::rename(&self.tmp, &self.path))
+            .map_err(io_err("renaming", &self.tmp))?;
         // The file's directory, and the entries of the directories that may have been created
         // for it (partition, table, database, `tables`) in theirs: a crash must not lose them
         // once the manifest lists the file and the WAL is gone.
         for dir in self.path.ancestors().skip(1).take(5) {
-            sync_dir(dir)?;
+            sync_dir(&self.io, dir)?;
         }
         Ok((self.rows, self.min_time, self.max_time, bytes))
     }
@@ -296,8 +309,9 @@ impl Drop for SegmentWriter {
 }
 
 /// Fsyncs a directory so a file created or renamed in it survives a crash.
-pub(crate) fn sync_dir(dir: &Path) -> Result<(), SegmentError> {
-    File::open(dir)
+pub(crate) fn sync_dir(io: &Io, dir: &Path) -> Result<(), SegmentError> {
+    io.check(IoOp::FileSync, dir)
+        .and_then(|()| File::open(dir))
         .and_then(|d| d.sync_all())
         .map_err(io_err("syncing directory", dir))
 }

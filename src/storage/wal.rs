@@ -10,6 +10,7 @@
 //! length) or fails its checksum: in the last segment that is a crash's torn tail, which replay
 //! truncates away and reports; anywhere else it is corruption and opening fails.
 
+use super::io::{Io, IoOp};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -31,6 +32,7 @@ const KIND_WRITE: u8 = 1;
 
 /// Errors of the WAL.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum WalError {
     /// An I/O operation failed.
     #[error("WAL {op} failed for {path}: {source}")]
@@ -65,6 +67,14 @@ pub enum WalError {
     /// A previous WAL write or fsync failed; the log cannot promise durability any more.
     #[error("the WAL stopped accepting writes after an I/O failure ({0}); reopen the database")]
     Poisoned(String),
+    /// A record could not be applied at open (its rows no longer fit the catalog).
+    #[error("WAL record {seq} could not be replayed: {source}")]
+    Replay {
+        /// The sequence of the record.
+        seq: u64,
+        /// Why.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A record's contents could not be encoded or decoded.
     #[error("WAL record {seq} could not be {op}: {reason}")]
     Record {
@@ -82,18 +92,6 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Wal
         op,
         path: path.to_path_buf(),
         source,
-    }
-}
-
-/// A hook that lets tests fail WAL I/O at chosen points.
-pub trait IoFaults: Send + Sync + std::fmt::Debug {
-    /// Called before each WAL append; an error fails that append.
-    fn before_append(&self) -> io::Result<()> {
-        Ok(())
-    }
-    /// Called before each WAL fsync; an error fails that fsync.
-    fn before_sync(&self) -> io::Result<()> {
-        Ok(())
     }
 }
 
@@ -299,7 +297,7 @@ pub(crate) fn replay(
         }
         let mut pos = match check_header(&data) {
             Ok(()) => HEADER_LEN as usize,
-            Err(reason) => {
+            Err(Damage(reason)) => {
                 if is_last && data.len() < HEADER_LEN as usize {
                     // A crash right after creating the file: nothing in it was acknowledged.
                     truncate_tail(path, 0)?;
@@ -376,18 +374,22 @@ pub(crate) fn replay(
     Ok(report)
 }
 
-fn check_header(data: &[u8]) -> Result<(), String> {
+/// What is wrong with a segment's header or a record (reported with its offset).
+#[derive(Debug)]
+struct Damage(String);
+
+fn check_header(data: &[u8]) -> Result<(), Damage> {
     if data.len() < HEADER_LEN as usize {
-        return Err("segment header is torn".to_string());
+        return Err(Damage("segment header is torn".to_string()));
     }
     if &data[..6] != WAL_MAGIC {
-        return Err("not a Rivulet WAL segment (bad magic)".to_string());
+        return Err(Damage("not a Rivulet WAL segment (bad magic)".to_string()));
     }
     let version = u16::from_le_bytes([data[6], data[7]]);
     if version != WAL_FORMAT_VERSION {
-        return Err(format!(
+        return Err(Damage(format!(
             "WAL format version {version} is not supported (this build reads version {WAL_FORMAT_VERSION})"
-        ));
+        )));
     }
     Ok(())
 }
@@ -417,22 +419,18 @@ pub(crate) struct WalWriter {
     current: Option<(PathBuf, Arc<File>)>,
     len: u64,
     max_segment_bytes: u64,
-    faults: Option<Arc<dyn IoFaults>>,
+    io: Io,
     buf: Vec<u8>,
 }
 
 impl WalWriter {
-    pub(crate) fn new(
-        dir: &Path,
-        max_segment_bytes: u64,
-        faults: Option<Arc<dyn IoFaults>>,
-    ) -> WalWriter {
+    pub(crate) fn new(dir: &Path, max_segment_bytes: u64, io: Io) -> WalWriter {
         WalWriter {
             dir: dir.to_path_buf(),
             current: None,
             len: 0,
             max_segment_bytes,
-            faults,
+            io,
             buf: Vec::new(),
         }
     }
@@ -471,21 +469,21 @@ impl WalWriter {
         let rotate = match &self.current {
             None => true,
             Some((path, file)) if self.len >= self.max_segment_bytes => {
-                WalWriter::sync(self.faults.as_ref(), file, path)?;
+                WalWriter::sync(&self.io, file, path)?;
                 true
             }
             Some(_) => false,
         };
         if rotate {
-            self.current = Some(new_segment(&self.dir, seq)?);
+            self.current = Some(new_segment(&self.io, &self.dir, seq)?);
             self.len = HEADER_LEN;
         }
         let Some((path, file)) = &self.current else {
             return Err(WalError::Poisoned("no WAL segment".to_string()));
         };
-        if let Some(f) = &self.faults {
-            f.before_append().map_err(io_err("append", path))?;
-        }
+        self.io
+            .check(IoOp::WalAppend, path)
+            .map_err(io_err("append", path))?;
         (&**file)
             .write_all(&self.buf)
             .map_err(io_err("append", path))?;
@@ -501,26 +499,23 @@ impl WalWriter {
     /// persisted.
     pub(crate) fn rotate(&mut self) -> Result<(), WalError> {
         if let Some((path, file)) = self.current.take() {
-            WalWriter::sync(self.faults.as_ref(), &file, &path)?;
+            WalWriter::sync(&self.io, &file, &path)?;
         }
         Ok(())
     }
 
     /// Fsyncs `file` (a target from [`WalWriter::sync_target`]), through the fault hook.
-    pub(crate) fn sync(
-        faults: Option<&Arc<dyn IoFaults>>,
-        file: &File,
-        path: &Path,
-    ) -> Result<(), WalError> {
-        if let Some(f) = faults {
-            f.before_sync().map_err(io_err("fsync", path))?;
-        }
+    pub(crate) fn sync(io: &Io, file: &File, path: &Path) -> Result<(), WalError> {
+        io.check(IoOp::WalSync, path)
+            .map_err(io_err("fsync", path))?;
         file.sync_data().map_err(io_err("fsync", path))
     }
 }
 
-fn new_segment(dir: &Path, seq: u64) -> Result<(PathBuf, Arc<File>), WalError> {
+fn new_segment(io: &Io, dir: &Path, seq: u64) -> Result<(PathBuf, Arc<File>), WalError> {
     let path = dir.join(segment_name(seq));
+    io.check(IoOp::WalCreate, &path)
+        .map_err(io_err("creating", &path))?;
     let mut file = OpenOptions::new()
         .create(true)
         .truncate(true)
@@ -537,4 +532,174 @@ fn new_segment(dir: &Path, seq: u64) -> Result<(PathBuf, Arc<File>), WalError> {
         .map_err(io_err("seeking", &path))?;
     sync_dir(dir)?;
     Ok((path, Arc::new(file)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use arrow::array::{Int64Array, RecordBatch};
+
+    use super::*;
+    use crate::storage::io::IoFaults;
+
+    /// A payload: the sequence, a write kind and some filler.
+    fn payload(seq: u64, buf: &mut Vec<u8>) {
+        buf.extend_from_slice(&seq.to_le_bytes());
+        buf.push(KIND_WRITE);
+        buf.extend_from_slice(&[7u8; 24]);
+    }
+
+    fn write(dir: &Path, seqs: std::ops::RangeInclusive<u64>, max_segment_bytes: u64) {
+        let mut w = WalWriter::new(dir, max_segment_bytes, Io::default());
+        for seq in seqs {
+            w.append(seq, |buf| {
+                payload(seq, buf);
+                Ok(())
+            })
+            .expect("append");
+        }
+        w.rotate().expect("rotate");
+    }
+
+    fn replayed(dir: &Path) -> (Vec<u64>, ReplayReport) {
+        let mut seqs = Vec::new();
+        let report = replay(dir, |p| {
+            let seq = u64::from_le_bytes(p[..8].try_into().expect("8 bytes"));
+            seqs.push(seq);
+            Ok(seq)
+        })
+        .expect("replay");
+        (seqs, report)
+    }
+
+    #[test]
+    fn records_replay_in_order_across_segments() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Tiny segments: a new one after every record or two.
+        write(dir.path(), 1..=10, 64);
+        let (seqs, report) = replayed(dir.path());
+        assert_eq!(seqs, (1..=10).collect::<Vec<_>>());
+        assert_eq!(report.records, 10);
+        assert_eq!(report.last_seq, Some(10));
+        assert!(report.segments > 1, "{report:?}");
+        assert!(report.truncated_tail.is_none());
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_off_and_reported() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), 1..=3, 1 << 20);
+        let (_, path) = list_segments(dir.path())
+            .expect("list")
+            .pop()
+            .expect("a segment");
+        let len = std::fs::metadata(&path).expect("stat").len();
+        let file = OpenOptions::new().write(true).open(&path).expect("open");
+        file.set_len(len - 5).expect("tear");
+        let (seqs, report) = replayed(dir.path());
+        assert_eq!(seqs, [1, 2]);
+        let (torn, offset, reason) = report.truncated_tail.expect("reported");
+        assert_eq!(torn, path);
+        assert!(offset > 0 && reason.contains("torn"), "{offset} {reason}");
+        // The file was cut at the damaged record: a second replay finds it whole.
+        let (again, report) = replayed(dir.path());
+        assert_eq!(again, [1, 2]);
+        assert!(report.truncated_tail.is_none());
+    }
+
+    #[test]
+    fn damage_in_an_earlier_segment_fails_the_replay() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), 1..=6, 64);
+        let (_, first) = list_segments(dir.path()).expect("list").remove(0);
+        let mut data = std::fs::read(&first).expect("read");
+        let last = data.len() - 1;
+        data[last] ^= 0xff;
+        std::fs::write(&first, data).expect("write");
+        let err = replay(dir.path(), |p| {
+            Ok(u64::from_le_bytes(p[..8].try_into().expect("8")))
+        })
+        .expect_err("corrupt");
+        assert!(matches!(err, WalError::Corrupt { .. }), "{err}");
+    }
+
+    #[test]
+    fn another_format_version_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), 1..=1, 1 << 20);
+        let (_, path) = list_segments(dir.path()).expect("list").remove(0);
+        let mut data = std::fs::read(&path).expect("read");
+        data[6] = 9;
+        std::fs::write(&path, data).expect("write");
+        let err = replay(dir.path(), |_| Ok(1)).expect_err("version");
+        assert!(matches!(err, WalError::Version { found: 9, .. }), "{err}");
+    }
+
+    #[test]
+    fn wholly_persisted_segments_are_removed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), 1..=10, 64);
+        let before = list_segments(dir.path()).expect("list").len();
+        let removed = remove_segments_through(dir.path(), 5, true).expect("remove");
+        assert!(removed > 0 && removed < before, "{removed} of {before}");
+        let (seqs, _) = replayed(dir.path());
+        assert!(seqs.first().is_some_and(|&s| s <= 6), "{seqs:?}");
+        assert_eq!(seqs.last(), Some(&10));
+    }
+
+    #[test]
+    fn a_write_record_round_trips() {
+        let batch = RecordBatch::try_from_iter([(
+            "v",
+            std::sync::Arc::new(Int64Array::from(vec![1, 2, 3])) as arrow::array::ArrayRef,
+        )])
+        .expect("batch");
+        let mut out = Vec::new();
+        encode_write(42, "main", &[("cpu", &batch)], &mut out).expect("encode");
+        let record = decode_write(&out).expect("decode");
+        assert_eq!(record.seq, 42);
+        assert_eq!(record.db, "main");
+        assert_eq!(record.tables.len(), 1);
+        assert_eq!(record.tables[0].0, "cpu");
+        assert_eq!(record.tables[0].1, batch);
+        assert!(decode_write(&out[..out.len() - 3]).is_err());
+    }
+
+    /// Fails the `n`-th call of `op`.
+    #[derive(Debug)]
+    struct FailNth {
+        op: IoOp,
+        n: usize,
+        calls: AtomicUsize,
+    }
+
+    impl IoFaults for FailNth {
+        fn before(&self, op: IoOp, _path: &Path) -> io::Result<()> {
+            if op == self.op && self.calls.fetch_add(1, Ordering::SeqCst) + 1 == self.n {
+                return Err(io::Error::other("injected"));
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_io_seam_fails_the_chosen_call() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let io = Io::new(Some(std::sync::Arc::new(FailNth {
+            op: IoOp::WalAppend,
+            n: 2,
+            calls: AtomicUsize::new(0),
+        })));
+        let mut w = WalWriter::new(dir.path(), 1 << 20, io);
+        let mut append = |seq| {
+            w.append(seq, |buf| {
+                payload(seq, buf);
+                Ok(())
+            })
+        };
+        append(1).expect("first append");
+        let err = append(2).expect_err("second append fails");
+        assert!(matches!(err, WalError::Io { op: "append", .. }), "{err}");
+    }
 }

@@ -32,9 +32,7 @@ fn unsupported(m: impl Into<String>) -> Error {
 }
 
 fn internal(e: impl std::fmt::Display) -> Error {
-    Error::Query(datafusion::error::DataFusionError::Execution(format!(
-        "subscription: {e}"
-    )))
+    Error::Subscribe(SubscribeError::Internal(e.to_string()))
 }
 
 /// The source a query reads.

@@ -5,7 +5,6 @@ use std::any::Any;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
-use std::time::Instant;
 
 use arrow::array::{Array, BooleanArray, RecordBatch};
 use parking_lot::RwLock;
@@ -25,7 +24,9 @@ pub(crate) struct Hub {
     /// What a subscription holds to keep the database open while it lives (the facade).
     keep_alive: OnceLock<Weak<dyn Any + Send + Sync>>,
     pub(super) tables: RwLock<HashMap<u64, Arc<Source>>>,
-    pub(super) view_logs: RwLock<HashMap<u64, Arc<Source>>>,
+    /// Per view, its log once made (the cell is filled outside the map's lock: reading a stored
+    /// log is file I/O).
+    pub(super) view_logs: RwLock<HashMap<u64, Arc<OnceLock<Arc<Source>>>>>,
     pub(super) limits: LogLimits,
     store: Option<store::Store>,
     /// The last write the commit step has shown to [`ApplyObserver::applied`].
@@ -46,6 +47,7 @@ impl ApplyObserver for Hub {
         if tables.is_empty() {
             return;
         }
+        let now = self.now();
         for (table, chunk) in chunks {
             if let Some(source) = tables.get(&table.id) {
                 let entry = Entry {
@@ -53,11 +55,11 @@ impl ApplyObserver for Hub {
                     applied: seq,
                     bytes: chunk.batch.get_array_memory_size(),
                     data: EntryData::Chunk(chunk.clone()),
-                    at: Instant::now(),
+                    at: now,
                     watermark: None,
                 };
                 let mut log = source.log.lock();
-                source.push(&mut log, entry, self.limits.bytes, self.limits.age);
+                source.push(&mut log, entry, self.limits.bytes, self.limits.age, now);
             }
         }
     }
@@ -75,6 +77,7 @@ impl ApplyObserver for Hub {
 impl Hub {
     pub(crate) fn new(engine: Arc<Engine>, views: Arc<Views>, limits: LogLimits) -> Hub {
         let dir = engine.data_dir.clone();
+        let io = engine.io.clone();
         Hub {
             engine,
             views,
@@ -82,7 +85,7 @@ impl Hub {
             tables: RwLock::new(HashMap::new()),
             view_logs: RwLock::new(HashMap::new()),
             limits,
-            store: dir.map(store::Store::new),
+            store: dir.map(|d| store::Store::new(&d, io)),
             observed: AtomicU64::new(0),
         }
     }
@@ -122,45 +125,81 @@ impl Hub {
         self.engine.visible_seq()
     }
 
+    /// The database clock's now (ns): log ages and idle times are measured with it.
+    pub(super) fn now(&self) -> i64 {
+        self.engine.config.clock.now_ns()
+    }
+
     /// The log of `view`, created (from its stored log, if any) on first use.
     pub(crate) fn view_source(&self, view: &Arc<View>) -> Arc<Source> {
-        if let Some(s) = self.view_logs.read().get(&view.table.id) {
-            return s.clone();
-        }
-        let mut views = self.view_logs.write();
-        views
-            .entry(view.table.id)
-            .or_insert_with(|| {
-                let source = Source::new(SourceKind::View(view.clone()), self.visible());
-                if let Some(store) = &self.store {
-                    store.load(view, &source, self.limits);
-                }
-                {
-                    let mut log = source.log.lock();
-                    if log.watermark.is_none() {
-                        log.watermark = crate::views::emit::watermark(view);
-                    }
-                }
-                Arc::new(source)
-            })
+        let id = view.table.id;
+        // The read guard must be gone before the write lock is taken.
+        let found = self.view_logs.read().get(&id).cloned();
+        let cell = match found {
+            Some(c) => c,
+            None => self.view_logs.write().entry(id).or_default().clone(),
+        };
+        // Other callers for this view wait for the first to finish; the hub's lock is free.
+        cell.get_or_init(|| Arc::new(self.new_view_source(view)))
             .clone()
+    }
+
+    /// A view's log, resumed from its stored file when that holds every change the view
+    /// made (else it starts now), and the file rewritten to match.
+    fn new_view_source(&self, view: &Arc<View>) -> Source {
+        let source = Source::new(SourceKind::View(view.clone()), self.visible(), self.now());
+        let Some(store) = &self.store else {
+            source.log.lock().watermark = crate::views::emit::watermark(view);
+            return source;
+        };
+        let id = view.table.id;
+        let stored = store.read(id).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "view change log not read; subscribers may get a reset");
+            store::Stored::default()
+        });
+        let applied = view.status.lock().applied;
+        let backfilled = view.def.lock().backfilled;
+        let (start, entries) = {
+            let mut log = source.log.lock();
+            if stored.complete(applied) && backfilled {
+                log.start = stored.start.unwrap_or(log.start);
+                let now = self.now();
+                for e in stored.entries {
+                    source.push(&mut log, e, self.limits.bytes, self.limits.age, now);
+                }
+                if let Some(e) = log.entries.back() {
+                    log.watermark = e.watermark;
+                }
+            }
+            if log.watermark.is_none() {
+                log.watermark = crate::views::emit::watermark(view);
+            }
+            (log.start, log.entries.iter().cloned().collect::<Vec<_>>())
+        };
+        if let Err(e) = store.rewrite(id, (start, applied), entries.iter()) {
+            tracing::warn!(error = %e, "view change log not written; subscribers may get a reset after a restart");
+        }
+        source
     }
 
     /// The log of base table `table`, created on first use (starting now).
     pub(super) fn table_source(&self, table: &Arc<Table>) -> Arc<Source> {
         let mut tables = self.tables.write();
         // Table logs nobody subscribed to for a log age are dropped.
-        let age = self.limits.age;
+        let age = i64::try_from(self.limits.age.as_nanos()).unwrap_or(i64::MAX);
+        let now = self.now();
         tables.retain(|_, s| {
             s.subscribers.load(Ordering::Acquire) > 0
-                || s.idle_since.lock().is_none_or(|t| t.elapsed() < age)
+                || s.idle_since
+                    .lock()
+                    .is_none_or(|t| now.saturating_sub(t) < age)
         });
         // Every write after `start` reaches the log: writes the commit step has shown to the
         // observer so far (they skipped this log) are at most `observed`.
         let start = self.visible().max(self.observed.load(Ordering::Acquire));
         tables
             .entry(table.id)
-            .or_insert_with(|| Arc::new(Source::new(SourceKind::Table(table.clone()), start)))
+            .or_insert_with(|| Arc::new(Source::new(SourceKind::Table(table.clone()), start, now)))
             .clone()
     }
 
@@ -175,8 +214,9 @@ impl Hub {
         }
     }
 
-    /// The view worker wrote `rows` (storage rows) of `view` as write `seq`, reflecting source
-    /// writes up to `applied`; `extra` are rows of windows that became final (on window close).
+    /// The view worker wrote `rows` (the view's columns, and which are deletions) of `view` as
+    /// write `seq`, reflecting source writes up to `applied`. The entry goes to the file after
+    /// the log's lock is released.
     pub(crate) fn view_written(
         &self,
         view: &Arc<View>,
@@ -188,28 +228,51 @@ impl Hub {
         let source = self.view_source(view);
         let mut log = source.log.lock();
         log.writing = false;
+        let mut logged = None;
         if let (Some(seq), Some((rows, deleted))) = (seq, rows)
             && rows.num_rows() > 0
         {
             log.complete = log.complete.max(seq);
+            let now = self.now();
             let entry = Entry {
                 seq,
                 applied,
                 bytes: rows.get_array_memory_size() + deleted.get_array_memory_size(),
                 data: EntryData::View { rows, deleted },
-                at: Instant::now(),
+                at: now,
                 watermark,
             };
-            source.push(&mut log, entry, self.limits.bytes, self.limits.age);
-            if let (Some(store), Some(entry)) = (&self.store, log.entries.back()) {
-                store.append(view, entry, &log, self.limits);
-            }
+            source.push(&mut log, entry, self.limits.bytes, self.limits.age, now);
+            logged = log.entries.back().cloned();
         }
         log.watermark = watermark.or(log.watermark);
         drop(log);
         source.dirty.store(false, Ordering::Release);
         if let Some(seq) = seq {
             source.notify(seq);
+        }
+        if let (Some(store), Some(entry)) = (&self.store, logged) {
+            self.store_entry(store, &source, view.table.id, &entry);
+        }
+    }
+
+    /// Appends a logged entry to the view's file, rewriting the file from the log when it has
+    /// grown too big (the only writer of a view's file is the view worker).
+    fn store_entry(&self, store: &store::Store, source: &Source, id: u64, entry: &Entry) {
+        let result = store
+            .append(id, entry, self.limits.bytes)
+            .and_then(|rewrite| {
+                if !rewrite {
+                    return Ok(());
+                }
+                let (start, entries) = {
+                    let log = source.log.lock();
+                    (log.start, log.entries.iter().cloned().collect::<Vec<_>>())
+                };
+                store.rewrite(id, (start, 0), entries.iter())
+            });
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "view change log not written; subscribers may get a reset after a restart");
         }
     }
 
@@ -218,19 +281,25 @@ impl Hub {
     pub(crate) fn view_reset(&self, view: &Arc<View>, applied: u64) {
         let source = self.view_source(view);
         let visible = self.visible();
-        let mut log = source.log.lock();
-        log.entries.clear();
-        log.bytes = 0;
-        log.start = log.start.max(visible);
-        log.complete = log.complete.max(visible);
-        if let Some(store) = &self.store {
-            store.reset(view, log.start, applied);
+        let start = {
+            let mut log = source.log.lock();
+            log.entries.clear();
+            log.bytes = 0;
+            log.start = log.start.max(visible);
+            log.complete = log.complete.max(visible);
+            log.start
+        };
+        if let Some(store) = &self.store
+            && let Err(e) = store.rewrite(view.table.id, (start, applied), std::iter::empty())
+        {
+            tracing::warn!(error = %e, "view change log not reset; subscribers may get a reset after a restart");
         }
     }
 
     /// The view stored in table `id` was dropped.
     pub(crate) fn view_dropped(&self, id: u64, name: &str) {
-        if let Some(source) = self.view_logs.write().remove(&id) {
+        let cell = self.view_logs.write().remove(&id);
+        if let Some(source) = cell.as_ref().and_then(|c| c.get()) {
             source.close(&format!("materialized view '{name}' was dropped"));
         }
         if let Some(store) = &self.store {
@@ -240,24 +309,33 @@ impl Hub {
 
     /// Every subscription ends (the database is closing).
     pub(crate) fn close_all(&self) {
-        for s in self
+        let views: Vec<Arc<Source>> = self
             .view_logs
             .read()
             .values()
-            .chain(self.tables.read().values())
-        {
+            .filter_map(|c| c.get().cloned())
+            .collect();
+        for s in views.iter().chain(self.tables.read().values()) {
             s.close("the database is closing");
         }
     }
 
     /// Subscribers connected now (for metrics).
     pub(crate) fn subscribers(&self) -> usize {
-        self.view_logs
+        let views: usize = self
+            .view_logs
             .read()
             .values()
-            .chain(self.tables.read().values())
+            .filter_map(|c| c.get())
             .map(|s| s.subscribers.load(Ordering::Acquire))
-            .sum()
+            .sum();
+        let tables: usize = self
+            .tables
+            .read()
+            .values()
+            .map(|s| s.subscribers.load(Ordering::Acquire))
+            .sum();
+        views + tables
     }
 }
 

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arrow::array::{BooleanArray, RecordBatch};
 use parking_lot::Mutex;
@@ -19,7 +19,8 @@ pub(crate) struct Entry {
     pub seq: u64,
     pub applied: u64,
     pub data: EntryData,
-    pub at: Instant,
+    /// When it was logged, by the database clock (ns since the epoch).
+    pub at: i64,
     pub bytes: usize,
     /// The view's watermark after this change (views with a time bucket).
     pub watermark: Option<i64>,
@@ -65,7 +66,7 @@ pub(crate) struct Source {
     /// Appended to since the last notification.
     pub(super) dirty: AtomicBool,
     /// When the last subscriber left (table streams are dropped after the log age).
-    pub(super) idle_since: Mutex<Option<Instant>>,
+    pub(super) idle_since: Mutex<Option<i64>>,
     /// Compiled queries by (database, query text).
     pub(super) feeds: Mutex<HashMap<(String, String), Weak<Feed>>>,
 }
@@ -80,7 +81,7 @@ pub(super) enum Read {
 }
 
 impl Source {
-    pub(super) fn new(kind: SourceKind, start: u64) -> Source {
+    pub(super) fn new(kind: SourceKind, start: u64, now: i64) -> Source {
         Source {
             kind,
             log: Mutex::new(Log {
@@ -91,7 +92,7 @@ impl Source {
             tx: tokio::sync::watch::channel(start).0,
             subscribers: AtomicUsize::new(0),
             dirty: AtomicBool::new(false),
-            idle_since: Mutex::new(Some(Instant::now())),
+            idle_since: Mutex::new(Some(now)),
             feeds: Mutex::new(HashMap::new()),
         }
     }
@@ -135,7 +136,15 @@ impl Source {
     }
 
     /// Appends an entry (in sequence order) and trims the log to its bounds.
-    pub(super) fn push(&self, log: &mut Log, entry: Entry, max_bytes: usize, max_age: Duration) {
+    pub(super) fn push(
+        &self,
+        log: &mut Log,
+        entry: Entry,
+        max_bytes: usize,
+        max_age: Duration,
+        now: i64,
+    ) {
+        let max_age = i64::try_from(max_age.as_nanos()).unwrap_or(i64::MAX);
         log.bytes += entry.bytes;
         log.entries.push_back(Arc::new(entry));
         while log.entries.len() > 1
@@ -143,7 +152,7 @@ impl Source {
                 || log
                     .entries
                     .front()
-                    .is_some_and(|e| e.at.elapsed() > max_age))
+                    .is_some_and(|e| now.saturating_sub(e.at) > max_age))
         {
             if let Some(e) = log.entries.pop_front() {
                 log.bytes -= e.bytes;

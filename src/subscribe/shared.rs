@@ -46,15 +46,19 @@ impl Hub {
     /// Drops the shared views nobody has subscribed to for the change-log age. Blocks (a drop
     /// persists): the database's timer thread runs it.
     pub(crate) fn drop_idle_views(&self) {
-        let age = self.limits.age;
+        let age = i64::try_from(self.limits.age.as_nanos()).unwrap_or(i64::MAX);
+        let now = self.now();
         let idle: Vec<(Arc<str>, String)> = self
             .view_logs
             .read()
             .values()
+            .filter_map(|c| c.get())
             .filter_map(|s| match &s.kind {
                 SourceKind::View(v)
                     if s.subscribers.load(Ordering::Acquire) == 0
-                        && s.idle_since.lock().is_some_and(|t| t.elapsed() > age) =>
+                        && s.idle_since
+                            .lock()
+                            .is_some_and(|t| now.saturating_sub(t) > age) =>
                 {
                     let name = v.name();
                     name.starts_with(SHARED_VIEW_PREFIX)

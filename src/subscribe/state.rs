@@ -5,7 +5,6 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
-use std::time::Instant;
 
 use arrow::array::RecordBatch;
 use datafusion::physical_plan::SendableRecordBatchStream;
@@ -16,13 +15,13 @@ use super::log::{Read, Source};
 use super::{ChangeBatch, ChangeKind, Hub, SubscribeError, SubscribeOptions, Subscription};
 use crate::error::Error;
 
-/// Counts a subscriber while it lives.
-struct Attached(Arc<Source>);
+/// Counts a subscriber while it lives (the clock says when the last one left).
+struct Attached(Arc<Source>, Arc<dyn crate::clock::Clock>);
 
 impl Drop for Attached {
     fn drop(&mut self) {
         if self.0.subscribers.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *self.0.idle_since.lock() = Some(Instant::now());
+            *self.0.idle_since.lock() = Some(self.1.now_ns());
         }
     }
 }
@@ -334,7 +333,7 @@ pub(crate) async fn subscribe(
     };
     source.subscribers.fetch_add(1, Ordering::AcqRel);
     *source.idle_since.lock() = None;
-    let attached = Attached(source.clone());
+    let attached = Attached(source.clone(), hub.engine.config.clock.clone());
     let position = Arc::new(AtomicU64::new(0));
     let mut state = State {
         hub: hub.clone(),

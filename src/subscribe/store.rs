@@ -1,4 +1,6 @@
-//! View change logs on disk, so subscribers to a view resume across a restart.
+//! View change logs on disk, so subscribers to a view resume across a restart. The file I/O
+//! happens outside the hub's and the logs' locks: the hub takes what it needs under the log
+//! lock, then calls here.
 //!
 //! One file per view (`changes/<view table id>.log`), a sequence of records
 //! `[u32 length][u32 crc32][payload]` (little-endian). A payload is a start marker
@@ -21,7 +23,6 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Field, Schema};
@@ -29,22 +30,62 @@ use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
 use parking_lot::Mutex;
 
-use super::log::{Entry, EntryData, Log, LogLimits, Source};
-use crate::views::View;
+use super::log::{Entry, EntryData};
+use crate::storage::io::{Io, IoOp};
 
 const START: u8 = 1;
 const ENTRY: u8 = 2;
 
+/// Errors of the change-log files.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StoreError {
+    /// A file operation failed.
+    #[error("view change log {op} {path} failed: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
+    let path = path.to_path_buf();
+    move |source| StoreError::Io { op, path, source }
+}
+
+/// One view's open log file and its size.
+type LogFile = Arc<Mutex<Option<(File, u64)>>>;
+
 /// The change-log files of one data directory.
 pub(crate) struct Store {
     dir: PathBuf,
-    files: Mutex<HashMap<u64, (File, u64)>>,
+    io: Io,
+    /// Per view; the map lock is only held to find a file, its own lock while writing it.
+    files: Mutex<HashMap<u64, LogFile>>,
 }
 
-fn wall_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+/// What a view's file held: its start marker (start, applied) and the entries after it.
+#[derive(Default)]
+pub(crate) struct Stored {
+    pub(crate) start: Option<u64>,
+    pub(crate) marker_applied: u64,
+    pub(crate) entries: Vec<Entry>,
+}
+
+impl Stored {
+    /// Whether the file holds every change of a view whose stored applied sequence is
+    /// `applied`: the view's progress is written only with its rows, so the log is complete
+    /// when it has logged that write.
+    pub(crate) fn complete(&self, applied: u64) -> bool {
+        let logged = self
+            .entries
+            .last()
+            .map_or(self.marker_applied, |e| e.applied);
+        self.start.is_some() && logged >= applied
+    }
 }
 
 fn record(payload: &[u8]) -> Vec<u8> {
@@ -86,11 +127,10 @@ fn entry_record(e: &Entry) -> Option<Vec<u8>> {
         w.write(&batch).ok()?;
         w.finish().ok()?;
     }
-    let age = e.at.elapsed().as_millis() as i64;
     let mut p = vec![ENTRY];
     p.extend_from_slice(&e.seq.to_le_bytes());
     p.extend_from_slice(&e.applied.to_le_bytes());
-    p.extend_from_slice(&(wall_ms() - age).to_le_bytes());
+    p.extend_from_slice(&(e.at / 1_000_000).to_le_bytes());
     p.push(u8::from(e.watermark.is_some()));
     p.extend_from_slice(&e.watermark.unwrap_or(0).to_le_bytes());
     p.extend_from_slice(&ipc);
@@ -120,8 +160,7 @@ fn parse_entry(p: &[u8]) -> Option<Entry> {
     }
     let deleted = batch.column(n - 1).as_boolean_opt()?.clone();
     let rows = batch.project(&(0..n - 1).collect::<Vec<_>>()).ok()?;
-    let ago = Duration::from_millis((wall_ms() - wall).max(0) as u64);
-    let at = Instant::now().checked_sub(ago).unwrap_or_else(Instant::now);
+    let at = wall.saturating_mul(1_000_000);
     Some(Entry {
         seq,
         applied,
@@ -133,9 +172,10 @@ fn parse_entry(p: &[u8]) -> Option<Entry> {
 }
 
 impl Store {
-    pub(crate) fn new(data_dir: PathBuf) -> Store {
+    pub(crate) fn new(data_dir: &Path, io: Io) -> Store {
         Store {
             dir: data_dir.join("changes"),
+            io,
             files: Mutex::new(HashMap::new()),
         }
     }
@@ -144,55 +184,24 @@ impl Store {
         self.dir.join(format!("{id}.log"))
     }
 
-    fn warn(&self, path: &Path, e: impl std::fmt::Display) {
-        tracing::warn!(path = %path.display(), error = %e, "view change log not written; subscribers may get a reset after a restart");
+    fn file(&self, id: u64) -> LogFile {
+        self.files.lock().entry(id).or_default().clone()
     }
 
-    /// Replaces the file of view `id` with `start` and `entries`.
-    fn rewrite<'a>(
-        &self,
-        id: u64,
-        (start, applied): (u64, u64),
-        entries: impl Iterator<Item = &'a Arc<Entry>>,
-    ) {
+    /// Reads the file of the view stored in table `id` up to its first torn or corrupt record
+    /// (nothing when there is no file).
+    pub(crate) fn read(&self, id: u64) -> Result<Stored, StoreError> {
         let path = self.path(id);
-        let tmp = path.with_extension("tmp");
-        let result = (|| -> std::io::Result<(File, u64)> {
-            std::fs::create_dir_all(&self.dir)?;
-            let mut bytes = start_record(start, applied);
-            for e in entries {
-                if let Some(r) = entry_record(e) {
-                    bytes.extend_from_slice(&r);
-                }
-            }
-            std::fs::write(&tmp, &bytes)?;
-            std::fs::rename(&tmp, &path)?;
-            let file = OpenOptions::new().append(true).open(&path)?;
-            Ok((file, bytes.len() as u64))
-        })();
-        match result {
-            Ok(f) => {
-                self.files.lock().insert(id, f);
-            }
-            Err(e) => {
-                self.files.lock().remove(&id);
-                self.warn(&path, e);
-            }
-        }
-    }
-
-    /// Fills `source`'s log from the file of `view` (a fresh log when there is none, or when
-    /// the file misses a write the view made).
-    pub(crate) fn load(&self, view: &Arc<View>, source: &Source, limits: LogLimits) {
-        let id = view.table.id;
-        let path = self.path(id);
-        let mut log = source.log.lock();
-        let fresh_start = log.start;
-        let data = std::fs::read(&path).unwrap_or_default();
+        self.io
+            .check(IoOp::ChangeLogRead, &path)
+            .map_err(io_err("reading", &path))?;
+        let data = match std::fs::read(&path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Stored::default()),
+            Err(e) => return Err(io_err("reading", &path)(e)),
+        };
+        let mut stored = Stored::default();
         let mut at = 0;
-        let mut start = None;
-        let mut marker_applied = 0;
-        let mut entries: Vec<Entry> = Vec::new();
         while let (Some(len), Some(crc)) = (
             data.get(at..at + 4)
                 .and_then(|b| b.try_into().ok())
@@ -209,73 +218,161 @@ impl Store {
             }
             match p.first() {
                 Some(&START) => {
-                    start = u64_at(p, 1);
-                    marker_applied = u64_at(p, 9).unwrap_or(0);
-                    entries.clear();
+                    stored.start = u64_at(p, 1);
+                    stored.marker_applied = u64_at(p, 9).unwrap_or(0);
+                    stored.entries.clear();
                 }
                 Some(&ENTRY) => match parse_entry(&p[1..]) {
-                    Some(e) => entries.push(e),
+                    Some(e) => stored.entries.push(e),
                     None => break,
                 },
                 _ => break,
             }
             at += 8 + len as usize;
         }
-        // The view's stored applied sequence is that of its last write (progress is written
-        // only with its rows): the log is complete when it has logged that write.
-        let applied = view.status.lock().applied;
-        let backfilled = view.def.lock().backfilled;
-        let logged = entries.last().map_or(marker_applied, |e| e.applied);
-        let complete = start.is_some() && logged >= applied;
-        if complete && backfilled {
-            log.start = start.unwrap_or(fresh_start);
-            for e in entries {
-                source.push(&mut log, e, limits.bytes, limits.age);
-            }
-            if let Some(e) = log.entries.back() {
-                log.watermark = e.watermark;
-            }
-        } else {
-            log.start = fresh_start;
-        }
-        let start = log.start;
-        self.rewrite(id, (start, applied), log.entries.iter());
+        Ok(stored)
     }
 
-    /// Appends `entry` (just pushed to `log`) to the file of `view`.
-    pub(crate) fn append(&self, view: &View, entry: &Entry, log: &Log, limits: LogLimits) {
-        let id = view.table.id;
+    /// Replaces the file of view `id` with a start marker (`start`, `applied`) and `entries`.
+    pub(crate) fn rewrite<'a>(
+        &self,
+        id: u64,
+        (start, applied): (u64, u64),
+        entries: impl Iterator<Item = &'a Arc<Entry>>,
+    ) -> Result<(), StoreError> {
+        let path = self.path(id);
+        let tmp = path.with_extension("tmp");
+        let file = self.file(id);
+        let mut slot = file.lock();
+        *slot = None;
+        std::fs::create_dir_all(&self.dir).map_err(io_err("creating", &self.dir))?;
+        let mut bytes = start_record(start, applied);
+        for e in entries {
+            if let Some(r) = entry_record(e) {
+                bytes.extend_from_slice(&r);
+            }
+        }
+        self.io
+            .check(IoOp::ChangeLogWrite, &tmp)
+            .and_then(|()| std::fs::write(&tmp, &bytes))
+            .map_err(io_err("writing", &tmp))?;
+        self.io
+            .check(IoOp::Rename, &tmp)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(io_err("renaming", &tmp))?;
+        let f = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(io_err("opening", &path))?;
+        *slot = Some((f, bytes.len() as u64));
+        Ok(())
+    }
+
+    /// Appends `entry` to the file of view `id`; true when the file has grown past twice
+    /// `max_bytes` (or is not open) and should be rewritten from the log.
+    pub(crate) fn append(
+        &self,
+        id: u64,
+        entry: &Entry,
+        max_bytes: usize,
+    ) -> Result<bool, StoreError> {
         let Some(record) = entry_record(entry) else {
-            return;
+            return Ok(false);
         };
-        let too_big = {
-            let mut files = self.files.lock();
-            match files.get_mut(&id) {
-                Some((file, size)) => {
-                    if let Err(e) = file.write_all(&record) {
-                        files.remove(&id);
-                        self.warn(&self.path(id), e);
-                        return;
-                    }
-                    *size += record.len() as u64;
-                    *size > 2 * limits.bytes as u64
-                }
-                None => true,
-            }
+        let path = self.path(id);
+        let file = self.file(id);
+        let mut slot = file.lock();
+        let Some((f, size)) = slot.as_mut() else {
+            return Ok(true);
         };
-        if too_big {
-            self.rewrite(id, (log.start, 0), log.entries.iter());
+        if let Err(e) = self
+            .io
+            .check(IoOp::ChangeLogWrite, &path)
+            .and_then(|()| f.write_all(&record))
+        {
+            *slot = None;
+            return Err(io_err("appending to", &path)(e));
         }
-    }
-
-    /// The log of `view` restarts at `start`, the view having applied writes up to `applied`.
-    pub(crate) fn reset(&self, view: &View, start: u64, applied: u64) {
-        self.rewrite(view.table.id, (start, applied), std::iter::empty());
+        *size += record.len() as u64;
+        Ok(*size > 2 * max_bytes as u64)
     }
 
     /// Deletes the file of the view stored in table `id`.
     pub(crate) fn remove(&self, id: u64) {
         self.files.lock().remove(&id);
         let _ = std::fs::remove_file(self.path(id));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::{BooleanArray, Float64Array, RecordBatch};
+
+    use super::*;
+
+    fn entry(seq: u64, applied: u64, v: f64) -> Arc<Entry> {
+        let rows = RecordBatch::try_from_iter([(
+            "v",
+            Arc::new(Float64Array::from(vec![v])) as arrow::array::ArrayRef,
+        )])
+        .expect("rows");
+        let deleted = BooleanArray::from(vec![false]);
+        Arc::new(Entry {
+            seq,
+            applied,
+            bytes: rows.get_array_memory_size(),
+            data: EntryData::View { rows, deleted },
+            at: 1_700_000_000_000_000_000,
+            watermark: Some(5),
+        })
+    }
+
+    #[test]
+    fn a_rewritten_log_with_appends_reads_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::new(dir.path(), Io::default());
+        assert!(store.read(7).expect("read").start.is_none(), "no file yet");
+        store
+            .rewrite(7, (10, 9), [entry(11, 10, 1.0)].iter())
+            .expect("rewrite");
+        let grow = store
+            .append(7, &entry(12, 11, 2.0), 1 << 20)
+            .expect("append");
+        assert!(!grow);
+        let stored = store.read(7).expect("read");
+        assert_eq!(stored.start, Some(10));
+        assert_eq!(stored.marker_applied, 9);
+        let seqs: Vec<u64> = stored.entries.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [11, 12]);
+        assert_eq!(stored.entries[1].watermark, Some(5));
+        assert_eq!(stored.entries[0].at, 1_700_000_000_000_000_000);
+        assert!(stored.complete(11));
+        assert!(!stored.complete(12), "a write the log misses");
+        store.remove(7);
+        assert!(store.read(7).expect("read").start.is_none());
+    }
+
+    #[test]
+    fn reading_stops_at_a_torn_record_and_appends_past_the_bound_ask_for_a_rewrite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::new(dir.path(), Io::default());
+        store
+            .rewrite(3, (0, 0), [entry(1, 1, 1.0), entry(2, 2, 2.0)].iter())
+            .expect("rewrite");
+        let path = store.path(3);
+        let len = std::fs::metadata(&path).expect("stat").len();
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open")
+            .set_len(len - 3)
+            .expect("tear");
+        let stored = store.read(3).expect("read");
+        assert_eq!(stored.entries.len(), 1);
+        // A bound of one byte: the next append says the file has grown past twice it.
+        store
+            .rewrite(3, (0, 0), std::iter::empty())
+            .expect("rewrite");
+        assert!(store.append(3, &entry(4, 4, 4.0), 1).expect("append"));
     }
 }

@@ -32,8 +32,8 @@ impl Views {
             let waiting = vec![view.clone()];
             tokio::task::spawn_blocking(move || shared.wait(&waiting, seq, timeout))
                 .await
-                .map_err(|e| Error::View(ViewError::Behind(e.to_string())))?
-                .map_err(|e| Error::View(ViewError::Behind(e)))?;
+                .map_err(|e| Error::View(ViewError::Internal(e.to_string())))?
+                .map_err(Error::View)?;
             let at = self.engine.visible_seq();
             let sql = view.def.lock().sql.clone();
             let expected = self

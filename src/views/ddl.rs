@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::ViewError;
 use crate::query::admin::parse_retention;
 
 /// When subscribers hear of a window (used by subscriptions).
@@ -103,7 +104,7 @@ impl<'a> Cursor<'a> {
     }
 
     /// An identifier, bare or "double quoted".
-    fn ident(&mut self) -> Result<String, String> {
+    fn ident(&mut self) -> Result<String, ViewError> {
         self.skip_ws();
         let rest = &self.s[self.at..];
         if let Some(body) = rest.strip_prefix('"') {
@@ -121,24 +122,24 @@ impl<'a> Cursor<'a> {
                 }
                 out.push(c);
             }
-            return Err("unterminated quoted name".to_string());
+            return Err(ViewError::Invalid("unterminated quoted name".to_string()));
         }
         let len = rest
             .char_indices()
             .find(|&(_, c)| !(c.is_alphanumeric() || c == '_' || c == '-'))
             .map_or(rest.len(), |(i, _)| i);
         if len == 0 {
-            return Err(format!(
+            return Err(ViewError::Invalid(format!(
                 "expected a view name at '{}'",
                 rest.chars().take(20).collect::<String>()
-            ));
+            )));
         }
         self.at += len;
         Ok(rest[..len].to_string())
     }
 
     /// `name` or `db.name`.
-    fn name(&mut self) -> Result<(Option<String>, String), String> {
+    fn name(&mut self) -> Result<(Option<String>, String), ViewError> {
         let first = self.ident()?;
         if self.punct('.') {
             Ok((Some(first), self.ident()?))
@@ -148,14 +149,14 @@ impl<'a> Cursor<'a> {
     }
 
     /// A single-quoted string.
-    fn string(&mut self) -> Result<String, String> {
+    fn string(&mut self) -> Result<String, ViewError> {
         self.skip_ws();
         let rest = &self.s[self.at..];
         let Some(body) = rest.strip_prefix('\'') else {
-            return Err(format!(
+            return Err(ViewError::Invalid(format!(
                 "expected a quoted value at '{}'",
                 rest.chars().take(20).collect::<String>()
-            ));
+            )));
         };
         let mut out = String::new();
         let mut chars = body.char_indices().peekable();
@@ -171,26 +172,26 @@ impl<'a> Cursor<'a> {
             }
             out.push(c);
         }
-        Err("unterminated quoted value".to_string())
+        Err(ViewError::Invalid("unterminated quoted value".to_string()))
     }
 
-    fn end(&mut self) -> Result<(), String> {
+    fn end(&mut self) -> Result<(), ViewError> {
         self.skip_ws();
         let _ = self.punct(';');
         self.skip_ws();
         if self.at == self.s.len() {
             Ok(())
         } else {
-            Err(format!(
+            Err(ViewError::Invalid(format!(
                 "unexpected '{}' at the end of the statement",
                 self.s[self.at..].chars().take(20).collect::<String>()
-            ))
+            )))
         }
     }
 }
 
 /// `Some` when `sql` is a view statement (or a malformed one, with the reason).
-pub(crate) fn parse(sql: &str) -> Option<Result<ViewStatement, String>> {
+pub(crate) fn parse(sql: &str) -> Option<Result<ViewStatement, ViewError>> {
     let mut c = Cursor { s: sql, at: 0 };
     if c.keyword("create") {
         if !(c.keyword("materialized") && c.keyword("view")) {
@@ -205,7 +206,7 @@ pub(crate) fn parse(sql: &str) -> Option<Result<ViewStatement, String>> {
         return Some((|| {
             let if_exists = if c.keyword("if") {
                 if !c.keyword("exists") {
-                    return Err("expected IF EXISTS".to_string());
+                    return Err(ViewError::Invalid("expected IF EXISTS".to_string()));
                 }
                 true
             } else {
@@ -228,9 +229,9 @@ pub(crate) fn parse(sql: &str) -> Option<Result<ViewStatement, String>> {
     }
     if c.keyword("check") {
         if !(c.keyword("materialized") && c.keyword("view")) {
-            return Some(Err(
+            return Some(Err(ViewError::Invalid(
                 "CHECK takes MATERIALIZED VIEW name: CHECK MATERIALIZED VIEW cpu_1m".to_string(),
-            ));
+            )));
         }
         return Some((|| {
             let (db, name) = c.name()?;
@@ -241,10 +242,10 @@ pub(crate) fn parse(sql: &str) -> Option<Result<ViewStatement, String>> {
     None
 }
 
-fn parse_create(c: &mut Cursor<'_>) -> Result<ViewStatement, String> {
+fn parse_create(c: &mut Cursor<'_>) -> Result<ViewStatement, ViewError> {
     let if_not_exists = if c.keyword("if") {
         if !(c.keyword("not") && c.keyword("exists")) {
-            return Err("expected IF NOT EXISTS".to_string());
+            return Err(ViewError::Invalid("expected IF NOT EXISTS".to_string()));
         }
         true
     } else {
@@ -254,12 +255,14 @@ fn parse_create(c: &mut Cursor<'_>) -> Result<ViewStatement, String> {
     let mut options = ViewOptions::default();
     if c.keyword("with") {
         if !c.punct('(') {
-            return Err("expected WITH (option = 'value', …)".to_string());
+            return Err(ViewError::Invalid(
+                "expected WITH (option = 'value', …)".to_string(),
+            ));
         }
         loop {
             let key = c.ident()?.to_ascii_lowercase();
             if !c.punct('=') {
-                return Err(format!("expected = after option {key}"));
+                return Err(ViewError::Invalid(format!("expected = after option {key}")));
             }
             let value = c.string()?;
             match key.as_str() {
@@ -276,9 +279,9 @@ fn parse_create(c: &mut Cursor<'_>) -> Result<ViewStatement, String> {
                         "on_change" => Emit::OnChange,
                         "on_window_close" => Emit::OnWindowClose,
                         _ => {
-                            return Err(format!(
+                            return Err(ViewError::Invalid(format!(
                                 "emit '{value}' is not 'on_change' or 'on_window_close'"
-                            ));
+                            )));
                         }
                     }
                 }
@@ -286,14 +289,18 @@ fn parse_create(c: &mut Cursor<'_>) -> Result<ViewStatement, String> {
                     options.late = match value.to_ascii_lowercase().as_str() {
                         "correct" => Late::Correct,
                         "drop" => Late::Drop,
-                        _ => return Err(format!("late '{value}' is not 'correct' or 'drop'")),
+                        _ => {
+                            return Err(ViewError::Invalid(format!(
+                                "late '{value}' is not 'correct' or 'drop'"
+                            )));
+                        }
                     }
                 }
                 other => {
-                    return Err(format!(
+                    return Err(ViewError::Invalid(format!(
                         "unknown view option '{other}'; the options are lateness, emit, \
                          retention and late"
-                    ));
+                    )));
                 }
             }
             if c.punct(',') {
@@ -302,15 +309,19 @@ fn parse_create(c: &mut Cursor<'_>) -> Result<ViewStatement, String> {
             if c.punct(')') {
                 break;
             }
-            return Err("expected , or ) in WITH (…)".to_string());
+            return Err(ViewError::Invalid(
+                "expected , or ) in WITH (…)".to_string(),
+            ));
         }
     }
     if !c.keyword("as") {
-        return Err("expected AS SELECT … after the view name".to_string());
+        return Err(ViewError::Invalid(
+            "expected AS SELECT … after the view name".to_string(),
+        ));
     }
     let query = c.s[c.at..].trim().trim_end_matches(';').trim().to_string();
     if query.is_empty() {
-        return Err("expected a SELECT after AS".to_string());
+        return Err(ViewError::Invalid("expected a SELECT after AS".to_string()));
     }
     Ok(ViewStatement::Create {
         db,
@@ -358,7 +369,7 @@ mod tests {
         );
         assert!(matches!(
             parse("CREATE MATERIALIZED VIEW v WITH (colour = 'red') AS SELECT 1"),
-            Some(Err(e)) if e.contains("unknown view option")
+            Some(Err(e)) if e.to_string().contains("unknown view option")
         ));
         assert_eq!(parse("CREATE TABLE t (a int)"), None);
         assert_eq!(parse("SELECT 1"), None);

@@ -4,7 +4,8 @@
 use crate::error::Error;
 
 /// A view statement's error.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ViewError {
     /// The definition or statement is not valid.
     #[error("{0}")]
@@ -18,6 +19,22 @@ pub enum ViewError {
     /// A query waited too long for a view to catch up.
     #[error("{0}")]
     Behind(String),
+    /// View maintenance failed inside the server (not the statement's fault).
+    #[error("view maintenance failed: {0}")]
+    Internal(String),
+}
+
+impl From<String> for ViewError {
+    /// A message explaining why a definition or statement is not valid.
+    fn from(m: String) -> ViewError {
+        ViewError::Invalid(m)
+    }
+}
+
+impl From<crate::query::QueryError> for ViewError {
+    fn from(e: crate::query::QueryError) -> ViewError {
+        ViewError::Invalid(e.to_string())
+    }
 }
 
 /// An invalid definition or statement.

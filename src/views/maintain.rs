@@ -36,8 +36,9 @@ pub(super) struct Writes {
     pub(super) batches: Vec<RecordBatch>,
 }
 
-fn query_error(m: String) -> Error {
-    Error::Query(datafusion::error::DataFusionError::Execution(m))
+/// A failure of the maintenance machinery itself (not of the view's SQL).
+fn internal(m: String) -> Error {
+    Error::View(super::ViewError::Internal(m))
 }
 
 /// Applies the round's `changes` to `view`; `upto` is the round's last sequence.
@@ -660,7 +661,7 @@ pub(crate) async fn write_tables(
     let db_name = db_name.to_string();
     tokio::task::spawn_blocking(move || super::write_system(&engine, &db_name, tables))
         .await
-        .map_err(|e| query_error(format!("view write task failed: {e}")))?
+        .map_err(|e| internal(format!("view write task failed: {e}")))?
 }
 
 /// Progress rows saying `views` have applied every write up to `upto`.

@@ -27,6 +27,7 @@ use datafusion::logical_expr::{Expr as DfExpr, LogicalPlan};
 use datafusion::sql::parser::{DFParser, Statement as DfStatement};
 use datafusion::sql::sqlparser::ast::{self, Statement};
 
+use super::ViewError;
 use crate::storage::catalog::FieldType;
 
 /// How the view's `time` relates to its primary source's `time`.
@@ -282,17 +283,23 @@ pub(crate) struct Planned {
 }
 
 /// The `SELECT` of a definition, parsed.
-pub(crate) fn parse_query(sql: &str) -> Result<ast::Query, String> {
-    let mut statements = DFParser::parse_sql(sql).map_err(|e| e.to_string())?;
+pub(crate) fn parse_query(sql: &str) -> Result<ast::Query, ViewError> {
+    let mut statements = DFParser::parse_sql(sql).map_err(|e| ViewError::Invalid(e.to_string()))?;
     if statements.len() != 1 {
-        return Err("a view is defined by one SELECT".to_string());
+        return Err(ViewError::Invalid(
+            "a view is defined by one SELECT".to_string(),
+        ));
     }
     match statements.pop_front() {
         Some(DfStatement::Statement(s)) => match *s {
             Statement::Query(q) => Ok(*q),
-            other => Err(format!("a view is defined by a SELECT, not {other}")),
+            other => Err(ViewError::Invalid(format!(
+                "a view is defined by a SELECT, not {other}"
+            ))),
         },
-        _ => Err("a view is defined by a SELECT".to_string()),
+        _ => Err(ViewError::Invalid(
+            "a view is defined by a SELECT".to_string(),
+        )),
     }
 }
 
@@ -301,7 +308,7 @@ pub(crate) type PlanFacts = (Vec<(String, String)>, Option<String>, bool);
 
 /// Source tables and views the plan reads, `(database, name)`, in plan order, and whether the
 /// plan calls a function of the clock or holds a subquery.
-pub(crate) fn plan_facts(plan: &LogicalPlan, default_db: &str) -> Result<PlanFacts, String> {
+pub(crate) fn plan_facts(plan: &LogicalPlan, default_db: &str) -> Result<PlanFacts, ViewError> {
     let mut sources: Vec<(String, String)> = Vec::new();
     let mut clock = None;
     let mut subquery = false;
@@ -340,7 +347,7 @@ pub(crate) fn plan_facts(plan: &LogicalPlan, default_db: &str) -> Result<PlanFac
         }
         Ok(TreeNodeRecursion::Continue)
     })
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| ViewError::Invalid(e.to_string()))?;
     Ok((sources, clock, subquery))
 }
 

@@ -8,13 +8,14 @@ use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex, RwLock};
 
-use super::View;
+use super::{View, ViewError};
 use crate::storage::buffer::Chunk;
 use crate::storage::commit::ApplyObserver;
 use crate::storage::table::Table;
 
 /// A write handed to the worker: its sequence and the chunks of watched tables.
-pub(super) type Item = (u64, Vec<(u64, Arc<Chunk>)>, std::time::Instant);
+/// (Queued when, by the database clock, ns.)
+pub(super) type Item = (u64, Vec<(u64, Arc<Chunk>)>, i64);
 
 #[derive(Default)]
 struct Queue {
@@ -38,6 +39,8 @@ pub(crate) struct ViewsShared {
     watched: RwLock<HashSet<u64>>,
     pub(crate) views: RwLock<Vec<Arc<View>>>,
     max_bytes: usize,
+    /// Measures the queue's lag (what `system.views` shows).
+    pub(super) clock: Arc<dyn crate::clock::Clock>,
     /// The stored views are loaded (queries and writes wait for it after open).
     loaded: std::sync::atomic::AtomicBool,
 }
@@ -75,14 +78,17 @@ impl ApplyObserver for ViewsShared {
         let mut q = self.queue.lock();
         q.bytes += bytes;
         q.pushed = q.pushed.max(seq);
-        q.items
-            .push_back((seq, relevant, std::time::Instant::now()));
+        q.items.push_back((seq, relevant, self.clock.now_ns()));
         self.wake.notify_one();
     }
 }
 
 impl ViewsShared {
-    pub(crate) fn new(max_bytes: usize, done: u64) -> ViewsShared {
+    pub(crate) fn new(
+        max_bytes: usize,
+        done: u64,
+        clock: Arc<dyn crate::clock::Clock>,
+    ) -> ViewsShared {
         ViewsShared {
             queue: Mutex::new(Queue {
                 done,
@@ -94,6 +100,7 @@ impl ViewsShared {
             watched: RwLock::new(HashSet::new()),
             views: RwLock::new(Vec::new()),
             max_bytes,
+            clock,
             loaded: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -190,7 +197,8 @@ impl ViewsShared {
         views: &[Arc<View>],
         seq: u64,
         timeout: std::time::Duration,
-    ) -> Result<(), String> {
+    ) -> Result<(), ViewError> {
+        // A real-time bound on a blocking wait (not the database clock, which tests freeze).
         let deadline = std::time::Instant::now() + timeout;
         let mut q = self.queue.lock();
         loop {
@@ -198,7 +206,7 @@ impl ViewsShared {
                 return Ok(());
             }
             if q.stop {
-                return Err("the database is closing".to_string());
+                return Err(ViewError::Behind("the database is closing".to_string()));
             }
             let now = std::time::Instant::now();
             if now >= deadline {
@@ -214,11 +222,11 @@ impl ViewsShared {
                     }
                     parts.push(s);
                 }
-                return Err(format!(
+                return Err(ViewError::Behind(format!(
                     "materialized views did not catch up with write {seq} within {:?}: {}",
                     timeout,
                     parts.join("; ")
-                ));
+                )));
             }
             self.progress.wait_for(&mut q, deadline - now);
         }

@@ -91,8 +91,8 @@ impl Views {
         let timeout = self.engine.config.view_wait;
         tokio::task::spawn_blocking(move || shared.wait(&views, seq, timeout))
             .await
-            .map_err(|e| Error::View(ViewError::Behind(e.to_string())))?
-            .map_err(|e| Error::View(ViewError::Behind(e)))?;
+            .map_err(|e| Error::View(ViewError::Internal(e.to_string())))?
+            .map_err(Error::View)?;
         if let Some(s) = snapshot {
             s.seq.store(
                 self.engine.visible_seq(),

@@ -21,24 +21,29 @@ use crate::storage::catalog::{ColumnDef, ColumnKind, FieldType, TIME_COLUMN};
 use crate::storage::table::Table;
 
 /// Evaluates a constant SQL expression (a `date_bin` stride or origin).
-fn eval_constant(sql: &str) -> Result<ScalarValue, String> {
+fn eval_constant(sql: &str) -> Result<ScalarValue, ViewError> {
     let ctx = SessionContext::new();
     let schema = DFSchema::empty();
     let expr = ctx
         .parse_sql_expr(sql, &schema)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| ViewError::Invalid(e.to_string()))?;
     let physical = ctx
         .create_physical_expr(expr, &schema)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| ViewError::Invalid(e.to_string()))?;
     let one = RecordBatch::try_new_with_options(
         Arc::new(Schema::empty()),
         Vec::new(),
         &RecordBatchOptions::new().with_row_count(Some(1)),
     )
-    .map_err(|e| e.to_string())?;
-    match physical.evaluate(&one).map_err(|e| e.to_string())? {
+    .map_err(|e| ViewError::Invalid(e.to_string()))?;
+    match physical
+        .evaluate(&one)
+        .map_err(|e| ViewError::Invalid(e.to_string()))?
+    {
         ColumnarValue::Scalar(s) => Ok(s),
-        ColumnarValue::Array(a) => ScalarValue::try_from_array(&a, 0).map_err(|e| e.to_string()),
+        ColumnarValue::Array(a) => {
+            ScalarValue::try_from_array(&a, 0).map_err(|e| ViewError::Invalid(e.to_string()))
+        }
     }
 }
 
@@ -113,7 +118,9 @@ impl Views {
                 let dropped =
                     tokio::task::spawn_blocking(move || inner.drop_view(&d, &n, if_exists))
                         .await
-                        .map_err(|e| invalid(format!("dropping the view failed: {e}")))??;
+                        .map_err(|e| {
+                            Error::View(ViewError::Internal(format!("dropping the view: {e}")))
+                        })??;
                 one_row(vec![
                     ("view", Arc::new(StringArray::from(vec![name])) as ArrayRef),
                     (
@@ -180,7 +187,7 @@ impl Views {
             &is_aggregate,
             &eval_constant,
         )
-        .map_err(invalid)
+        .map_err(Error::View)
     }
 
     /// The storage schema of a view: time, key tags, value or state fields, `__deleted`.

@@ -12,7 +12,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
-use std::time::Instant;
 
 use arrow::array::RecordBatch;
 
@@ -24,8 +23,8 @@ use super::{Change, PROGRESS_TABLE, View, Views};
 /// their rows).
 type LevelWrite = (Vec<(String, RecordBatch)>, Vec<(Arc<View>, RecordBatch)>);
 
-/// A view's result in a round, and when its maintenance started.
-type Done = (Arc<View>, Out, Instant);
+/// A view's result in a round, and when its maintenance started (database clock, ns).
+type Done = (Arc<View>, Out, i64);
 
 /// Runs the maintenance worker until the views are stopped or the database is gone.
 pub(super) fn run(views: Weak<Views>) {
@@ -114,7 +113,7 @@ impl Views {
         let mut done = Vec::new();
         let mut failed = false;
         for view in level {
-            let started = Instant::now();
+            let started = self.shared.clock.now_ns();
             match runtime.block_on(maintain::round(self, view, changes, upto)) {
                 Ok(Some(out)) => done.push((view.clone(), out, started)),
                 Ok(None) => {
@@ -208,7 +207,7 @@ impl Views {
         write_error: Option<String>,
         changes: &mut HashMap<u64, Change>,
         upto: u64,
-        oldest: Option<Instant>,
+        oldest: Option<i64>,
     ) -> bool {
         let mut failed = false;
         for (view, out, started) in done {
@@ -221,9 +220,10 @@ impl Views {
                 let mut st = view.status.lock();
                 st.applied = st.applied.max(upto);
                 st.last_error = None;
-                st.last_round_ms = started.elapsed().as_secs_f64() * 1e3;
+                let now = self.shared.clock.now_ns();
+                st.last_round_ms = now.saturating_sub(started) as f64 / 1e6;
                 if let Some(t) = oldest {
-                    st.lag_ms = t.elapsed().as_secs_f64() * 1e3;
+                    st.lag_ms = now.saturating_sub(t) as f64 / 1e6;
                 }
             }
             let c = changes.entry(view.table.id).or_default();

@@ -15,9 +15,11 @@ use super::{
     value_type,
 };
 use crate::storage::catalog::TIME_COLUMN;
+use crate::views::ViewError;
 
 /// Evaluates constant parts of a definition (a `date_bin` stride or origin).
-pub(crate) type Evaluate<'a> = &'a dyn Fn(&str) -> Result<datafusion::common::ScalarValue, String>;
+pub(crate) type Evaluate<'a> =
+    &'a dyn Fn(&str) -> Result<datafusion::common::ScalarValue, ViewError>;
 
 fn is_time_ident(e: &Expr) -> bool {
     match e {
@@ -52,7 +54,7 @@ fn function_name(f: &ast::Function) -> String {
 }
 
 /// The time mapping of the view's `time` expression.
-fn time_map(e: &Expr, eval: Evaluate) -> Result<TimeMap, String> {
+fn time_map(e: &Expr, eval: Evaluate) -> Result<TimeMap, ViewError> {
     if is_time_ident(e) {
         return Ok(TimeMap::Identity);
     }
@@ -281,28 +283,30 @@ impl<'q> Shape<'q> {
 
 /// Checks the output columns (no reserved or repeated names, `time` a timestamp); returns
 /// whether there is a `time`.
-fn check_columns(schema: &SchemaRef) -> Result<bool, String> {
+fn check_columns(schema: &SchemaRef) -> Result<bool, ViewError> {
     let mut names = std::collections::HashSet::new();
     for f in schema.fields() {
         if f.name().starts_with("__") {
-            return Err(format!(
+            return Err(ViewError::Invalid(format!(
                 "column '{}': names starting with '__' are reserved",
                 f.name()
-            ));
+            )));
         }
         if !names.insert(f.name().clone()) {
-            return Err(format!(
+            return Err(ViewError::Invalid(format!(
                 "column '{}' appears twice; give each column its own name with AS",
                 f.name()
-            ));
+            )));
         }
     }
     match schema.field_with_name(TIME_COLUMN) {
-        Ok(f) if !matches!(f.data_type(), DataType::Timestamp(_, _)) => Err(format!(
-            "column 'time' has type {}; a view's 'time' must be a timestamp (e.g. \
+        Ok(f) if !matches!(f.data_type(), DataType::Timestamp(_, _)) => {
+            Err(ViewError::Invalid(format!(
+                "column 'time' has type {}; a view's 'time' must be a timestamp (e.g. \
              date_bin(INTERVAL '1 minute', time) AS time)",
-            f.data_type()
-        )),
+                f.data_type()
+            )))
+        }
         Ok(_) => Ok(true),
         Err(_) => Ok(false),
     }
@@ -319,16 +323,18 @@ pub(crate) fn analyse(
     is_view: &dyn Fn(&str, &str) -> bool,
     is_aggregate: &dyn Fn(&str) -> bool,
     eval: Evaluate,
-) -> Result<ViewPlan, String> {
+) -> Result<ViewPlan, ViewError> {
     let query = parse_query(sql)?;
     let (sources, clock, subquery) = plan_facts(&planned.plan, default_db)?;
     if let Some(f) = clock {
-        return Err(format!(
+        return Err(ViewError::Invalid(format!(
             "a view cannot call {f}(): its rows would change with the clock, not with the data"
-        ));
+        )));
     }
     if sources.is_empty() {
-        return Err("a view must read at least one table".to_string());
+        return Err(ViewError::Invalid(
+            "a view must read at least one table".to_string(),
+        ));
     }
     let schema = planned.schema.clone();
     let has_time = check_columns(&schema)?;
@@ -347,7 +353,9 @@ pub(crate) fn analyse(
     let (columns, mut strategy) = if shape.grouped {
         grouped_columns(&shape, &schema, is_aggregate, has_time, time)?
     } else {
-        let primary = sources.first().ok_or("a view must read a table")?;
+        let primary = sources
+            .first()
+            .ok_or_else(|| ViewError::Invalid("a view must read a table".to_string()))?;
         let ok_time = has_time && time_identity;
         projection_columns(&shape, &schema, primary, tags_of, ok_time)?
     };
@@ -364,7 +372,9 @@ pub(crate) fn analyse(
             super::state_sql::aggregate_sql(select, items, &columns, &schema, &source_tags)
         }
         (Strategy::Aggregate, _, _) => {
-            return Err("a grouped view must be one SELECT listing its columns".to_string());
+            return Err(ViewError::Invalid(
+                "a grouped view must be one SELECT listing its columns".to_string(),
+            ));
         }
         _ => (sql.to_string(), None),
     };
@@ -388,13 +398,15 @@ fn grouped_columns(
     is_aggregate: &dyn Fn(&str) -> bool,
     has_time: bool,
     time: TimeMap,
-) -> Result<(Vec<(String, OutColumn)>, Strategy), String> {
+) -> Result<(Vec<(String, OutColumn)>, Strategy), ViewError> {
     let Some(items) = &shape.items else {
-        return Err(
+        return Err(ViewError::Invalid(
             "a grouped view must list its columns (no *) so its keys are known".to_string(),
-        );
+        ));
     };
-    let sel = shape.select.ok_or("a grouped view must be one SELECT")?;
+    let sel = shape
+        .select
+        .ok_or_else(|| ViewError::Invalid("a grouped view must be one SELECT".to_string()))?;
     let mut strategy = Strategy::Aggregate;
     if !shape.single
         || shape.subquery
@@ -412,7 +424,9 @@ fn grouped_columns(
     for (name, e) in items {
         if name == TIME_COLUMN {
             if has_aggregate(e, is_aggregate) {
-                return Err("the view's 'time' must be a grouping key".to_string());
+                return Err(ViewError::Invalid(
+                    "the view's 'time' must be a grouping key".to_string(),
+                ));
             }
             columns.push((name.clone(), OutColumn::Time));
         } else if has_aggregate(e, is_aggregate) {
@@ -426,13 +440,13 @@ fn grouped_columns(
         } else {
             let t = schema
                 .field_with_name(name)
-                .map_err(|e| e.to_string())?
+                .map_err(|e| ViewError::Invalid(e.to_string()))?
                 .data_type();
             if !key_type_ok(t) {
-                return Err(format!(
+                return Err(ViewError::Invalid(format!(
                     "grouping key '{name}' has type {t}; a view's keys are strings, integers \
                      or booleans (besides 'time')"
-                ));
+                )));
             }
             columns.push((name.clone(), OutColumn::Key));
         }
@@ -458,21 +472,21 @@ fn projection_columns(
     (pdb, ptable): &(String, String),
     tags_of: &dyn Fn(&str, &str) -> Option<Vec<String>>,
     ok_time: bool,
-) -> Result<(Vec<(String, OutColumn)>, Strategy), String> {
+) -> Result<(Vec<(String, OutColumn)>, Strategy), ViewError> {
     // Over a view, its keys are the upstream's keys (none known here).
     let tags = tags_of(pdb, ptable).unwrap_or_default();
     if !ok_time {
-        return Err(format!(
+        return Err(ViewError::Invalid(format!(
             "a view without GROUP BY must select '{TIME_COLUMN}' of '{ptable}' as it is, so \
              each of its rows keeps the key of the point it comes from"
-        ));
+        )));
     }
     for tag in &tags {
         if schema.field_with_name(tag).is_err() {
-            return Err(format!(
+            return Err(ViewError::Invalid(format!(
                 "a view without GROUP BY must select every tag of '{ptable}' (missing \
                  '{tag}'), so each of its rows keeps the key of the point it comes from"
-            ));
+            )));
         }
     }
     let strategy = if shape.single && !shape.subquery && !shape.any_window && !shape.from_view {
@@ -500,18 +514,18 @@ fn projection_columns(
 }
 
 /// Every value column has a type a view can store.
-fn check_value_types(columns: &[(String, OutColumn)], schema: &SchemaRef) -> Result<(), String> {
+fn check_value_types(columns: &[(String, OutColumn)], schema: &SchemaRef) -> Result<(), ViewError> {
     for (name, c) in columns {
         if matches!(c, OutColumn::Value) {
             let t = schema
                 .field_with_name(name)
-                .map_err(|e| e.to_string())?
+                .map_err(|e| ViewError::Invalid(e.to_string()))?
                 .data_type();
             if value_type(t).is_none() {
-                return Err(format!(
+                return Err(ViewError::Invalid(format!(
                     "column '{name}' has type {t}, which a view cannot store; CAST it to DOUBLE, \
                      BIGINT or VARCHAR"
-                ));
+                )));
             }
         }
     }
@@ -521,4 +535,150 @@ fn check_value_types(columns: &[(String, OutColumn)], schema: &SchemaRef) -> Res
 /// Over a view, the string-like columns of a projection are taken as its keys.
 fn is_key_of_view(t: &DataType) -> bool {
     matches!(t, DataType::Dictionary(_, _))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::RecordBatch;
+    use arrow::datatypes::{Field, Schema, TimeUnit};
+    use datafusion::common::{DFSchema, ScalarValue};
+    use datafusion::logical_expr::ColumnarValue;
+    use datafusion::prelude::SessionContext;
+
+    use super::*;
+
+    fn eval(sql: &str) -> Result<ScalarValue, ViewError> {
+        let ctx = SessionContext::new();
+        let schema = DFSchema::empty();
+        let fail = |e: datafusion::error::DataFusionError| ViewError::Invalid(e.to_string());
+        let expr = ctx.parse_sql_expr(sql, &schema).map_err(fail)?;
+        let physical = ctx.create_physical_expr(expr, &schema).map_err(fail)?;
+        let one = RecordBatch::try_new_with_options(
+            Arc::new(Schema::empty()),
+            Vec::new(),
+            &arrow::array::RecordBatchOptions::new().with_row_count(Some(1)),
+        )
+        .map_err(|e| ViewError::Invalid(e.to_string()))?;
+        match physical.evaluate(&one).map_err(fail)? {
+            ColumnarValue::Scalar(s) => Ok(s),
+            ColumnarValue::Array(a) => ScalarValue::try_from_array(&a, 0).map_err(fail),
+        }
+    }
+
+    /// Analyses `sql` over a table `cpu` (time, tag `host`, field `usage`).
+    fn analysed(sql: &str) -> Result<ViewPlan, ViewError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let ctx = SessionContext::new();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new(
+                TIME_COLUMN,
+                DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into())),
+                false,
+            ),
+            Field::new(
+                "host",
+                DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8)),
+                true,
+            ),
+            Field::new("usage", DataType::Float64, true),
+        ]));
+        let table = datafusion::datasource::MemTable::try_new(schema, vec![vec![]]).expect("table");
+        ctx.register_table("cpu", Arc::new(table))
+            .expect("register");
+        let df = rt.block_on(ctx.sql(sql)).expect("plan");
+        let planned = Planned {
+            plan: df.logical_plan().clone(),
+            schema: Arc::new(df.schema().as_arrow().clone()),
+        };
+        let state = ctx.state();
+        let aggregates: std::collections::HashSet<String> = state
+            .aggregate_functions()
+            .iter()
+            .flat_map(|(k, f)| std::iter::once(k.clone()).chain(f.aliases().iter().cloned()))
+            .collect();
+        analyse(
+            sql,
+            &planned,
+            "main",
+            &|_, t| (t == "cpu").then(|| vec!["host".to_string()]),
+            &|_, _| false,
+            &|n| aggregates.contains(n),
+            &eval,
+        )
+    }
+
+    #[test]
+    fn a_filtered_projection_keeps_the_source_key() {
+        let plan = analysed("SELECT time, host, usage FROM cpu WHERE usage > 90").expect("plan");
+        assert_eq!(plan.strategy, Strategy::Projection);
+        assert_eq!(plan.time, TimeMap::Identity);
+        assert!(matches!(plan.columns[1], (ref n, OutColumn::Key) if n == "host"));
+        assert!(matches!(plan.columns[2].1, OutColumn::Value));
+    }
+
+    #[test]
+    fn a_bucketed_aggregate_merges_states_and_is_keyed_by_its_tags() {
+        let plan = analysed(
+            "SELECT date_bin(INTERVAL '1 minute', time) AS time, host, avg(usage) AS a, count(*) AS n \
+             FROM cpu GROUP BY 1, 2",
+        )
+        .expect("plan");
+        assert_eq!(plan.strategy, Strategy::Aggregate);
+        assert!(
+            matches!(
+                plan.time,
+                TimeMap::Bin {
+                    stride: 60_000_000_000,
+                    ..
+                }
+            ),
+            "{:?}",
+            plan.time
+        );
+        assert!(matches!(plan.columns[2].1, OutColumn::State(Agg::Avg(_))));
+        assert!(
+            plan.storage_sql.contains("GROUP BY 1, 2"),
+            "{}",
+            plan.storage_sql
+        );
+        let keyed = plan.keyed.expect("keyed by host");
+        assert_eq!(keyed.tags, [("host".to_string(), "host".to_string())]);
+    }
+
+    #[test]
+    fn what_cannot_be_merged_recomputes_its_windows() {
+        let plan = analysed(
+            "SELECT date_bin(INTERVAL '1 hour', time) AS time, host, median(usage) AS m \
+             FROM cpu GROUP BY 1, 2",
+        )
+        .expect("plan");
+        assert_eq!(plan.strategy, Strategy::Recompute);
+        assert!(matches!(plan.columns[2].1, OutColumn::Value));
+        assert!(plan.keyed.is_none());
+    }
+
+    #[test]
+    fn definitions_a_view_cannot_keep_are_refused_with_the_reason() {
+        for (sql, reason) in [
+            (
+                "SELECT time, host, now() AS t FROM cpu",
+                "cannot call now()",
+            ),
+            ("SELECT host, usage FROM cpu", "must select 'time'"),
+            ("SELECT time, usage FROM cpu", "every tag of 'cpu'"),
+            ("SELECT time, host, usage AS __x FROM cpu", "reserved"),
+            (
+                "SELECT date_bin(INTERVAL '1 minute', time) AS time, usage AS k, count(*) AS n \
+                 FROM cpu GROUP BY 1, 2",
+                "grouping key 'k' has type Float64",
+            ),
+        ] {
+            let err = analysed(sql).expect_err(sql);
+            assert!(err.to_string().contains(reason), "{sql}: {err}");
+        }
+    }
 }

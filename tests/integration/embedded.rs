@@ -4,29 +4,16 @@ use std::io::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use crate::common::{rt, table};
 use arrow::array::{
     ArrayRef, DictionaryArray, Float32Array, Float64Array, Int32Array, RecordBatch, StringArray,
     TimestampMillisecondArray,
 };
 use arrow::datatypes::{DataType, Field, Int32Type, Schema, TimeUnit};
-use arrow::util::pretty::pretty_format_batches;
 use futures::TryStreamExt;
 use rivulet::{
-    Config, Db, Durability, Error, IoFaults, ManualClock, Precision, WriteError, WriteOptions,
+    Config, Db, Durability, Error, IoFaults, IoOp, ManualClock, Precision, WriteError, WriteOptions,
 };
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-/// The result of `sql` as a pretty table, for whole-result comparisons.
-fn table(db: &Db, sql: &str) -> String {
-    let batches = rt().block_on(db.sql(sql)).expect(sql);
-    pretty_format_batches(&batches).expect("format").to_string()
-}
 
 fn fixture_lines() -> &'static str {
     "cpu,host=a,dc=x usage=1.5,n=1i 10\n\
@@ -488,7 +475,10 @@ struct FailSyncAfter {
 }
 
 impl IoFaults for FailSyncAfter {
-    fn before_sync(&self) -> std::io::Result<()> {
+    fn before(&self, op: IoOp, _path: &std::path::Path) -> std::io::Result<()> {
+        if op != IoOp::WalSync {
+            return Ok(());
+        }
         if self.syncs.fetch_add(1, Ordering::SeqCst) >= self.ok_syncs {
             Err(std::io::Error::other("injected fsync failure"))
         } else {

@@ -5,83 +5,10 @@ use std::net::SocketAddr;
 
 use reqwest::StatusCode;
 use rivulet::server::{ConnectionLimits, ServerConfig, router, serve};
-use rivulet::{Config, Db, Durability};
+
+use crate::common::Server;
+use rivulet::Db;
 use serde_json::Value;
-
-struct Server {
-    addr: SocketAddr,
-    client: reqwest::Client,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
-    db: Db,
-}
-
-impl Server {
-    async fn start(db: Db, config: ServerConfig) -> Server {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let app = router(db.clone(), config);
-        let task = tokio::spawn(serve(listener, app, ConnectionLimits::default(), async {
-            let _ = rx.await;
-        }));
-        Server {
-            addr,
-            client: reqwest::Client::new(),
-            shutdown: Some(tx),
-            task: Some(task),
-            db,
-        }
-    }
-
-    async fn in_memory() -> Server {
-        let db = Db::open_with(Config {
-            durability: Durability::None,
-            ..Config::default()
-        })
-        .expect("db");
-        Server::start(db, ServerConfig::default()).await
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    async fn post(&self, path: &str, body: &str) -> reqwest::Response {
-        self.client
-            .post(self.url(path))
-            .body(body.to_string())
-            .send()
-            .await
-            .expect("request")
-    }
-
-    async fn get(&self, path: &str) -> reqwest::Response {
-        self.client
-            .get(self.url(path))
-            .send()
-            .await
-            .expect("request")
-    }
-
-    async fn json(&self, path: &str) -> Value {
-        let r = self.get(path).await;
-        assert_eq!(r.status(), StatusCode::OK, "GET {path}");
-        r.json().await.expect("json")
-    }
-
-    async fn stop(mut self) -> Db {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            task.await.expect("join").expect("serve");
-        }
-        self.db
-    }
-}
 
 #[tokio::test]
 async fn v2_write_then_v3_query_returns_the_row() {

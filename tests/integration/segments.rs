@@ -4,22 +4,11 @@
 use std::path::Path;
 use std::time::Duration;
 
+use crate::common::{rt, table};
 use arrow::util::pretty::pretty_format_batches;
 use rivulet::{Config, Db, Durability, Precision};
 
 const DAY: i64 = 86_400;
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-fn table(db: &Db, sql: &str) -> String {
-    let batches = rt().block_on(db.sql(sql)).expect(sql);
-    pretty_format_batches(&batches).expect("format").to_string()
-}
 
 /// A database that only persists and compacts when told to.
 fn open(dir: &Path) -> Db {

@@ -247,7 +247,12 @@ fn run_round(
 ) -> Vec<(u64, u64)> {
     let exe = std::env::current_exe().expect("test binary path");
     let mut child = Command::new(exe)
-        .args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
+        .args([
+            "crash::crash_child",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_DIR, dir)
         .env(CHILD_FIRST_BATCH, first_batch.to_string())
         .stdout(Stdio::piped())

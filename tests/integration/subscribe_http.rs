@@ -2,65 +2,15 @@
 //! (reqwest, parsed as an EventSource does), WebSocket (tokio-tungstenite), long-poll; resume
 //! with `Last-Event-ID`; auth scopes; 1000 concurrent SSE subscribers.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use rivulet::server::{Auth, ConnectionLimits, ServerConfig, router, serve};
-use rivulet::{Config, Db, Durability, Precision};
+use rivulet::server::{Auth, ServerConfig};
+use rivulet::{Db, Precision};
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 
-struct Server {
-    addr: SocketAddr,
-    db: Db,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
-}
-
-impl Server {
-    async fn start(config: ServerConfig) -> Server {
-        let db = Db::open_with(Config {
-            durability: Durability::None,
-            ..Config::default()
-        })
-        .expect("db");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let app = router(db.clone(), config);
-        let task = tokio::spawn(serve(listener, app, ConnectionLimits::default(), async {
-            let _ = rx.await;
-        }));
-        Server {
-            addr,
-            db,
-            shutdown: Some(tx),
-            task: Some(task),
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    /// Stops the server; open subscriptions must not keep it from stopping.
-    async fn stop(mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(20), task)
-                .await
-                .expect("the server stops with subscriptions open")
-                .expect("join")
-                .expect("serve");
-        }
-        self.db.close().expect("close");
-    }
-}
+use crate::common::Server;
 
 /// One Server-Sent Event.
 #[derive(Debug, Clone, Default)]
@@ -152,7 +102,7 @@ fn encode(q: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_snapshot_changes_and_resume_with_last_event_id() {
-    let server = Server::start(ServerConfig::default()).await;
+    let server = Server::in_memory_with(ServerConfig::default()).await;
     write(&server.db, "cpu,hostname=h1 usage_user=50 0");
     server
         .db
@@ -222,12 +172,12 @@ async fn sse_snapshot_changes_and_resume_with_last_event_id() {
     let body: Value = r.json().await.expect("json");
     assert!(body.to_string().contains("ORDER BY"), "{body}");
     drop(events);
-    server.stop().await;
+    server.stop().await.close().expect("close");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_many_subscriptions_per_connection_json_and_arrow() {
-    let server = Server::start(ServerConfig::default()).await;
+    let server = Server::in_memory_with(ServerConfig::default()).await;
     write(&server.db, "cpu,host=a usage=95 0\ncpu,host=b usage=5 0");
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/api/v1/ws", server.addr))
         .await
@@ -356,12 +306,12 @@ async fn websocket_many_subscriptions_per_connection_json_and_arrow() {
     })
     .await;
     assert!(closed.is_ok(), "an oversized message closes the connection");
-    server.stop().await;
+    server.stop().await.close().expect("close");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_poll_returns_the_snapshot_then_waits_for_changes() {
-    let server = Server::start(ServerConfig::default()).await;
+    let server = Server::in_memory_with(ServerConfig::default()).await;
     write(&server.db, "cpu,host=a usage=1 0");
     let client = reqwest::Client::new();
     let q = encode("SELECT * FROM cpu");
@@ -404,7 +354,7 @@ async fn long_poll_returns_the_snapshot_then_waits_for_changes() {
     assert_eq!(next["messages"][0]["type"], "change", "{next}");
     assert_eq!(next["messages"][0]["changes"][0]["row"]["host"], "b");
     assert_eq!(next["seq"].as_u64(), Some(written));
-    server.stop().await;
+    server.stop().await.close().expect("close");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -417,7 +367,7 @@ async fn subscriptions_need_read_access_to_the_database() {
         .expect("auth"),
         ..ServerConfig::default()
     };
-    let server = Server::start(config).await;
+    let server = Server::in_memory_with(config).await;
     write(&server.db, "cpu,host=a usage=1 0");
     let client = reqwest::Client::new();
     let url = server.url(&format!(
@@ -456,12 +406,12 @@ async fn subscriptions_need_read_access_to_the_database() {
     // WebSocket: the upgrade needs a token.
     let e = tokio_tungstenite::connect_async(format!("ws://{}/api/v1/ws", server.addr)).await;
     assert!(e.is_err(), "an upgrade without a token is refused");
-    server.stop().await;
+    server.stop().await.close().expect("close");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_sse_subscribers_each_get_every_change() {
-    let server = Server::start(ServerConfig::default()).await;
+    let server = Server::in_memory_with(ServerConfig::default()).await;
     write(&server.db, "cpu,host=a usage=1 0");
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
@@ -502,5 +452,5 @@ async fn a_thousand_sse_subscribers_each_get_every_change() {
     for t in tasks {
         assert_eq!(t.await.expect("task"), 5);
     }
-    server.stop().await;
+    server.stop().await.close().expect("close");
 }
