@@ -53,6 +53,10 @@ impl std::fmt::Debug for ViewsShared {
 
 impl ApplyObserver for ViewsShared {
     fn admit(&self) {
+        // A view loaded at open takes the writes it missed from a snapshot of its sources,
+        // then starts watching them: a user write in between would reach neither. User writes
+        // wait for the load (it only plans the definitions), then for room in the queue.
+        self.wait_loaded();
         self.wait_for_room();
     }
 
