@@ -1,15 +1,18 @@
 //! Backfill: a new view computed over everything stored, one piece (at least a partition
 //! long, a whole number of buckets) at a time, so memory stays bounded by a piece.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use super::maintain::{Writes, read_seq, recompute, recompute_all, write};
 use super::plan::{Strategy, TimeMap};
 use super::{View, Views};
 use crate::error::Error;
+use crate::storage::buffer::time_values;
+use crate::storage::table::Table;
 
 /// The time extent of a table: segments and buffered chunks.
-pub(super) fn extent(table: &crate::storage::table::Table) -> Option<(i64, i64)> {
+pub(super) fn extent(table: &Table) -> Option<(i64, i64)> {
     let snap = table.buffer.read().snapshot();
     let mut lo = i64::MAX;
     let mut hi = i64::MIN;
@@ -24,6 +27,40 @@ pub(super) fn extent(table: &crate::storage::table::Table) -> Option<(i64, i64)>
     (lo <= hi).then_some((lo, hi))
 }
 
+/// Adds the start of every piece (`start + k * step`) that holds rows of `table`: segments by
+/// their time range (a segment lies within one partition, so it meets one or two pieces),
+/// buffered chunks by their rows' times.
+fn occupied_pieces(
+    table: &Table,
+    start: i64,
+    step: i64,
+    into: &mut BTreeSet<i64>,
+) -> Result<(), Error> {
+    let piece = |t: i64| {
+        let k = (i128::from(t) - i128::from(start)).div_euclid(i128::from(step));
+        i64::try_from(i128::from(start) + k * i128::from(step)).unwrap_or(i64::MAX)
+    };
+    let snap = table.buffer.read().snapshot();
+    for s in snap.segments.iter() {
+        let mut p = piece(s.meta.min_time);
+        while p <= s.meta.max_time {
+            into.insert(p);
+            match p.checked_add(step) {
+                Some(next) => p = next,
+                None => break,
+            }
+        }
+    }
+    for c in snap.frozen.iter().chain(&snap.chunks) {
+        if piece(c.min_time) == piece(c.max_time) {
+            into.insert(piece(c.min_time));
+        } else {
+            into.extend(time_values(&c.batch)?.iter().map(|&t| piece(t)));
+        }
+    }
+    Ok(())
+}
+
 /// Computes a new view over everything stored, one piece (at least a partition long, a whole
 /// number of buckets) at a time, so memory stays bounded by a piece.
 pub(super) async fn backfill_view(db: &Views, view: &Arc<View>, upto: u64) -> Result<(), Error> {
@@ -33,6 +70,8 @@ pub(super) async fn backfill_view(db: &Views, view: &Arc<View>, upto: u64) -> Re
         .and_then(|id| db.engine.table_by_id(id))
         .and_then(|t| extent(&t));
     let stored = extent(&view.table);
+    // Visits only the pieces that hold rows (data spread over years costs what it holds, not
+    // one query per empty day).
     match (plan.time, source) {
         (TimeMap::None, _) | (_, None) => {
             view.status.lock().backfill = Some((0, 1));
@@ -42,11 +81,10 @@ pub(super) async fn backfill_view(db: &Views, view: &Arc<View>, upto: u64) -> Re
             write(db, view, writes, upto).await?;
             view.status.lock().backfill = Some((1, 1));
         }
-        (time, Some((mut lo, mut hi))) => {
-            if let Some((a, b)) = stored {
+        (time, Some((mut lo, _))) => {
+            if let Some((a, _)) = stored {
                 // Rows left by an interrupted backfill or an earlier definition.
                 lo = lo.min(a);
-                hi = hi.max(b);
             }
             let partition = (db.engine.config.partition.as_nanos() as i64).max(1);
             let (start, step) = match time {
@@ -58,11 +96,17 @@ pub(super) async fn backfill_view(db: &Views, view: &Arc<View>, upto: u64) -> Re
                 }
                 _ => (lo, partition),
             };
-            let total = ((hi as i128 - start as i128) / step as i128 + 1) as u64;
+            // Only the pieces holding source rows or stored view rows: the others produce
+            // nothing and delete nothing (pieces are whole buckets, so a source row and its
+            // view row fall in the same piece).
+            let mut pieces = BTreeSet::new();
+            if let Some(source) = view.primary_id.and_then(|id| db.engine.table_by_id(id)) {
+                occupied_pieces(&source, start, step, &mut pieces)?;
+            }
+            occupied_pieces(&view.table, start, step, &mut pieces)?;
+            let total = pieces.len() as u64;
             view.status.lock().backfill = Some((0, total));
-            let mut a = start;
-            let mut done = 0;
-            loop {
+            for (done, a) in pieces.into_iter().enumerate() {
                 let b = a.saturating_add(step - 1);
                 let out = match time {
                     TimeMap::Bin { stride, .. } => (a, b.saturating_sub(stride - 1).max(a)),
@@ -74,18 +118,11 @@ pub(super) async fn backfill_view(db: &Views, view: &Arc<View>, upto: u64) -> Re
                 writes.batches.extend(deleted);
                 writes.batches.push(new);
                 write(db, view, writes, upto).await?;
-                done += 1;
-                {
-                    let mut st = view.status.lock();
-                    st.backfill = Some((done, total));
-                    if plan.strategy == Strategy::Aggregate {
-                        st.fences.push(fence);
-                    }
+                let mut st = view.status.lock();
+                st.backfill = Some((done as u64 + 1, total));
+                if plan.strategy == Strategy::Aggregate {
+                    st.fences.push(fence);
                 }
-                if b >= hi || b == i64::MAX {
-                    break;
-                }
-                a = b + 1;
             }
         }
     }
