@@ -398,13 +398,7 @@ impl Db {
 
     /// Names of the databases.
     pub fn databases(&self) -> Vec<String> {
-        self.inner
-            .engine
-            .catalog()
-            .databases()
-            .iter()
-            .map(|d| d.name.to_string())
-            .collect()
+        self.inner.engine.catalog().database_names()
     }
 
     /// Counters for monitoring (buffer sizes are summed over the tables on each call).

@@ -28,13 +28,7 @@ impl RivuletCatalog {
 
 impl CatalogProvider for RivuletCatalog {
     fn schema_names(&self) -> Vec<String> {
-        self.reader
-            .engine
-            .catalog()
-            .databases()
-            .iter()
-            .map(|d| d.name.to_string())
-            .collect()
+        self.reader.engine.catalog().database_names()
     }
 
     fn schema(&self, name: &str) -> Option<Arc<dyn SchemaProvider>> {

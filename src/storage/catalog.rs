@@ -417,6 +417,11 @@ impl Catalog {
         self.databases.read().values().cloned().collect()
     }
 
+    /// The names of all databases, sorted.
+    pub(crate) fn database_names(&self) -> Vec<String> {
+        self.databases.read().keys().map(|n| n.to_string()).collect()
+    }
+
     /// The table `name` of database `db`.
     pub(crate) fn table(&self, db: &str, name: &str) -> Option<Arc<Table>> {
         self.database(db)?.table(name)

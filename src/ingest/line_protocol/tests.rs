@@ -1,3 +1,6 @@
+//! Unit tests of the line protocol parser: the spec's syntax, escapes, errors with line and
+//! column, precision and limits.
+
 use super::*;
 
 use std::borrow::Cow;
