@@ -419,7 +419,11 @@ impl Catalog {
 
     /// The names of all databases, sorted.
     pub(crate) fn database_names(&self) -> Vec<String> {
-        self.databases.read().keys().map(|n| n.to_string()).collect()
+        self.databases
+            .read()
+            .keys()
+            .map(|n| n.to_string())
+            .collect()
     }
 
     /// The table `name` of database `db`.
