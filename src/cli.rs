@@ -7,6 +7,7 @@ mod write;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use rivulet::WalRecovery;
 
 /// Rivulet: an embedded time-series database with continuous queries.
 #[derive(Debug, Parser)]
@@ -35,6 +36,11 @@ struct DataDirArgs {
     /// The database.
     #[arg(long, env = "RIVULET_DB", default_value = "main")]
     db: String,
+    /// What to do with a damaged WAL segment at open: strict (refuse to open, naming the file
+    /// and offset) or skip-damaged (keep every intact record, set the damaged file aside).
+    /// docs/recovery.md.
+    #[arg(long, env = "RIVULET_WAL_RECOVERY", default_value = "strict")]
+    wal_recovery: WalRecovery,
 }
 
 /// A command's failure, printed as `error: …` with a non-zero exit.

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::clock::{Clock, SystemClock};
 use crate::storage::io::IoFaults;
+use crate::storage::wal::WalRecovery;
 
 /// When a write is acknowledged relative to its WAL record reaching the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -95,6 +96,9 @@ pub struct Config {
     pub subscribe_log_bytes: usize,
     /// … and changes at most this old. Default: 1 hour.
     pub subscribe_log_age: Duration,
+    /// What opening does with a damaged WAL segment (a torn tail is always cut). Default:
+    /// [`WalRecovery::Strict`], refuse to open and say where the damage is.
+    pub wal_recovery: WalRecovery,
 }
 
 impl Default for Config {
@@ -119,6 +123,7 @@ impl Default for Config {
             view_queue_bytes: 256 << 20,
             subscribe_log_bytes: 64 << 20,
             subscribe_log_age: Duration::from_secs(3600),
+            wal_recovery: WalRecovery::Strict,
         }
     }
 }

@@ -64,6 +64,6 @@ pub use ingest::line_protocol::{self, LineError, Precision};
 pub use storage::catalog::{CatalogError, ColumnKind, FieldType};
 pub use storage::io::{IoFaults, IoOp};
 pub use storage::segment::SegmentError;
-pub use storage::wal::{ReplayReport, WalError};
+pub use storage::wal::{RecoveredSegment, ReplayReport, WalError, WalRecovery};
 pub use subscribe::{ChangeBatch, ChangeKind, Op, SubscribeError, SubscribeOptions, Subscription};
 pub use subscribe::{error_json, message_arrow, message_json};

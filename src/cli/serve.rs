@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use rivulet::server::{Auth, ConnectionLimits, ServerConfig, Token, router, serve};
-use rivulet::{Config, Db, Durability};
+use rivulet::{Config, Db, Durability, WalRecovery};
 
 use super::CliResult;
 
@@ -48,6 +48,11 @@ pub(crate) struct ServeArgs {
     /// Server-Sent Event subscriptions open at once (not counted as requests).
     #[arg(long, env = "RIVULET_MAX_SUBSCRIPTIONS", default_value_t = 10_000)]
     max_subscriptions: usize,
+    /// What to do with a damaged WAL segment at open: strict (refuse to open, naming the file
+    /// and offset) or skip-damaged (keep every intact record, set the damaged file aside).
+    /// docs/recovery.md.
+    #[arg(long, env = "RIVULET_WAL_RECOVERY", default_value = "strict")]
+    wal_recovery: WalRecovery,
 }
 
 pub(crate) fn run(args: ServeArgs) -> CliResult {
@@ -63,6 +68,7 @@ pub(crate) fn run(args: ServeArgs) -> CliResult {
     let db = Db::open_with(Config {
         durability: args.durability,
         query_memory_limit: Some(args.query_memory_bytes),
+        wal_recovery: args.wal_recovery,
         ..Config::with_dir(&args.data_dir)
     })?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

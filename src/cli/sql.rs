@@ -33,6 +33,7 @@ pub(crate) struct SqlArgs {
 pub(crate) fn run(args: SqlArgs) -> CliResult {
     let config = Config {
         default_database: args.dir.db.clone(),
+        wal_recovery: args.dir.wal_recovery,
         ..Config::with_dir(&args.dir.data_dir)
     };
     let db = Db::open_with(config)?;

@@ -235,7 +235,7 @@ impl Engine {
         // Replay the WAL into the buffers (writes already in segments are skipped).
         let mut replay = ReplayReport::default();
         if let Some(wal_dir) = &wal_dir {
-            replay = wal::replay(wal_dir, |payload| {
+            replay = wal::replay(wal_dir, config.wal_recovery, &io, |payload| {
                 super::open::replay_record(&catalog, payload, persisted_seq, prepare)
             })
             .map_err(StorageError::Replay)?;

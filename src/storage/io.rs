@@ -18,6 +18,8 @@ pub enum IoOp {
     WalAppend,
     /// Fsyncing a WAL segment.
     WalSync,
+    /// Reading a WAL segment at open.
+    WalRead,
     /// Creating a WAL segment (header written and fsynced, directory fsynced).
     WalCreate,
     /// Writing a segment file's rows.

@@ -6,13 +6,19 @@
 //! the database name and, per table, its name and the rows as an Arrow IPC stream (so the WAL
 //! carries the schema of what it holds). Byte layouts: docs/file-format.md.
 //!
-//! Replay reads segments in order and stops at the first record that is torn (shorter than its
-//! length) or fails its checksum: in the last segment that is a crash's torn tail, which replay
-//! truncates away and reports; anywhere else it is corruption and opening fails.
+//! Replay reads segments in order. A torn tail of the newest segment (an incomplete or
+//! checksum-failing last record, nothing intact after it) is what a crash leaves: replay cuts it
+//! off and reports it. Damage with intact records after it, or in an older segment, fails the
+//! open with the file, the offset and the count of intact records that follow, unless the
+//! operator opens with [`WalRecovery::SkipDamaged`] ([`scan`] tells the two apart).
+
+mod scan;
+
+pub use scan::WalRecovery;
 
 use super::io::{Io, IoOp};
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -53,6 +59,26 @@ pub enum WalError {
         offset: u64,
         /// What is wrong.
         reason: String,
+    },
+    /// A segment is damaged and intact records follow the damage (or later segments do):
+    /// cutting the log there would drop acknowledged writes.
+    #[error(
+        "WAL segment {path} is damaged at byte {offset} ({reason}); {intact_after} intact \
+         records follow it in that file and {later_segments} newer segments after it. Refusing \
+         to open, since cutting the log there would drop acknowledged writes. {hint}",
+        hint = WalRecovery::HINT
+    )]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// Offset of the first bad record.
+        offset: u64,
+        /// What is wrong with it.
+        reason: String,
+        /// Intact records after the damage in the same file.
+        intact_after: usize,
+        /// Segments after this one.
+        later_segments: usize,
     },
     /// A segment was written by an incompatible version of Rivulet.
     #[error("WAL segment {path} has format version {found}; this build reads version {expected}")]
@@ -266,13 +292,33 @@ pub struct ReplayReport {
     pub records: u64,
     /// Highest sequence replayed.
     pub last_seq: Option<u64>,
-    /// A torn or corrupt tail was cut off: (file, offset, reason).
+    /// A torn tail was cut off the newest segment: (file, offset, reason).
     pub truncated_tail: Option<(PathBuf, u64, String)>,
+    /// Damaged segments repaired under [`WalRecovery::SkipDamaged`].
+    pub recovered: Vec<RecoveredSegment>,
 }
 
-/// Replays every record in `dir`, calling `apply(payload)` in order.
+/// A damaged segment that replay kept the intact records of (under
+/// [`WalRecovery::SkipDamaged`]).
+#[derive(Debug, Clone)]
+pub struct RecoveredSegment {
+    /// The segment, now holding only its intact records.
+    pub path: PathBuf,
+    /// The copy of the file as it was found.
+    pub moved_to: PathBuf,
+    /// The damaged stretches: (offset, end, reason).
+    pub damaged: Vec<(u64, u64, String)>,
+    /// Intact records kept.
+    pub kept: usize,
+}
+
+/// Replays every record in `dir`, calling `apply(payload)` in order. A torn tail of the newest
+/// segment is cut off; other damage fails the replay or, under `recovery`, is set aside
+/// ([`scan`] tells them apart).
 pub(crate) fn replay(
     dir: &Path,
+    recovery: WalRecovery,
+    io: &Io,
     mut apply: impl FnMut(&[u8]) -> Result<u64, WalError>,
 ) -> Result<ReplayReport, WalError> {
     let segments = list_segments(dir)?;
@@ -281,9 +327,9 @@ pub(crate) fn replay(
     for (i, (_, path)) in segments.iter().enumerate() {
         let is_last = i + 1 == count;
         report.segments += 1;
-        let mut data = Vec::new();
-        File::open(path)
-            .and_then(|mut f| f.read_to_end(&mut data))
+        let data = io
+            .check(IoOp::WalRead, path)
+            .and_then(|()| std::fs::read(path))
             .map_err(io_err("reading", path))?;
         if data.len() >= 8 && &data[..6] == WAL_MAGIC {
             let found = u16::from_le_bytes([data[6], data[7]]);
@@ -295,88 +341,123 @@ pub(crate) fn replay(
                 });
             }
         }
-        let mut pos = match check_header(&data) {
-            Ok(()) => HEADER_LEN as usize,
-            Err(Damage(reason)) => {
-                if is_last && data.len() < HEADER_LEN as usize {
-                    // A crash right after creating the file: nothing in it was acknowledged.
-                    truncate_tail(path, 0)?;
-                    std::fs::remove_file(path).map_err(io_err("removing", path))?;
-                    report.truncated_tail = Some((path.clone(), 0, reason));
-                    continue;
-                }
+        let mut bad_header = None;
+        if let Err(Damage(reason)) = check_header(&data) {
+            if is_last && data.len() < HEADER_LEN as usize {
+                // A crash right after creating the file: nothing in it was acknowledged.
+                truncate_tail(path, 0)?;
+                std::fs::remove_file(path).map_err(io_err("removing", path))?;
+                report.truncated_tail = Some((path.clone(), 0, reason));
+                continue;
+            }
+            if recovery == WalRecovery::Strict {
                 return Err(WalError::Corrupt {
                     path: path.clone(),
                     offset: 0,
-                    reason,
+                    reason: format!("{reason}; {}", WalRecovery::HINT),
                 });
             }
-        };
-        while pos < data.len() {
-            let bad = |reason: String| (pos as u64, reason);
-            let result = (|| {
-                let header = data
-                    .get(pos..pos + RECORD_HEADER_LEN)
-                    .ok_or_else(|| bad("torn record header".to_string()))?;
-                let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
-                let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-                if len > MAX_RECORD_BYTES {
-                    return Err(bad(format!("record length {len} is implausible")));
-                }
-                let start = pos + RECORD_HEADER_LEN;
-                let payload = data
-                    .get(start..start + len as usize)
-                    .ok_or_else(|| bad("torn record".to_string()))?;
-                if payload.len() < 9 {
-                    // Every payload holds at least a sequence and a kind: zeros from a
-                    // preallocated or torn block are damage, not an empty record.
-                    return Err(bad(format!("record of {len} bytes is too short")));
-                }
-                if crc32fast::hash(payload) != crc {
-                    return Err(bad("checksum mismatch".to_string()));
-                }
-                Ok(payload)
-            })();
-            match result {
-                Ok(payload) => {
-                    // Checked before applying: an out-of-order record must change nothing.
-                    let seq = u64::from_le_bytes(payload[..8].try_into().unwrap_or([0; 8]));
-                    if report.last_seq.is_some_and(|last| seq <= last) {
-                        return Err(WalError::Corrupt {
-                            path: path.clone(),
-                            offset: pos as u64,
-                            reason: format!(
-                                "sequence {seq} does not follow {}",
-                                report.last_seq.unwrap_or(0)
-                            ),
-                        });
-                    }
-                    apply(payload)?;
-                    report.records += 1;
-                    report.last_seq = Some(seq);
-                    pos += RECORD_HEADER_LEN + payload.len();
-                }
-                Err((offset, reason)) if is_last => {
-                    truncate_tail(path, offset)?;
-                    report.truncated_tail = Some((path.clone(), offset, reason));
-                    break;
-                }
-                Err((offset, reason)) => {
-                    return Err(WalError::Corrupt {
-                        path: path.clone(),
-                        offset,
-                        reason,
-                    });
-                }
+            bad_header = Some(reason);
+        }
+        let found = scan::scan(&data, report.last_seq);
+        let mut repair = bad_header.is_some();
+        if let Some(first) = found.damage.first() {
+            if is_last && !repair && found.torn_tail_only() {
+                truncate_tail(path, first.offset)?;
+                report.truncated_tail = Some((path.clone(), first.offset, first.reason.clone()));
+            } else if recovery == WalRecovery::Strict {
+                return Err(WalError::Damaged {
+                    path: path.clone(),
+                    offset: first.offset,
+                    reason: first.reason.clone(),
+                    intact_after: found.intact_after_damage,
+                    later_segments: count - i - 1,
+                });
+            } else {
+                repair = true;
             }
+        }
+        if repair {
+            report
+                .recovered
+                .push(set_aside(io, path, &data, &found, bad_header)?);
+        }
+        for range in &found.records {
+            apply(&data[range.clone()])?;
+            report.records += 1;
+        }
+        if found.last_seq.is_some() {
+            report.last_seq = found.last_seq;
         }
     }
     Ok(report)
 }
 
-/// What is wrong with a segment's header or a record (reported with its offset).
+/// Keeps a copy of a damaged segment (`<segment>.damaged`, or `.damaged.N` when taken) and
+/// replaces the segment with its intact records. Every step can be repeated after a crash: the
+/// segment is replaced by a rename, after its copy is durable.
+fn set_aside(
+    io: &Io,
+    path: &Path,
+    data: &[u8],
+    found: &scan::Scan,
+    bad_header: Option<String>,
+) -> Result<RecoveredSegment, WalError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut moved_to = path.with_extension("wal.damaged");
+    let mut n = 1;
+    while moved_to.exists() {
+        moved_to = path.with_extension(format!("wal.damaged.{n}"));
+        n += 1;
+    }
+    let mut rewritten = Vec::with_capacity(data.len());
+    rewritten.extend_from_slice(&segment_header());
+    for (offset, range) in found.offsets.iter().zip(&found.records) {
+        rewritten.extend_from_slice(&data[*offset..range.end]);
+    }
+    let tmp = path.with_extension("wal.tmp");
+    for (target, bytes) in [(&moved_to, data), (&tmp, &rewritten[..])] {
+        io.check(IoOp::WalCreate, target)
+            .and_then(|()| {
+                let mut f = File::create(target)?;
+                f.write_all(bytes)?;
+                f.sync_all()
+            })
+            .map_err(io_err("writing", target))?;
+    }
+    io.check(IoOp::Rename, &tmp)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(io_err("renaming", &tmp))?;
+    sync_dir(dir)?;
+    let mut damaged: Vec<(u64, u64, String)> = bad_header
+        .map(|reason| (0, HEADER_LEN, reason))
+        .into_iter()
+        .collect();
+    damaged.extend(found.damage.iter().map(|d| (d.offset, d.end, d.reason.clone())));
+    tracing::error!(
+        path = %path.display(), moved_to = %moved_to.display(), kept = found.records.len(),
+        damaged = ?damaged,
+        "WAL segment was damaged: its intact records are kept, the damaged bytes are lost, and the file as found is kept aside"
+    );
+    Ok(RecoveredSegment {
+        path: path.to_path_buf(),
+        moved_to,
+        damaged,
+        kept: found.records.len(),
+    })
+}
+
+/// What is wrong with a segment's header.
 #[derive(Debug)]
 struct Damage(String);
+
+/// A segment's 16-byte header.
+fn segment_header() -> [u8; HEADER_LEN as usize] {
+    let mut header = [0u8; HEADER_LEN as usize];
+    header[..6].copy_from_slice(WAL_MAGIC);
+    header[6..8].copy_from_slice(&WAL_FORMAT_VERSION.to_le_bytes());
+    header
+}
 
 fn check_header(data: &[u8]) -> Result<(), Damage> {
     if data.len() < HEADER_LEN as usize {
@@ -522,10 +603,7 @@ fn new_segment(io: &Io, dir: &Path, seq: u64) -> Result<(PathBuf, Arc<File>), Wa
         .write(true)
         .open(&path)
         .map_err(io_err("creating", &path))?;
-    let mut header = [0u8; HEADER_LEN as usize];
-    header[..6].copy_from_slice(WAL_MAGIC);
-    header[6..8].copy_from_slice(&WAL_FORMAT_VERSION.to_le_bytes());
-    file.write_all(&header)
+    file.write_all(&segment_header())
         .map_err(io_err("writing header", &path))?;
     file.sync_all().map_err(io_err("fsync", &path))?;
     file.seek(SeekFrom::End(0))

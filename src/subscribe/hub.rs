@@ -154,7 +154,7 @@ impl Hub {
         };
         let id = view.table.id;
         let stored = store.read(id).unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "view change log not read; subscribers may get a reset");
+            tracing::error!(error = %e, "view change log could not be read: it was moved aside, the log restarts and subscribers behind it get a reset");
             store::Stored::default()
         });
         let applied = view.status.lock().applied;

@@ -14,8 +14,9 @@
 //! their own: a killed process loses nothing (the OS has the bytes), and a lost tail (an OS
 //! crash) is detected at open because the view's stored applied sequence (written with each of
 //! its writes) is then newer than the last logged entry's; the log then restarts and older
-//! positions get a `reset`. Reading
-//! stops at the first torn or corrupt record. The file is rewritten from the in-memory log
+//! positions get a `reset`. A torn tail is dropped at open; damage with intact records after
+//! it, and a file that cannot be read, are set aside, never cut or overwritten silently
+//! ([`Store::read`]). The file is rewritten from the in-memory log
 //! when it grows past twice the log's byte limit.
 
 use std::collections::HashMap;
@@ -65,6 +66,8 @@ pub(crate) struct Store {
     io: Io,
     /// Per view; the map lock is only held to find a file, its own lock while writing it.
     files: Mutex<HashMap<u64, LogFile>>,
+    /// Views whose unreadable file could not be moved aside: never written over.
+    broken: Mutex<std::collections::HashSet<u64>>,
 }
 
 /// What a view's file held: its start marker (start, applied) and the entries after it.
@@ -171,12 +174,87 @@ fn parse_entry(p: &[u8]) -> Option<Entry> {
     })
 }
 
+/// The record at `at`: its payload, if it is whole and its checksum holds.
+fn record_at(data: &[u8], at: usize) -> Option<&[u8]> {
+    let len = u32::from_le_bytes(data.get(at..at + 4)?.try_into().ok()?) as usize;
+    let crc = u32::from_le_bytes(data.get(at + 4..at + 8)?.try_into().ok()?);
+    let p = data.get(at + 8..(at + 8).checked_add(len)?)?;
+    (crc32fast::hash(p) == crc).then_some(p)
+}
+
+/// Applies one record to `stored`; false when its contents do not parse.
+fn apply(stored: &mut Stored, p: &[u8]) -> bool {
+    match p.first() {
+        Some(&START) => {
+            stored.start = u64_at(p, 1);
+            stored.marker_applied = u64_at(p, 9).unwrap_or(0);
+            stored.entries.clear();
+            stored.start.is_some()
+        }
+        Some(&ENTRY) => match parse_entry(&p[1..]) {
+            Some(e) => {
+                stored.entries.push(e);
+                true
+            }
+            None => false,
+        },
+        _ => false,
+    }
+}
+
+/// Reads a change-log file's records. Returns what it held and, when damage was followed by
+/// intact records, (offset of the first damage, why, entries kept after it); a torn tail is
+/// dropped without a report.
+fn parse(data: &[u8]) -> (Stored, Option<(usize, &'static str, usize)>) {
+    let mut stored = Stored::default();
+    let mut at = 0;
+    let mut damage = None;
+    while at < data.len() {
+        match record_at(data, at) {
+            Some(p) if apply(&mut stored, p) => at += 8 + p.len(),
+            found => {
+                let reason = if found.is_some() {
+                    "a record that does not parse"
+                } else {
+                    "a torn record or a checksum mismatch"
+                };
+                // The next position where an intact, parseable record starts.
+                let mut probe = Stored::default();
+                let next = (at + 1..data.len()).find(|&q| {
+                    record_at(data, q).is_some_and(|p| {
+                        matches!(p.first(), Some(&START | &ENTRY)) && apply(&mut probe, p)
+                    })
+                });
+                let Some(next) = next else {
+                    break; // a torn tail
+                };
+                damage.get_or_insert((at, reason, 0));
+                // Entries before the damage cannot be resumed across it: the log restarts
+                // just before the first intact entry after it.
+                let first = record_at(data, next).map_or(0, |p| if p.first() == Some(&ENTRY) {
+                    u64_at(p, 1).unwrap_or(0)
+                } else {
+                    0
+                });
+                stored.entries.clear();
+                stored.start = Some(first.saturating_sub(1));
+                at = next;
+            }
+        }
+    }
+    if let Some(d) = damage.as_mut() {
+        d.2 = stored.entries.len();
+    }
+    (stored, damage)
+}
+
 impl Store {
     pub(crate) fn new(data_dir: &Path, io: Io) -> Store {
         Store {
             dir: data_dir.join("changes"),
             io,
             files: Mutex::new(HashMap::new()),
+            broken: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -188,47 +266,50 @@ impl Store {
         self.files.lock().entry(id).or_default().clone()
     }
 
-    /// Reads the file of the view stored in table `id` up to its first torn or corrupt record
-    /// (nothing when there is no file).
+    /// Reads the file of the view stored in table `id` (nothing when there is no file).
+    ///
+    /// A torn tail (a record cut short or failing its checksum, nothing intact after it) is
+    /// what a crash leaves and is dropped. Damage with intact records after it is never cut
+    /// silently: the file as found is kept aside (`<id>.log.damaged`), the log keeps the intact
+    /// records after the last damage (its start moves to just before them, so older positions
+    /// get a `reset`), and the error is logged with the file, the offset and what was kept. A
+    /// file that cannot be read at all (EIO) is moved aside (`<id>.log.unreadable`), never
+    /// overwritten, and the log restarts; if it cannot even be moved, the view's file is left
+    /// alone until the next open.
     pub(crate) fn read(&self, id: u64) -> Result<Stored, StoreError> {
         let path = self.path(id);
-        self.io
+        let data = match self
+            .io
             .check(IoOp::ChangeLogRead, &path)
-            .map_err(io_err("reading", &path))?;
-        let data = match std::fs::read(&path) {
+            .and_then(|()| std::fs::read(&path))
+        {
             Ok(d) => d,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Stored::default()),
-            Err(e) => return Err(io_err("reading", &path)(e)),
-        };
-        let mut stored = Stored::default();
-        let mut at = 0;
-        while let (Some(len), Some(crc)) = (
-            data.get(at..at + 4)
-                .and_then(|b| b.try_into().ok())
-                .map(u32::from_le_bytes),
-            data.get(at + 4..at + 8)
-                .and_then(|b| b.try_into().ok())
-                .map(u32::from_le_bytes),
-        ) {
-            let Some(p) = data.get(at + 8..at + 8 + len as usize) else {
-                break;
-            };
-            if crc32fast::hash(p) != crc {
-                break;
-            }
-            match p.first() {
-                Some(&START) => {
-                    stored.start = u64_at(p, 1);
-                    stored.marker_applied = u64_at(p, 9).unwrap_or(0);
-                    stored.entries.clear();
+            Err(e) => {
+                let aside = path.with_extension("log.unreadable");
+                if let Err(moved) = self
+                    .io
+                    .check(IoOp::Rename, &path)
+                    .and_then(|()| std::fs::rename(&path, &aside))
+                {
+                    tracing::error!(path = %path.display(), error = %moved, "an unreadable view change log could not be moved aside; it is left alone until the next open");
+                    self.broken.lock().insert(id);
                 }
-                Some(&ENTRY) => match parse_entry(&p[1..]) {
-                    Some(e) => stored.entries.push(e),
-                    None => break,
-                },
-                _ => break,
+                return Err(io_err("reading", &path)(e));
             }
-            at += 8 + len as usize;
+        };
+        let (stored, damage) = parse(&data);
+        if let Some((offset, reason, kept)) = damage {
+            let aside = path.with_extension("log.damaged");
+            let moved = self
+                .io
+                .check(IoOp::ChangeLogWrite, &aside)
+                .and_then(|()| std::fs::write(&aside, &data));
+            tracing::error!(
+                path = %path.display(), offset, reason, kept, aside = %aside.display(),
+                moved = moved.is_ok(),
+                "view change log is damaged with intact records after the damage: it was kept aside, the log resumes after the damage, older positions get a reset"
+            );
         }
         Ok(stored)
     }
@@ -240,6 +321,9 @@ impl Store {
         (start, applied): (u64, u64),
         entries: impl Iterator<Item = &'a Arc<Entry>>,
     ) -> Result<(), StoreError> {
+        if self.broken.lock().contains(&id) {
+            return Ok(());
+        }
         let path = self.path(id);
         let tmp = path.with_extension("tmp");
         let file = self.file(id);
@@ -276,6 +360,9 @@ impl Store {
         entry: &Entry,
         max_bytes: usize,
     ) -> Result<bool, StoreError> {
+        if self.broken.lock().contains(&id) {
+            return Ok(false);
+        }
         let Some(record) = entry_record(entry) else {
             return Ok(false);
         };
@@ -374,5 +461,58 @@ mod tests {
             .rewrite(3, (0, 0), std::iter::empty())
             .expect("rewrite");
         assert!(store.append(3, &entry(4, 4, 4.0), 1).expect("append"));
+    }
+
+    #[test]
+    fn damage_with_intact_entries_after_it_is_set_aside_and_the_log_resumes_after_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::new(dir.path(), Io::default());
+        let entries: Vec<_> = (1..=4).map(|s| entry(s, s, s as f64)).collect();
+        store.rewrite(5, (0, 0), entries.iter()).expect("rewrite");
+        let path = store.path(5);
+        let mut data = std::fs::read(&path).expect("read");
+        // A flipped byte inside the second entry (the start marker is 8 + 17 bytes, then
+        // equal-sized entries).
+        let entry_len = (data.len() - 25) / 4;
+        data[25 + entry_len + 20] ^= 0x10;
+        std::fs::write(&path, &data).expect("damage");
+
+        let stored = store.read(5).expect("read");
+        let seqs: Vec<u64> = stored.entries.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [3, 4], "the entries after the damage are kept");
+        assert_eq!(stored.start, Some(2), "positions before entry 3 cannot resume");
+        assert_eq!(
+            std::fs::read(path.with_extension("log.damaged")).expect("kept aside"),
+            data
+        );
+    }
+
+    #[derive(Debug)]
+    struct FailReads;
+
+    impl crate::storage::io::IoFaults for FailReads {
+        fn before(&self, op: IoOp, _: &Path) -> std::io::Result<()> {
+            match op {
+                IoOp::ChangeLogRead => Err(std::io::Error::other("EIO (injected)")),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    #[test]
+    fn an_unreadable_log_is_moved_aside_not_read_as_empty_and_overwritten() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::new(dir.path(), Io::default());
+        store
+            .rewrite(6, (0, 0), [entry(1, 1, 1.0)].iter())
+            .expect("rewrite");
+        let before = std::fs::read(store.path(6)).expect("read");
+        let failing = Store::new(dir.path(), Io::new(Some(Arc::new(FailReads))));
+        let err = failing.read(6).err().expect("the read error is surfaced");
+        assert!(err.to_string().contains("EIO"), "{err}");
+        assert_eq!(
+            std::fs::read(store.path(6).with_extension("log.unreadable")).expect("moved aside"),
+            before
+        );
     }
 }

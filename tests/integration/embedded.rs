@@ -438,6 +438,53 @@ fn a_torn_wal_tail_is_cut_off_and_reported() {
 }
 
 #[test]
+fn wal_damage_before_intact_records_refuses_to_open_until_the_operator_skips_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let db = Db::open_with(Config {
+            persist_on_close: false,
+            ..Config::with_dir(dir.path())
+        })
+        .expect("open");
+        for v in 1..=3 {
+            db.write_lines("main", &format!("m v={v} {v}"), Precision::Second)
+                .expect("w");
+        }
+        db.close().expect("close");
+    }
+    let segment = wal_files(dir.path()).pop().expect("a segment");
+    let mut data = std::fs::read(&segment).expect("read");
+    // One flipped bit inside the first record's rows (16-byte header, 8-byte record header).
+    data[16 + 8 + 40] ^= 0x04;
+    std::fs::write(&segment, &data).expect("damage");
+
+    let err = Db::open(dir.path()).err().expect("a damaged WAL must not open");
+    let text = err.to_string();
+    let name = segment.file_name().and_then(|n| n.to_str()).expect("name");
+    for part in [name, "at byte 16", "2 intact records", "--wal-recovery skip-damaged"] {
+        assert!(text.contains(part), "'{part}' missing from: {text}");
+    }
+    assert_eq!(std::fs::read(&segment).expect("read"), data, "refusing cut nothing");
+
+    let db = Db::open_with(Config {
+        wal_recovery: rivulet::WalRecovery::SkipDamaged,
+        ..Config::with_dir(dir.path())
+    })
+    .expect("open, skipping the damage");
+    assert_eq!(db.replay_report().records, 2);
+    let recovered = db.replay_report().recovered.clone();
+    assert_eq!(recovered.len(), 1, "{recovered:?}");
+    assert_eq!(std::fs::read(&recovered[0].moved_to).expect("kept aside"), data);
+    let values = table(&db, "SELECT v FROM m ORDER BY v");
+    assert!(values.contains("| 2.0 |") && values.contains("| 3.0 |"), "{values}");
+    assert!(!values.contains("| 1.0 |"), "the damaged record is the lost one: {values}");
+    assert!(table(&db, "SELECT count(*) FROM m").contains("| 2        |"));
+    db.close().expect("close");
+    let db = Db::open(dir.path()).expect("a strict open after the repair");
+    assert!(table(&db, "SELECT count(*) FROM m").contains("| 2        |"));
+}
+
+#[test]
 fn corruption_before_the_last_segment_refuses_to_open() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = || Config {

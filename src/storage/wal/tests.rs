@@ -26,14 +26,17 @@ fn write(dir: &Path, seqs: std::ops::RangeInclusive<u64>, max_segment_bytes: u64
 }
 
 fn replayed(dir: &Path) -> (Vec<u64>, ReplayReport) {
+    replayed_with(dir, WalRecovery::Strict).expect("replay")
+}
+
+fn replayed_with(dir: &Path, recovery: WalRecovery) -> Result<(Vec<u64>, ReplayReport), WalError> {
     let mut seqs = Vec::new();
-    let report = replay(dir, |p| {
+    let report = replay(dir, recovery, &Io::default(), |p| {
         let seq = u64::from_le_bytes(p[..8].try_into().expect("8 bytes"));
         seqs.push(seq);
         Ok(seq)
-    })
-    .expect("replay");
-    (seqs, report)
+    })?;
+    Ok((seqs, report))
 }
 
 #[test]
@@ -80,11 +83,103 @@ fn damage_in_an_earlier_segment_fails_the_replay() {
     let last = data.len() - 1;
     data[last] ^= 0xff;
     std::fs::write(&first, data).expect("write");
-    let err = replay(dir.path(), |p| {
-        Ok(u64::from_le_bytes(p[..8].try_into().expect("8")))
-    })
-    .expect_err("corrupt");
-    assert!(matches!(err, WalError::Corrupt { .. }), "{err}");
+    let err = replayed_with(dir.path(), WalRecovery::Strict).expect_err("damaged");
+    assert!(
+        matches!(&err, WalError::Damaged { path, intact_after: 0, later_segments, .. }
+            if *path == first && *later_segments > 0),
+        "{err}"
+    );
+}
+
+/// The record offsets of a segment written by `write` (records of equal length).
+fn record_offsets(path: &Path) -> Vec<usize> {
+    let data = std::fs::read(path).expect("read");
+    scan::scan(&data, None).offsets
+}
+
+#[test]
+fn a_flipped_byte_in_the_first_record_refuses_to_open_and_keeps_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(dir.path(), 1..=5, 1 << 20);
+    let (_, path) = list_segments(dir.path()).expect("list").remove(0);
+    let offsets = record_offsets(&path);
+    assert_eq!(offsets.len(), 5);
+    let mut data = std::fs::read(&path).expect("read");
+    data[offsets[0] + RECORD_HEADER_LEN + 10] ^= 0x01;
+    std::fs::write(&path, &data).expect("write");
+
+    let err = replayed_with(dir.path(), WalRecovery::Strict).expect_err("damaged");
+    let WalError::Damaged { path: named, offset, intact_after, later_segments, reason } = &err else {
+        panic!("not a damage error: {err}");
+    };
+    assert_eq!(named, &path);
+    assert_eq!(*offset, offsets[0] as u64);
+    assert_eq!((*intact_after, *later_segments), (4, 0));
+    assert!(reason.contains("checksum"), "{reason}");
+    let text = err.to_string();
+    assert!(text.contains("4 intact records") && text.contains("--wal-recovery skip-damaged"), "{text}");
+    assert_eq!(std::fs::read(&path).expect("read"), data, "nothing was cut");
+}
+
+#[test]
+fn skip_damaged_keeps_every_intact_record_and_sets_the_file_aside() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(dir.path(), 1..=6, 1 << 20);
+    let (_, path) = list_segments(dir.path()).expect("list").remove(0);
+    let offsets = record_offsets(&path);
+    let mut data = std::fs::read(&path).expect("read");
+    // Record 2's length field and record 4's payload.
+    data[offsets[1]] ^= 0x40;
+    data[offsets[3] + RECORD_HEADER_LEN + 3] ^= 0x80;
+    std::fs::write(&path, &data).expect("write");
+
+    let (seqs, report) = replayed_with(dir.path(), WalRecovery::SkipDamaged).expect("recovered");
+    assert_eq!(seqs, [1, 3, 5, 6]);
+    let [recovered] = report.recovered.as_slice() else {
+        panic!("one recovered segment: {report:?}");
+    };
+    assert_eq!(recovered.path, path);
+    assert_eq!(recovered.kept, 4);
+    assert_eq!(recovered.damaged.len(), 2);
+    assert_eq!(recovered.damaged[0].0, offsets[1] as u64);
+    assert_eq!(recovered.damaged[0].1, offsets[2] as u64);
+    assert_eq!(std::fs::read(&recovered.moved_to).expect("copy"), data);
+    assert!(report.truncated_tail.is_none());
+    // The segment now holds the intact records only: a strict replay reads it whole.
+    let (again, report) = replayed(dir.path());
+    assert_eq!(again, [1, 3, 5, 6]);
+    assert!(report.recovered.is_empty());
+}
+
+#[test]
+fn a_torn_last_record_after_intact_ones_is_still_a_tail() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(dir.path(), 1..=4, 1 << 20);
+    let (_, path) = list_segments(dir.path()).expect("list").remove(0);
+    let offsets = record_offsets(&path);
+    let mut data = std::fs::read(&path).expect("read");
+    // The last record fails its checksum: a crash tore its block, nothing follows it.
+    data[offsets[3] + RECORD_HEADER_LEN + 12] ^= 0xff;
+    std::fs::write(&path, &data).expect("write");
+    let (seqs, report) = replayed(dir.path());
+    assert_eq!(seqs, [1, 2, 3]);
+    assert_eq!(report.truncated_tail.map(|t| t.1), Some(offsets[3] as u64));
+}
+
+#[test]
+fn a_record_out_of_sequence_is_never_a_tail() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut w = WalWriter::new(dir.path(), 1 << 20, Io::default());
+    for seq in [1, 2, 2] {
+        w.append(seq, |buf| {
+            payload(seq, buf);
+            Ok(())
+        })
+        .expect("append");
+    }
+    w.rotate().expect("rotate");
+    let err = replayed_with(dir.path(), WalRecovery::Strict).expect_err("out of order");
+    assert!(err.to_string().contains("does not follow"), "{err}");
 }
 
 #[test]
@@ -95,7 +190,8 @@ fn another_format_version_is_refused() {
     let mut data = std::fs::read(&path).expect("read");
     data[6] = 9;
     std::fs::write(&path, data).expect("write");
-    let err = replay(dir.path(), |_| Ok(1)).expect_err("version");
+    let err = replay(dir.path(), WalRecovery::SkipDamaged, &Io::default(), |_| Ok(1))
+        .expect_err("version");
     assert!(matches!(err, WalError::Version { found: 9, .. }), "{err}");
 }
 
