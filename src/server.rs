@@ -9,6 +9,7 @@ mod auth;
 mod body;
 mod error;
 mod metrics;
+mod origin;
 mod query;
 mod subscribe;
 mod write;
@@ -51,6 +52,12 @@ pub struct ServerConfig {
     /// Server-Sent Event subscriptions open at once (they are not counted as requests).
     /// Default: 10,000.
     pub max_subscriptions: usize,
+    /// Web page origins (`https://dash.example.com`) whose browser requests are taken besides
+    /// the server's own; every other origin is refused (`server::origin`). Default: none.
+    pub cors_origins: Vec<String>,
+    /// Without tokens, serve any `Host` name, not only IP addresses and `localhost` (turns off
+    /// the DNS-rebinding guard; `--insecure-no-auth` sets it). Default: false.
+    pub allow_any_host: bool,
 }
 
 impl Default for ServerConfig {
@@ -63,6 +70,8 @@ impl Default for ServerConfig {
             body_read_timeout: Duration::from_secs(60),
             max_line_bytes: 1 << 20,
             max_subscriptions: 10_000,
+            cors_origins: Vec::new(),
+            allow_any_host: false,
         }
     }
 }
@@ -106,6 +115,7 @@ pub fn router(db: Db, config: ServerConfig) -> Router {
             state.clone(),
             limit_requests,
         ))
+        .layer(middleware::from_fn_with_state(state.clone(), origin::guard))
         // Bodies are read with our own limit (it also applies after decompression).
         .layer(DefaultBodyLimit::max(limit.saturating_add(1)))
         .with_state(state)

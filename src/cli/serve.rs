@@ -48,6 +48,14 @@ pub(crate) struct ServeArgs {
     /// Server-Sent Event subscriptions open at once (not counted as requests).
     #[arg(long, env = "RIVULET_MAX_SUBSCRIPTIONS", default_value_t = 10_000)]
     max_subscriptions: usize,
+    /// A web page origin (`https://dash.example.com`) whose browser requests are taken besides
+    /// the server's own; repeatable (env: `,`-separated). Other origins are refused.
+    #[arg(
+        long = "cors-origin",
+        env = "RIVULET_CORS_ORIGINS",
+        value_delimiter = ','
+    )]
+    cors_origins: Vec<String>,
     /// What to do with a damaged WAL segment at open: strict (refuse to open, naming the file
     /// and offset) or skip-damaged (keep every intact record, set the damaged file aside).
     /// docs/recovery.md.
@@ -57,6 +65,18 @@ pub(crate) struct ServeArgs {
 
 pub(crate) fn run(args: ServeArgs) -> CliResult {
     let auth = Auth::new(args.tokens.clone())?;
+    for origin in &args.cors_origins {
+        let rest = origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"));
+        if rest.is_none_or(|r| r.is_empty() || r.trim_end_matches('/').contains('/')) {
+            return Err(format!(
+                "--cors-origin '{origin}' is not an origin: give scheme://host[:port], as a \
+                 browser sends it (e.g. https://dash.example.com)"
+            )
+            .into());
+        }
+    }
     if !args.bind.ip().is_loopback() && !auth.enabled() && !args.insecure_no_auth {
         return Err(format!(
             "refusing to listen on {} without authentication: give --token SCOPE:SECRET, or \
@@ -115,6 +135,8 @@ pub(crate) fn run(args: ServeArgs) -> CliResult {
                 max_concurrent_requests: args.max_concurrent_requests.max(1),
                 max_subscriptions: args.max_subscriptions.max(1),
                 max_line_bytes: args.max_line_bytes.max(1),
+                cors_origins: args.cors_origins.clone(),
+                allow_any_host: args.insecure_no_auth,
                 ..ServerConfig::default()
             },
         );

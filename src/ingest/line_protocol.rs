@@ -689,7 +689,18 @@ fn check_duplicates<T>(
     if !collided {
         return Ok(());
     }
-    // Lines have few keys: a quadratic scan beats hashing.
+    // Past a few keys a hash set keeps a wide line linear (a 1 MiB line can hold 100k keys).
+    if items.len() > 16 {
+        let mut keys = std::collections::HashSet::with_capacity(items.len());
+        for item in items {
+            let k = key(item);
+            if !keys.insert(k.to_cow()) {
+                return Err(Refusal(format!("duplicate {what} '{k}'")));
+            }
+        }
+        return Ok(());
+    }
+    // A few keys: a quadratic scan beats hashing.
     for (i, a) in items.iter().enumerate() {
         let ka = key(a);
         for b in &items[i + 1..] {

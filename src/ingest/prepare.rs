@@ -152,10 +152,11 @@ impl Columns<'_> {
 
     /// The columns added, keeping only those the chunk used.
     fn into_added(self, builder: &ChunkBuilder) -> Vec<ColumnDef> {
-        let used: Vec<&Arc<str>> = builder.used_columns().map(|(n, _)| n).collect();
+        let used: std::collections::HashSet<&str> =
+            builder.used_columns().map(|(n, _)| &**n).collect();
         self.added
             .into_iter()
-            .filter(|c| used.iter().any(|u| **u == c.name))
+            .filter(|c| used.contains(&*c.name))
             .collect()
     }
 }

@@ -85,6 +85,21 @@ pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
     limit: usize,
     timeout: std::time::Duration,
 ) -> Result<T, ApiError> {
+    // A form or a `text/plain` fetch from another site cannot send this without a preflight.
+    let json = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase())
+        .is_some_and(|v| {
+            v == "application/json" || (v.starts_with("application/") && v.ends_with("+json"))
+        });
+    if !json {
+        return Err(ApiError::new(
+            axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "the body must be JSON, sent with Content-Type: application/json",
+        ));
+    }
     let bytes = read_body(headers, body, limit, timeout, Dialect::V3).await?;
     serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))

@@ -433,7 +433,12 @@ fn set_aside(
         .map(|reason| (0, HEADER_LEN, reason))
         .into_iter()
         .collect();
-    damaged.extend(found.damage.iter().map(|d| (d.offset, d.end, d.reason.clone())));
+    damaged.extend(
+        found
+            .damage
+            .iter()
+            .map(|d| (d.offset, d.end, d.reason.clone())),
+    );
     tracing::error!(
         path = %path.display(), moved_to = %moved_to.display(), kept = found.records.len(),
         damaged = ?damaged,

@@ -231,10 +231,12 @@ fn parse(data: &[u8]) -> (Stored, Option<(usize, &'static str, usize)>) {
                 damage.get_or_insert((at, reason, 0));
                 // Entries before the damage cannot be resumed across it: the log restarts
                 // just before the first intact entry after it.
-                let first = record_at(data, next).map_or(0, |p| if p.first() == Some(&ENTRY) {
-                    u64_at(p, 1).unwrap_or(0)
-                } else {
-                    0
+                let first = record_at(data, next).map_or(0, |p| {
+                    if p.first() == Some(&ENTRY) {
+                        u64_at(p, 1).unwrap_or(0)
+                    } else {
+                        0
+                    }
                 });
                 stored.entries.clear();
                 stored.start = Some(first.saturating_sub(1));
@@ -480,7 +482,11 @@ mod tests {
         let stored = store.read(5).expect("read");
         let seqs: Vec<u64> = stored.entries.iter().map(|e| e.seq).collect();
         assert_eq!(seqs, [3, 4], "the entries after the damage are kept");
-        assert_eq!(stored.start, Some(2), "positions before entry 3 cannot resume");
+        assert_eq!(
+            stored.start,
+            Some(2),
+            "positions before entry 3 cannot resume"
+        );
         assert_eq!(
             std::fs::read(path.with_extension("log.damaged")).expect("kept aside"),
             data
@@ -508,7 +514,9 @@ mod tests {
             .expect("rewrite");
         let before = std::fs::read(store.path(6)).expect("read");
         let failing = Store::new(dir.path(), Io::new(Some(Arc::new(FailReads))));
-        let err = failing.read(6).err().expect("the read error is surfaced");
+        let Err(err) = failing.read(6) else {
+            panic!("the read error is surfaced");
+        };
         assert!(err.to_string().contains("EIO"), "{err}");
         assert_eq!(
             std::fs::read(store.path(6).with_extension("log.unreadable")).expect("moved aside"),

@@ -458,13 +458,24 @@ fn wal_damage_before_intact_records_refuses_to_open_until_the_operator_skips_it(
     data[16 + 8 + 40] ^= 0x04;
     std::fs::write(&segment, &data).expect("damage");
 
-    let err = Db::open(dir.path()).err().expect("a damaged WAL must not open");
+    let Err(err) = Db::open(dir.path()) else {
+        panic!("a damaged WAL must not open");
+    };
     let text = err.to_string();
     let name = segment.file_name().and_then(|n| n.to_str()).expect("name");
-    for part in [name, "at byte 16", "2 intact records", "--wal-recovery skip-damaged"] {
+    for part in [
+        name,
+        "at byte 16",
+        "2 intact records",
+        "--wal-recovery skip-damaged",
+    ] {
         assert!(text.contains(part), "'{part}' missing from: {text}");
     }
-    assert_eq!(std::fs::read(&segment).expect("read"), data, "refusing cut nothing");
+    assert_eq!(
+        std::fs::read(&segment).expect("read"),
+        data,
+        "refusing cut nothing"
+    );
 
     let db = Db::open_with(Config {
         wal_recovery: rivulet::WalRecovery::SkipDamaged,
@@ -474,10 +485,19 @@ fn wal_damage_before_intact_records_refuses_to_open_until_the_operator_skips_it(
     assert_eq!(db.replay_report().records, 2);
     let recovered = db.replay_report().recovered.clone();
     assert_eq!(recovered.len(), 1, "{recovered:?}");
-    assert_eq!(std::fs::read(&recovered[0].moved_to).expect("kept aside"), data);
+    assert_eq!(
+        std::fs::read(&recovered[0].moved_to).expect("kept aside"),
+        data
+    );
     let values = table(&db, "SELECT v FROM m ORDER BY v");
-    assert!(values.contains("| 2.0 |") && values.contains("| 3.0 |"), "{values}");
-    assert!(!values.contains("| 1.0 |"), "the damaged record is the lost one: {values}");
+    assert!(
+        values.contains("| 2.0 |") && values.contains("| 3.0 |"),
+        "{values}"
+    );
+    assert!(
+        !values.contains("| 1.0 |"),
+        "the damaged record is the lost one: {values}"
+    );
     assert!(table(&db, "SELECT count(*) FROM m").contains("| 2        |"));
     db.close().expect("close");
     let db = Db::open(dir.path()).expect("a strict open after the repair");
@@ -509,7 +529,9 @@ fn corruption_before_the_last_segment_refuses_to_open() {
     let err = Db::open_with(config()).expect_err("corrupt");
     let msg = err.to_string();
     assert!(
-        msg.contains("is corrupt") && msg.contains("checksum mismatch"),
+        msg.contains("is damaged")
+            && msg.contains("checksum mismatch")
+            && msg.contains("2 newer segments"),
         "{msg}"
     );
 }

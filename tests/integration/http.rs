@@ -728,7 +728,7 @@ async fn slow_or_oversized_request_heads_and_bodies_are_cut_off() {
     // Slowloris: a head that never ends is dropped after the timeout.
     let _ = raw_exchange(
         addr,
-        b"POST /write?db=main HTTP/1.1\r\nHost: x\r\n",
+        b"POST /write?db=main HTTP/1.1\r\nHost: 127.0.0.1\r\n",
         std::time::Duration::from_secs(10),
     )
     .await;
@@ -738,7 +738,7 @@ async fn slow_or_oversized_request_heads_and_bodies_are_cut_off() {
     );
     // A head larger than the limit.
     let long_url = format!(
-        "GET /api/v3/query_sql?q={} HTTP/1.1\r\nHost: x\r\n\r\n",
+        "GET /api/v3/query_sql?q={} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
         "x".repeat(20_000)
     );
     let answer = raw_exchange(addr, long_url.as_bytes(), std::time::Duration::from_secs(5)).await;
@@ -746,7 +746,7 @@ async fn slow_or_oversized_request_heads_and_bodies_are_cut_off() {
     // A body that stops arriving.
     let answer = raw_exchange(
         addr,
-        b"POST /write?db=main HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nm v=1",
+        b"POST /write?db=main HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\nm v=1",
         std::time::Duration::from_secs(5),
     )
     .await;
@@ -754,7 +754,7 @@ async fn slow_or_oversized_request_heads_and_bodies_are_cut_off() {
     // A line over the line limit.
     let body = format!("m v=1 1\nm,t={} v=1 2\n", "y".repeat(200));
     let request = format!(
-        "POST /write?db=main HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /write?db=main HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     let answer = raw_exchange(addr, request.as_bytes(), std::time::Duration::from_secs(5)).await;
@@ -787,7 +787,7 @@ async fn connections_past_the_cap_are_closed() {
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let answer = raw_exchange(
         addr,
-        b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /ping HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
         std::time::Duration::from_secs(5),
     )
     .await;
@@ -990,4 +990,136 @@ async fn materialized_views_over_http() {
         .await
         .expect("send");
     assert_eq!(r.status(), StatusCode::OK);
+}
+
+/// Sends `body` to `path` as a browser on `origin` would (no preflight: `text/plain`).
+async fn browser_post(
+    s: &Server,
+    path: &str,
+    origin: Option<&str>,
+    content_type: &str,
+    body: &str,
+) -> reqwest::Response {
+    let mut r = s
+        .client
+        .post(s.url(path))
+        .header("content-type", content_type)
+        .body(body.to_string());
+    if let Some(origin) = origin {
+        r = r.header("origin", origin);
+    }
+    r.send().await.expect("send")
+}
+
+#[tokio::test]
+async fn pages_on_other_origins_cannot_write_run_statements_or_open_websockets() {
+    let s = Server::in_memory_with(ServerConfig {
+        cors_origins: vec!["https://dash.example.com".to_string()],
+        ..ServerConfig::default()
+    })
+    .await;
+    let insert = r#"{"db":"main","q":"INSERT INTO cpu (host, usage, time) VALUES ('x', 5.0, '1970-01-01T00:00:09Z')"}"#;
+    // Clients that are not browsers send none of the headers below and are unaffected.
+    let r = browser_post(
+        &s,
+        "/api/v2/write?bucket=main",
+        None,
+        "text/plain",
+        "cpu,host=a usage=3 3",
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    // A page on another site: a text/plain POST needs no preflight, so only the server stops it.
+    let r = browser_post(
+        &s,
+        "/api/v1/sql",
+        Some("http://evil.example"),
+        "text/plain",
+        insert,
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let text = r.text().await.expect("text");
+    assert!(
+        text.contains("evil.example") && text.contains("--cors-origin"),
+        "{text}"
+    );
+    let r = browser_post(
+        &s,
+        "/api/v2/write?bucket=main",
+        Some("http://evil.example"),
+        "text/plain",
+        "cpu usage=1 1",
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    // Without an Origin but marked cross-site by the browser.
+    let r = s
+        .client
+        .post(s.url("/api/v2/write?bucket=main"))
+        .header("sec-fetch-site", "cross-site")
+        .body("cpu usage=1 1")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    // A JSON endpoint takes JSON only: a text/plain body is refused even from a local client.
+    let r = browser_post(&s, "/api/v1/sql", None, "text/plain", insert).await;
+    assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    // DNS rebinding: a page whose name was re-pointed at 127.0.0.1 sends that name as Host.
+    let r = s
+        .client
+        .get(s.url("/api/v3/query_sql?db=main&q=SELECT+1"))
+        .header("host", format!("evil.example:{}", s.addr.port()))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    // Nothing above reached the database.
+    let count = "/api/v3/query_sql?db=main&q=SELECT+count(*)+AS+n+FROM+cpu";
+    assert_eq!(s.json(count).await, serde_json::json!([{"n": 1}]));
+
+    // The WebSocket handshake from another origin is refused; from the allowed one it opens.
+    let ws = |origin: &'static str| {
+        let url = format!("ws://{}/api/v1/ws", s.addr);
+        async move {
+            use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+            let mut request = url.into_client_request().expect("request");
+            request
+                .headers_mut()
+                .insert("origin", origin.parse().expect("header"));
+            tokio_tungstenite::connect_async(request).await
+        }
+    };
+    match ws("http://evil.example").await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 403),
+        other => panic!(
+            "a foreign origin's upgrade must be refused: {:?}",
+            other.map(|(_, r)| r.status())
+        ),
+    }
+    assert!(
+        ws("https://dash.example.com").await.is_ok(),
+        "an allowed origin opens"
+    );
+
+    // The server's own origin and an allowed one write and run statements.
+    let own = format!("http://{}", s.addr);
+    let r = browser_post(&s, "/api/v1/sql", Some(&own), "application/json", insert).await;
+    assert_eq!(
+        r.status(),
+        StatusCode::OK,
+        "{}",
+        r.text().await.unwrap_or_default()
+    );
+    let r = browser_post(
+        &s,
+        "/api/v2/write?bucket=main",
+        Some("https://DASH.example.com/"),
+        "text/plain",
+        "cpu usage=2 2",
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    assert_eq!(s.json(count).await, serde_json::json!([{"n": 3}]));
 }

@@ -964,3 +964,18 @@ fn tags_and_fields_are_sliced_per_line() {
     assert_eq!(parsed.fields(disk)[0].1, FieldValue::Float(0.5));
     assert_eq!(disk.timestamp, Some(9));
 }
+
+#[test]
+fn wide_lines_find_duplicates_among_many_keys_escaped_or_not() {
+    let fields: Vec<String> = (0..20_000).map(|i| format!("f{i}={i}i")).collect();
+    let wide = format!("m {} 1", fields.join(","));
+    let (_, line) = one(&wide);
+    assert_eq!(line.fields.len(), 20_000);
+    // The same escaped key twice, after 20k others.
+    let dup = format!("m {},f\\ 1=1i,f\\ 1=2i 1", fields.join(","));
+    let e = single_error(&dup);
+    assert!(e.to_string().contains("duplicate field 'f 1'"), "{e}");
+    let tags: Vec<String> = (0..100).map(|i| format!("t{i}=v")).collect();
+    let e = single_error(&format!("m,{},t7=w v=1 1", tags.join(",")));
+    assert!(e.to_string().contains("duplicate tag 't7'"), "{e}");
+}

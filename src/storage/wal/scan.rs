@@ -95,7 +95,11 @@ pub(crate) fn payload_seq(payload: &[u8]) -> Option<u64> {
 
 /// The record at `pos`: its payload range and sequence, or why it is not intact (and whether a
 /// crash could have left it so).
-fn record_at(data: &[u8], pos: usize, after: Option<u64>) -> Result<(Range<usize>, u64), (String, bool)> {
+fn record_at(
+    data: &[u8],
+    pos: usize,
+    after: Option<u64>,
+) -> Result<(Range<usize>, u64), (String, bool)> {
     let header = data
         .get(pos..pos + RECORD_HEADER_LEN)
         .ok_or_else(|| ("torn record header".to_string(), true))?;

@@ -109,7 +109,14 @@ fn a_flipped_byte_in_the_first_record_refuses_to_open_and_keeps_the_file() {
     std::fs::write(&path, &data).expect("write");
 
     let err = replayed_with(dir.path(), WalRecovery::Strict).expect_err("damaged");
-    let WalError::Damaged { path: named, offset, intact_after, later_segments, reason } = &err else {
+    let WalError::Damaged {
+        path: named,
+        offset,
+        intact_after,
+        later_segments,
+        reason,
+    } = &err
+    else {
         panic!("not a damage error: {err}");
     };
     assert_eq!(named, &path);
@@ -117,7 +124,10 @@ fn a_flipped_byte_in_the_first_record_refuses_to_open_and_keeps_the_file() {
     assert_eq!((*intact_after, *later_segments), (4, 0));
     assert!(reason.contains("checksum"), "{reason}");
     let text = err.to_string();
-    assert!(text.contains("4 intact records") && text.contains("--wal-recovery skip-damaged"), "{text}");
+    assert!(
+        text.contains("4 intact records") && text.contains("--wal-recovery skip-damaged"),
+        "{text}"
+    );
     assert_eq!(std::fs::read(&path).expect("read"), data, "nothing was cut");
 }
 
@@ -190,8 +200,10 @@ fn another_format_version_is_refused() {
     let mut data = std::fs::read(&path).expect("read");
     data[6] = 9;
     std::fs::write(&path, data).expect("write");
-    let err = replay(dir.path(), WalRecovery::SkipDamaged, &Io::default(), |_| Ok(1))
-        .expect_err("version");
+    let err = replay(dir.path(), WalRecovery::SkipDamaged, &Io::default(), |_| {
+        Ok(1)
+    })
+    .expect_err("version");
     assert!(matches!(err, WalError::Version { found: 9, .. }), "{err}");
 }
 
