@@ -85,8 +85,13 @@ pub(crate) trait QueryExtension: Send + Sync {
     fn view_table(&self, table: &Arc<Table>) -> Option<Arc<dyn TableProvider>>;
     /// The tables of the `system` schema.
     fn system_table_names(&self) -> Vec<String>;
-    /// The `system` table called `name`, computed now.
-    fn system_table(&self, name: &str) -> Result<Option<Arc<dyn TableProvider>>, DataFusionError>;
+    /// The `system` table called `name`, computed now, with only the rows of `databases`
+    /// (None: every database).
+    fn system_table(
+        &self,
+        name: &str,
+        databases: Option<&[String]>,
+    ) -> Result<Option<Arc<dyn TableProvider>>, DataFusionError>;
 }
 
 /// What the catalog adapters and table providers of one query engine share.
@@ -203,7 +208,33 @@ impl QueryEngine {
 
     /// A session with `db` as the default database, reading `snapshot`.
     pub(crate) fn context(&self, db: &str, snapshot: QuerySnapshot) -> SessionContext {
+        self.scoped_context(db, snapshot, None)
+    }
+
+    /// [`context`](Self::context) for a reader limited to `databases`: its catalog lists only
+    /// those (`information_schema` too), `system` tables hold only their rows, and naming
+    /// another database fails planning with [`Denied`].
+    fn scoped_context(
+        &self,
+        db: &str,
+        snapshot: QuerySnapshot,
+        databases: Option<&[String]>,
+    ) -> SessionContext {
         let mut state = self.template.clone();
+        if let Some(allowed) = databases {
+            use datafusion::catalog::CatalogProviderList as _;
+            let list = datafusion::catalog::MemoryCatalogProviderList::new();
+            list.register_catalog(
+                CATALOG_NAME.to_string(),
+                Arc::new(catalog::RivuletCatalog::scoped(
+                    self.reader.clone(),
+                    allowed.into(),
+                )),
+            );
+            state = SessionStateBuilder::new_from_existing(state)
+                .with_catalog_list(Arc::new(list))
+                .build();
+        }
         state.config_mut().options_mut().catalog.default_schema = db.to_string();
         // One visible sequence for the whole query: every table scan reads up to it, so a
         // query sees a write to several tables entirely or not at all.
@@ -220,7 +251,20 @@ impl QueryEngine {
         allow_dml: bool,
         visible_seq: u64,
     ) -> Result<DataFrame, DataFusionError> {
-        let ctx = self.context(db, QuerySnapshot::new(visible_seq));
+        self.plan_scoped(db, sql, allow_dml, visible_seq, None)
+            .await
+    }
+
+    /// [`plan`](Self::plan) for a reader limited to `databases` (None: any).
+    pub(crate) async fn plan_scoped(
+        &self,
+        db: &str,
+        sql: &str,
+        allow_dml: bool,
+        visible_seq: u64,
+        databases: Option<&[String]>,
+    ) -> Result<DataFrame, DataFusionError> {
+        let ctx = self.scoped_context(db, QuerySnapshot::new(visible_seq), databases);
         let options = SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_statements(false)
@@ -240,6 +284,30 @@ impl QueryEngine {
     }
 }
 
+/// A plan named a database its reader may not use (raised by a scoped catalog while planning).
+#[derive(Debug, thiserror::Error)]
+#[error("this token may not use database '{0}'")]
+pub(crate) struct Denied(pub(crate) String);
+
+impl Denied {
+    /// The denial inside a planning error, however DataFusion wrapped it.
+    pub(crate) fn find(e: &DataFusionError) -> Option<&Denied> {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(err) = cur {
+            if let Some(d) = err.downcast_ref::<Denied>() {
+                return Some(d);
+            }
+            if let Some(DataFusionError::External(inner)) = err.downcast_ref::<DataFusionError>()
+                && let Some(d) = inner.downcast_ref::<Denied>()
+            {
+                return Some(d);
+            }
+            cur = err.source();
+        }
+        None
+    }
+}
+
 /// The first database (schema) that `plan` reads or writes and that is not in `allowed`,
 /// looking into subqueries too. Unqualified table names are the query's default database.
 pub(crate) fn databases_outside(
@@ -254,8 +322,11 @@ pub(crate) fn databases_outside(
             LogicalPlan::Dml(dml) => Some(&dml.table_name),
             _ => None,
         };
+        // `system` and `information_schema` are scoped by the reader's catalog.
         if let Some(schema) = table.and_then(|t| t.schema())
             && !allowed.iter().any(|a| a == schema)
+            && schema != catalog::SYSTEM_SCHEMA
+            && schema != "information_schema"
         {
             outside = Some(schema.to_string());
             return Ok(TreeNodeRecursion::Stop);

@@ -14,27 +14,56 @@ use crate::ingest::prepare::RESERVED_PREFIX;
 /// The schema of Rivulet's own tables (`system.views`).
 pub(crate) const SYSTEM_SCHEMA: &str = "system";
 
-/// All databases of a [`Db`](crate::Db).
+/// All databases of a [`Db`](crate::Db), or those a scoped reader may use.
 #[derive(Debug)]
 pub(crate) struct RivuletCatalog {
     reader: Arc<Reader>,
+    /// The databases of a scoped reader (a token with a database list); None: all.
+    scope: Option<Arc<[String]>>,
 }
 
 impl RivuletCatalog {
     pub(crate) fn new(reader: Arc<Reader>) -> RivuletCatalog {
-        RivuletCatalog { reader }
+        RivuletCatalog {
+            reader,
+            scope: None,
+        }
+    }
+
+    /// The catalog a reader limited to `databases` sees: it lists only them, `system` tables
+    /// hold only their rows, and a table of another database fails planning with
+    /// [`Denied`](super::Denied) (so `DESCRIBE other.t`, which scans nothing, is refused too).
+    pub(crate) fn scoped(reader: Arc<Reader>, databases: Arc<[String]>) -> RivuletCatalog {
+        RivuletCatalog {
+            reader,
+            scope: Some(databases),
+        }
+    }
+
+    fn allows(&self, db: &str) -> bool {
+        self.scope
+            .as_ref()
+            .is_none_or(|s| s.iter().any(|d| d == db))
     }
 }
 
 impl CatalogProvider for RivuletCatalog {
     fn schema_names(&self) -> Vec<String> {
-        self.reader.engine.catalog().database_names()
+        let mut names = self.reader.engine.catalog().database_names();
+        names.retain(|n| self.allows(n));
+        names
     }
 
     fn schema(&self, name: &str) -> Option<Arc<dyn SchemaProvider>> {
         if name == SYSTEM_SCHEMA {
             return Some(Arc::new(SystemSchema {
                 reader: self.reader.clone(),
+                scope: self.scope.clone(),
+            }));
+        }
+        if !self.allows(name) {
+            return Some(Arc::new(DeniedSchema {
+                name: name.to_string(),
             }));
         }
         // Unknown databases are empty schemas, so `SELECT` on a fresh database says "table not
@@ -98,10 +127,35 @@ impl SchemaProvider for DatabaseSchema {
     }
 }
 
-/// The `system` schema: Rivulet's own tables (`system.views`), from the query extension.
+/// A database a scoped reader may not use: it lists nothing and naming a table in it fails.
+#[derive(Debug)]
+struct DeniedSchema {
+    name: String,
+}
+
+#[async_trait]
+impl SchemaProvider for DeniedSchema {
+    fn table_names(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    async fn table(&self, _: &str) -> Result<Option<Arc<dyn TableProvider>>> {
+        Err(datafusion::error::DataFusionError::External(Box::new(
+            super::Denied(self.name.clone()),
+        )))
+    }
+
+    fn table_exist(&self, _: &str) -> bool {
+        false
+    }
+}
+
+/// The `system` schema: Rivulet's own tables (`system.views`), from the query extension, with
+/// only the rows of a scoped reader's databases.
 #[derive(Debug)]
 struct SystemSchema {
     reader: Arc<Reader>,
+    scope: Option<Arc<[String]>>,
 }
 
 #[async_trait]
@@ -115,7 +169,7 @@ impl SchemaProvider for SystemSchema {
 
     async fn table(&self, name: &str) -> Result<Option<Arc<dyn TableProvider>>> {
         match self.reader.extension() {
-            Some(x) => x.system_table(name),
+            Some(x) => x.system_table(name, self.scope.as_deref()),
             None => Ok(None),
         }
     }

@@ -29,6 +29,8 @@ impl TableFunctionImpl for LastCacheFunction {
             return Err(usage());
         };
         let name = value.try_as_str().flatten().ok_or_else(usage)?;
+        // Rivulet's own tables (views' storage) are read through their views only.
+        let reserved = name.starts_with(crate::ingest::prepare::RESERVED_PREFIX);
         let database = args
             .session()
             .config()
@@ -41,6 +43,7 @@ impl TableFunctionImpl for LastCacheFunction {
             .engine
             .catalog()
             .table(&database, name)
+            .filter(|_| !reserved)
             .ok_or_else(|| {
                 DataFusionError::Plan(format!("table '{name}' not found in database '{database}'"))
             })?;

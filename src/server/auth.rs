@@ -79,13 +79,12 @@ impl std::str::FromStr for Token {
             None => None,
             Some(dbs) => {
                 let list: Vec<String> = dbs.split(',').map(str::to_string).collect();
-                if let Some(bad) = list
-                    .iter()
-                    .find(|d| crate::storage::catalog::check_database_name(d).is_err())
-                {
-                    return Err(format!(
-                        "token database list has an invalid database name '{bad}' (format SCOPE:SECRET[:DB,…]; a secret cannot contain ':')"
-                    ));
+                for d in &list {
+                    if let Err(e) = crate::storage::catalog::check_database_name(d) {
+                        return Err(format!(
+                            "token database list: {e} (format SCOPE:SECRET[:DB,…]; a secret cannot contain ':')"
+                        ));
+                    }
                 }
                 Some(list)
             }

@@ -591,7 +591,15 @@ pub(crate) enum NameError {
     /// A database name holds something other than letters, digits, `_` and `-`.
     #[error("database name '{0}' may only contain letters, digits, '_' and '-'")]
     DatabaseCharacters(String),
+    /// A database name that queries use for Rivulet's own schemas.
+    #[error(
+        "database name '{0}' is reserved: queries use it for Rivulet's own tables (system.views, information_schema)"
+    )]
+    DatabaseReserved(String),
 }
+
+/// Database names queries reserve for their own schemas.
+pub(crate) const RESERVED_DATABASES: [&str; 2] = ["system", "information_schema"];
 
 /// Why a table, tag or field name is not allowed, if it is not.
 pub(crate) fn check_name(name: &str) -> Result<(), NameError> {
@@ -617,6 +625,9 @@ pub(crate) fn check_database_name(name: &str) -> Result<(), NameError> {
         .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
     {
         return Err(NameError::DatabaseCharacters(name.to_string()));
+    }
+    if RESERVED_DATABASES.contains(&name) {
+        return Err(NameError::DatabaseReserved(name.to_string()));
     }
     Ok(())
 }

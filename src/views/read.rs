@@ -29,8 +29,12 @@ impl Views {
         self.shared.wait_loaded();
         let df = self
             .query
-            .plan(db, sql, allow_dml, self.engine.visible_seq())
-            .await?;
+            .plan_scoped(db, sql, allow_dml, self.engine.visible_seq(), databases)
+            .await
+            .map_err(|e| match crate::query::Denied::find(&e) {
+                Some(denied) => Error::Denied(denied.to_string()),
+                None => e.into(),
+            })?;
         if let Some(allowed) = databases
             && let Some(other) = crate::query::databases_outside(df.logical_plan(), allowed)?
         {

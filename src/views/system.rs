@@ -18,10 +18,15 @@ impl Views {
     /// One row per view (of `db`, or all): what `system.views` and `SHOW MATERIALIZED VIEWS`
     /// show.
     pub(crate) fn views_batch(&self, db: Option<&str>) -> Result<RecordBatch, Error> {
+        self.views_batch_of(|d| db.is_none_or(|want| want == d))
+    }
+
+    /// [`views_batch`](Self::views_batch) of the views whose database passes `keep`.
+    fn views_batch_of(&self, keep: impl Fn(&str) -> bool) -> Result<RecordBatch, Error> {
         let views: Vec<Arc<View>> = self
             .all()
             .iter()
-            .filter(|v| db.is_none_or(|d| v.db.as_ref() == d))
+            .filter(|v| keep(v.db.as_ref()))
             .cloned()
             .collect();
         let mut database = Vec::new();
@@ -115,12 +120,13 @@ impl crate::query::QueryExtension for Views {
     fn system_table(
         &self,
         name: &str,
+        databases: Option<&[String]>,
     ) -> Result<Option<Arc<dyn datafusion::catalog::TableProvider>>, DataFusionError> {
         if name != "views" {
             return Ok(None);
         }
         let batch = self
-            .views_batch(None)
+            .views_batch_of(|db| databases.is_none_or(|d| d.iter().any(|a| a == db)))
             .map_err(|e| DataFusionError::External(Box::new(e)))?;
         Ok(Some(Arc::new(datafusion::datasource::MemTable::try_new(
             batch.schema(),

@@ -836,6 +836,27 @@ async fn a_token_limited_to_databases_cannot_reach_others_through_sql() {
         .expect("seed other");
     db.write_lines("main", "m v=1 1", rivulet::Precision::Second)
         .expect("seed main");
+    for (database, sql) in [
+        (
+            "main",
+            "CREATE MATERIALIZED VIEW main_view AS SELECT count(*) AS n FROM m",
+        ),
+        (
+            "other",
+            "CREATE MATERIALIZED VIEW other_view AS SELECT max(v) AS top FROM secret",
+        ),
+    ] {
+        db.sql_in(database, sql).await.expect(sql);
+    }
+    // A database named like Rivulet's own schemas cannot be created, nor listed in a token.
+    let e = db
+        .write_lines("system", "views v=1 1", rivulet::Precision::Second)
+        .expect_err("reserved");
+    assert!(e.to_string().contains("reserved"), "{e}");
+    let e = "read:system-reader-0123456789:main,system"
+        .parse::<rivulet::server::Token>()
+        .expect_err("reserved");
+    assert!(e.contains("reserved"), "{e}");
     let config = ServerConfig {
         auth: rivulet::server::Auth::new(vec![
             "read:main-reader-0123456789:main".parse().expect("token"),
@@ -858,11 +879,49 @@ async fn a_token_limited_to_databases_cannot_reach_others_through_sql() {
         "SELECT v FROM other.secret",
         "SELECT v FROM rivulet.other.secret",
         "SELECT * FROM m WHERE v IN (SELECT v FROM other.secret)",
-        "SELECT table_name FROM information_schema.tables",
+        // DESCRIBE plans no table scan: the scoped catalog refuses it while planning.
+        "DESCRIBE other.secret",
+        "SELECT * FROM information_schema.columns WHERE table_schema = 'other'",
     ] {
         let r = query(sql).await.expect("send");
-        assert_eq!(r.status(), StatusCode::FORBIDDEN, "{sql}");
+        let status = r.status();
+        let text = r.text().await.expect("text");
+        // information_schema of a scoped reader lists only its databases: nothing of `other`.
+        if sql.contains("information_schema") {
+            assert_eq!((status, text.as_str()), (StatusCode::OK, "[]"), "{sql}");
+        } else {
+            assert_eq!(status, StatusCode::FORBIDDEN, "{sql}: {text}");
+            assert!(
+                text.contains("may not use database 'other'"),
+                "{sql}: {text}"
+            );
+        }
     }
+    let tables = query("SELECT table_schema, table_name FROM information_schema.tables WHERE table_schema NOT IN ('information_schema')")
+        .await
+        .expect("send")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        tables.contains(r#""table_name":"m""#) && !tables.contains("secret"),
+        "{tables}"
+    );
+    // system.views holds only the views of the token's databases.
+    let r = query("SELECT database, name FROM system.views")
+        .await
+        .expect("send");
+    assert_eq!(r.status(), StatusCode::OK);
+    let views = r.text().await.expect("text");
+    assert!(
+        views.contains("main_view") && !views.contains("other_view"),
+        "{views}"
+    );
+    // Rivulet's own tables are not readable through last_cache either.
+    let r = query("SELECT * FROM last_cache('__rivulet_views')")
+        .await
+        .expect("send");
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     // Nor can an admin token limited to main insert elsewhere.
     let r = s
         .client
