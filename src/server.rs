@@ -121,6 +121,24 @@ pub fn router(db: Db, config: ServerConfig) -> Router {
         .with_state(state)
 }
 
+impl AppState {
+    /// One of the `--max-subscriptions` permits (SSE streams, WebSocket connections and each
+    /// subscription on them), or a 503 saying the cap is reached.
+    pub(crate) fn subscription_permit(
+        &self,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        self.subscriptions.clone().try_acquire_owned().map_err(|_| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "too many subscriptions (--max-subscriptions {}); retry shortly",
+                    self.config.max_subscriptions
+                ),
+            )
+        })
+    }
+}
+
 /// Caps concurrent requests (503 past the cap) and counts the ones in flight.
 async fn limit_requests(State(state): State<AppState>, request: Request, next: Next) -> Response {
     // Event streams live long: they have their own cap.

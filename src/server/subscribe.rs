@@ -68,8 +68,10 @@ impl SubscribeParams {
             o.progress_interval = Duration::from_millis(ms);
         }
         if let Some(q) = self.queue {
-            if q == 0 {
-                return Err(ApiError::bad_request("queue must be at least 1"));
+            if q == 0 || q > MAX_QUEUE {
+                return Err(ApiError::bad_request(format!(
+                    "queue must be between 1 and {MAX_QUEUE} changes"
+                )));
             }
             o.queue_len = q;
         }
@@ -203,9 +205,17 @@ pub(crate) async fn long_poll(
         .into_response())
 }
 
-/// Largest message a WebSocket client may send, and frames per connection.
+/// Largest `queue=` a subscriber may ask for (changes held for it before it conflates or lags).
+const MAX_QUEUE: usize = 65_536;
+
+/// Largest message a WebSocket client may send, and subscriptions per connection.
 const WS_MAX_CLIENT_MESSAGE: usize = 64 << 10;
 const WS_MAX_SUBSCRIPTIONS: usize = 256;
+/// Bytes a WebSocket may hold unsent before the connection is closed.
+const WS_MAX_WRITE_BUFFER: usize = 16 << 20;
+/// A message the client does not take within this time closes the connection (a client that
+/// stopped reading holds no permit and no buffer for longer).
+const WS_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `GET /api/v1/ws`: WebSocket. The client sends `{"op":"subscribe","id":"s1","db":"main",
 /// "q":"SELECT …","since":123,"format":"json"|"arrow"}` and `{"op":"unsubscribe","id":"s1"}`;
@@ -218,12 +228,18 @@ pub(crate) async fn websocket(
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     state.authorize(&headers, None, Scope::Read, None, peer, "websocket")?;
+    // The connection counts as a subscription for its whole life (the request permit ends
+    // with the upgrade); each subscription on it takes one more.
+    let permit = state.subscription_permit()?;
     Ok(upgrade
         .max_message_size(WS_MAX_CLIENT_MESSAGE)
         .max_frame_size(WS_MAX_CLIENT_MESSAGE)
         .write_buffer_size(128 << 10)
-        .max_write_buffer_size(64 << 20)
-        .on_upgrade(move |socket| connection(state, socket, headers, peer, stopping.map(|s| s.0))))
+        .max_write_buffer_size(WS_MAX_WRITE_BUFFER)
+        .on_upgrade(move |socket| async move {
+            let _permit = permit;
+            connection(state, socket, headers, peer, stopping.map(|s| s.0)).await;
+        }))
 }
 
 #[derive(Debug, Deserialize)]
@@ -256,7 +272,7 @@ async fn connection(
                     Some(Ok(Message::Text(t))) => t,
                     Some(Ok(Message::Binary(_))) => {
                         let e = error_json("send JSON text frames", None);
-                        if sink.send(Message::Text(e.into())).await.is_err() { break; }
+                        if !send(&mut sink, Message::Text(e.into())).await { break; }
                         continue;
                     }
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
@@ -264,13 +280,13 @@ async fn connection(
                 };
                 subs.retain(|_, h| !h.is_finished());
                 if let Err(e) = command(&state, &headers, peer, text.as_str(), &tx, &mut subs)
-                    && sink.send(Message::Text(e.into())).await.is_err()
+                    && !send(&mut sink, Message::Text(e.into())).await
                 {
                     break;
                 }
             }
             Some(out) = rx.recv() => {
-                if sink.send(out).await.is_err() { break; }
+                if !send(&mut sink, out).await { break; }
             }
             _ = &mut stopping => {
                 let _ = sink.send(Message::Close(None)).await;
@@ -281,6 +297,14 @@ async fn connection(
     for (_, h) in subs {
         h.abort();
     }
+}
+
+/// Sends one message within [`WS_WRITE_TIMEOUT`]; false when the connection is done.
+async fn send(sink: &mut futures::stream::SplitSink<WebSocket, Message>, message: Message) -> bool {
+    matches!(
+        tokio::time::timeout(WS_WRITE_TIMEOUT, sink.send(message)).await,
+        Ok(Ok(()))
+    )
 }
 
 /// Runs one client message; an error is the JSON message to send back.
@@ -337,10 +361,12 @@ fn command(
                 .params
                 .options(&db, m.params.since)
                 .map_err(|e| fail(e.message()))?;
+            let permit = state.subscription_permit().map_err(|e| fail(e.message()))?;
             let db_handle = state.db.clone();
             let tx = tx.clone();
             let task_id = id.clone();
             let handle = tokio::spawn(async move {
+                let _permit = permit;
                 let id = task_id;
                 let mut sub = match db_handle
                     .subscribe_within(&q, options, access.databases)

@@ -454,3 +454,86 @@ async fn a_thousand_sse_subscribers_each_get_every_change() {
     }
     server.stop().await.close().expect("close");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_connections_and_their_subscriptions_count_against_the_cap() {
+    let server = Server::in_memory_with(ServerConfig {
+        max_subscriptions: 2,
+        ..ServerConfig::default()
+    })
+    .await;
+    write(&server.db, "cpu,host=a usage=95 0");
+    let url = format!("ws://{}/api/v1/ws", server.addr);
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url)
+        .await
+        .expect("connect");
+    async fn next_text(
+        ws: &mut (impl StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin),
+    ) -> Value {
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(30), ws.next())
+                .await
+                .expect("a frame within 30 s")
+                .expect("open")
+                .expect("frame");
+            if let Message::Text(t) = m {
+                return serde_json::from_str::<Value>(&t).expect("json");
+            }
+        }
+    }
+    let subscribe = |id: &str| {
+        Message::Text(
+            serde_json::json!({"op": "subscribe", "id": id, "db": "main", "q": "SELECT time, host, usage FROM cpu"})
+                .to_string()
+                .into(),
+        )
+    };
+    // The connection holds one permit, its first subscription the second.
+    ws.send(subscribe("a")).await.expect("send");
+    let ack = next_text(&mut ws).await;
+    assert_eq!(ack["type"], "subscribed", "{ack}");
+    // Past the cap: the next subscription is refused on the socket, another socket at the upgrade.
+    ws.send(subscribe("b")).await.expect("send");
+    let refused = loop {
+        let m = next_text(&mut ws).await;
+        if m["id"] == "b" {
+            break m;
+        }
+    };
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert!(
+        refused.to_string().contains("--max-subscriptions 2"),
+        "{refused}"
+    );
+    match tokio_tungstenite::connect_async(&url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 503),
+        other => panic!(
+            "a connection past the cap must be refused: {:?}",
+            other.map(|(_, r)| r.status())
+        ),
+    }
+    // Closing the socket gives both permits back.
+    ws.close(None).await.expect("close");
+    drop(ws);
+    let mut reopened = None;
+    for _ in 0..100 {
+        if let Ok((ws, _)) = tokio_tungstenite::connect_async(&url).await {
+            reopened = Some(ws);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(reopened.is_some(), "the permits came back");
+    // A long-poll queue beyond the bound is refused.
+    let r = server
+        .client
+        .get(server.url(&format!(
+            "/api/v1/changes?db=main&q={}&queue=10000000",
+            encode("SELECT time, host, usage FROM cpu")
+        )))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.expect("text").contains("65536"));
+}
