@@ -41,6 +41,29 @@ struct DataDirArgs {
     /// docs/recovery.md.
     #[arg(long, env = "RIVULET_WAL_RECOVERY", default_value = "strict")]
     wal_recovery: WalRecovery,
+    /// Databases writes may create (docs/limits.md).
+    #[arg(long, env = "RIVULET_MAX_DATABASES", default_value_t = 100)]
+    max_databases: usize,
+    /// Tables in one database, views' storage included (docs/limits.md).
+    #[arg(long, env = "RIVULET_MAX_TABLES_PER_DATABASE", default_value_t = 2000)]
+    max_tables_per_database: usize,
+    /// Columns of one table, `time` and tags included (docs/limits.md).
+    #[arg(long, env = "RIVULET_MAX_COLUMNS_PER_TABLE", default_value_t = 500)]
+    max_columns_per_table: usize,
+}
+
+impl DataDirArgs {
+    /// The configuration these options describe.
+    fn config(&self) -> rivulet::Config {
+        rivulet::Config {
+            default_database: self.db.clone(),
+            wal_recovery: self.wal_recovery,
+            max_databases: self.max_databases,
+            max_tables_per_database: self.max_tables_per_database,
+            max_columns_per_table: self.max_columns_per_table,
+            ..rivulet::Config::with_dir(&self.data_dir)
+        }
+    }
 }
 
 /// A command's failure, printed as `error: …` with a non-zero exit.

@@ -99,6 +99,13 @@ pub struct Config {
     /// What opening does with a damaged WAL segment (a torn tail is always cut). Default:
     /// [`WalRecovery::Strict`], refuse to open and say where the damage is.
     pub wal_recovery: WalRecovery,
+    /// Databases writes may create; a write that would create one more is rejected, naming
+    /// the limit. Default: 100.
+    pub max_databases: usize,
+    /// Tables (measurements) in one database, views' storage tables included. Default: 2000.
+    pub max_tables_per_database: usize,
+    /// Columns of one table, `time` and tags included (InfluxDB 3 Core's default). Default: 500.
+    pub max_columns_per_table: usize,
 }
 
 impl Default for Config {
@@ -124,6 +131,9 @@ impl Default for Config {
             subscribe_log_bytes: 64 << 20,
             subscribe_log_age: Duration::from_secs(3600),
             wal_recovery: WalRecovery::Strict,
+            max_databases: 100,
+            max_tables_per_database: 2000,
+            max_columns_per_table: 500,
         }
     }
 }

@@ -3,7 +3,7 @@
 use std::io::Write;
 
 use arrow::array::RecordBatch;
-use rivulet::{Config, Db};
+use rivulet::Db;
 
 use super::{CliResult, DataDirArgs};
 
@@ -31,11 +31,7 @@ pub(crate) struct SqlArgs {
 }
 
 pub(crate) fn run(args: SqlArgs) -> CliResult {
-    let config = Config {
-        default_database: args.dir.db.clone(),
-        wal_recovery: args.dir.wal_recovery,
-        ..Config::with_dir(&args.dir.data_dir)
-    };
+    let config = args.dir.config();
     let db = Db::open_with(config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

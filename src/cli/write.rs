@@ -173,8 +173,7 @@ fn report_errors(errors: &[LineError], total: usize) -> String {
 pub(crate) fn run(args: WriteArgs) -> CliResult {
     let config = Config {
         durability: args.durability,
-        wal_recovery: args.dir.wal_recovery,
-        ..Config::with_dir(&args.dir.data_dir)
+        ..args.dir.config()
     };
     let db = Db::open_with(config)?;
     let options = WriteOptions {

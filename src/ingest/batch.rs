@@ -54,8 +54,8 @@ fn prepare_batch_as(
     };
     let db_name_arc: Arc<str> = db_name.into();
     let db = catalog.database(db_name);
-    let (table, is_new) =
-        resolve_table(catalog, db.as_ref(), &db_name_arc, table_name, system).map_err(invalid)?;
+    let (table, is_new) = resolve_table(catalog, db.as_ref(), &db_name_arc, table_name, system, 0)
+        .map_err(invalid)?;
     let schema = table.schema();
     let mut columns = Columns {
         schema: &schema,
@@ -63,6 +63,8 @@ fn prepare_batch_as(
         added_by_name: HashMap::new(),
         db: db_name,
         table: table_name,
+        max_columns: catalog.limits().columns_per_table,
+        system,
     };
     let rows = batch.num_rows();
     let parts = split_columns(batch, &mut columns).map_err(invalid)?;

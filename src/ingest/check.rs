@@ -49,6 +49,8 @@ pub(crate) fn check_lines(
             added,
             db: db_name,
             table: &name,
+            max_columns: catalog.limits().columns_per_table,
+            system: false,
         };
         let line_start = line.measurement.raw();
         let tags = parsed.tags(line).iter().map(|(k, _)| (k, ColumnKind::Tag));

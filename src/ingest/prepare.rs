@@ -68,6 +68,7 @@ pub(super) fn resolve_table(
     db_name: &Arc<str>,
     name: &str,
     system: bool,
+    new_tables: usize,
 ) -> Result<(Arc<Table>, bool), Refusal> {
     if let Some(t) = db.and_then(|d| d.table(name)) {
         if !system && t.settings.read().view {
@@ -83,6 +84,23 @@ pub(super) fn resolve_table(
         )));
     }
     check_name(name).map_err(|e| format!("invalid table name '{name}': {e}"))?;
+    if !system {
+        let limits = catalog.limits();
+        if db.is_none() && catalog.database_names().len() >= limits.databases {
+            return Err(Refusal(format!(
+                "database '{db_name}' would be one more than the limit of {} databases \
+                 (--max-databases, Config::max_databases)",
+                limits.databases
+            )));
+        }
+        if db.map_or(0, |d| d.table_count()) + new_tables >= limits.tables_per_database {
+            return Err(Refusal(format!(
+                "table '{name}' would be one more than the limit of {} tables in database \
+                 '{db_name}' (--max-tables-per-database, Config::max_tables_per_database)",
+                limits.tables_per_database
+            )));
+        }
+    }
     let table = Table::new(
         catalog.allocate_id(),
         db_name.clone(),
@@ -99,6 +117,10 @@ pub(super) struct Columns<'s> {
     pub(super) added_by_name: HashMap<Arc<str>, usize>,
     pub(super) db: &'s str,
     pub(super) table: &'s str,
+    /// The column cap (`Limits::columns_per_table`) and whether it applies (not to Rivulet's
+    /// own writes).
+    pub(super) max_columns: usize,
+    pub(super) system: bool,
 }
 
 impl Columns<'_> {
@@ -119,6 +141,15 @@ impl Columns<'_> {
             Some(kind) => Err(Refusal(self.conflict(name, kind, want))),
             None => {
                 check_name(name).map_err(|e| format!("invalid column name '{name}': {e}"))?;
+                let have = self.schema.columns().len().max(1) + self.added.len();
+                if !self.system && have >= self.max_columns {
+                    return Err(Refusal(format!(
+                        "column '{name}' would be one more than the limit of {} columns of table \
+                         '{}' in database '{}' (--max-columns-per-table, \
+                         Config::max_columns_per_table)",
+                        self.max_columns, self.table, self.db
+                    )));
+                }
                 let name: Arc<str> = name.into();
                 self.added_by_name.insert(name.clone(), self.added.len());
                 self.added.push(ColumnDef { name, kind: want });
@@ -206,6 +237,7 @@ pub(crate) fn prepare_lines(
     let mut run = LineRun {
         parsed,
         db_name: &db_name,
+        catalog_limits: catalog.limits(),
         default_time,
         accept_partial,
         rejected: Rejections {
@@ -217,20 +249,22 @@ pub(crate) fn prepare_lines(
     let mut tables = Vec::new();
     let mut rows = 0;
     for (name, line_ids) in &group_by_table(parsed) {
-        let (table, is_new) = match resolve_table(catalog, db.as_ref(), &db_name, name, false) {
-            Ok(t) => t,
-            Err(reason) => {
-                for &i in line_ids {
-                    let line = &parsed.lines[i as usize];
-                    run.rejected.push(LineError {
-                        line: line.line_no,
-                        column: 1,
-                        reason: reason.0.clone(),
-                    });
+        let new_tables = tables.iter().filter(|t: &&PreparedTable| t.is_new).count();
+        let (table, is_new) =
+            match resolve_table(catalog, db.as_ref(), &db_name, name, false, new_tables) {
+                Ok(t) => t,
+                Err(reason) => {
+                    for &i in line_ids {
+                        let line = &parsed.lines[i as usize];
+                        run.rejected.push(LineError {
+                            line: line.line_no,
+                            column: 1,
+                            reason: reason.0.clone(),
+                        });
+                    }
+                    continue;
                 }
-                continue;
-            }
-        };
+            };
         if let Some((chunk, new_columns)) = run.table_chunk(&table, name, line_ids)? {
             rows += chunk.rows();
             tables.push(PreparedTable {
@@ -289,6 +323,7 @@ fn group_by_table<'p>(parsed: &'p ParsedLines<'_>) -> Vec<(Cow<'p, str>, Vec<u32
 struct LineRun<'p, 'a> {
     parsed: &'p ParsedLines<'a>,
     db_name: &'p str,
+    catalog_limits: crate::storage::catalog::Limits,
     default_time: i64,
     accept_partial: bool,
     rejected: Rejections,
@@ -324,6 +359,8 @@ impl<'a> LineRun<'_, 'a> {
             added_by_name: HashMap::new(),
             db: self.db_name,
             table: name,
+            max_columns: self.catalog_limits.columns_per_table,
+            system: false,
         };
         let mut builder = ChunkBuilder::new();
         let mut series = table.series.lock();

@@ -298,10 +298,38 @@ impl Database {
     pub(crate) fn tables(&self) -> Vec<Arc<Table>> {
         self.tables.read().values().cloned().collect()
     }
+
+    /// How many tables it has (views' storage included).
+    pub(crate) fn table_count(&self) -> usize {
+        self.tables.read().len()
+    }
+}
+
+/// Caps on what writes may create (docs/limits.md). Checked when a write is prepared:
+/// writes prepared at the same moment may together pass a cap by their own new entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Limits {
+    /// Databases (`--max-databases`).
+    pub(crate) databases: usize,
+    /// Tables in one database (`--max-tables-per-database`).
+    pub(crate) tables_per_database: usize,
+    /// Columns of one table, `time` and tags included (`--max-columns-per-table`).
+    pub(crate) columns_per_table: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            databases: 100,
+            tables_per_database: 2000,
+            columns_per_table: 500,
+        }
+    }
 }
 
 /// The catalog of databases and tables.
 pub(crate) struct Catalog {
+    limits: Limits,
     sled: sled::Db,
     io: Io,
     tree: sled::Tree,
@@ -328,6 +356,17 @@ fn corrupt(key: &[u8], reason: impl ToString) -> CatalogError {
 }
 
 impl Catalog {
+    /// The caps on what writes create.
+    pub(crate) fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Sets the caps (at open, before any write).
+    pub(crate) fn with_limits(mut self, limits: Limits) -> Catalog {
+        self.limits = limits;
+        self
+    }
+
     /// Loads the catalog from `sled`.
     pub(crate) fn load(sled: sled::Db, io: Io) -> Result<Catalog, CatalogError> {
         let tree = sled.open_tree("catalog")?;
@@ -399,6 +438,7 @@ impl Catalog {
                 .ok_or_else(|| corrupt(b"meta/next_id", "not a number"))?,
         };
         Ok(Catalog {
+            limits: Limits::default(),
             sled,
             io,
             tree,

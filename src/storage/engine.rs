@@ -216,7 +216,11 @@ impl Engine {
             }
         };
         let io = Io::new(config.io_faults.clone());
-        let catalog = Catalog::load(sled, io.clone())?;
+        let catalog = Catalog::load(sled, io.clone())?.with_limits(super::catalog::Limits {
+            databases: config.max_databases,
+            tables_per_database: config.max_tables_per_database,
+            columns_per_table: config.max_columns_per_table,
+        });
         let partition_len = (config.partition.as_nanos() as i64).max(1);
 
         // Load the segments, remove files the manifest does not list.

@@ -632,3 +632,55 @@ fn closed_handles_refuse_writes() {
         Err(Error::Closed)
     ));
 }
+
+#[test]
+fn databases_tables_and_columns_are_capped_with_errors_naming_the_flag() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = || Config {
+        max_databases: 2,
+        max_tables_per_database: 2,
+        max_columns_per_table: 4,
+        ..Config::with_dir(dir.path())
+    };
+    let db = Db::open_with(config()).expect("open");
+    let write = |database: &str, lines: &str| db.write_lines(database, lines, Precision::Second);
+    write("main", "t1,host=a f1=1,f2=2 1").expect("time, a tag and two fields: 4 columns");
+    write("other", "x v=1 1").expect("a second database");
+    let e = write("third", "x v=1 1").expect_err("a third database");
+    assert!(
+        e.to_string()
+            .contains("limit of 2 databases (--max-databases"),
+        "{e}"
+    );
+
+    write("main", "t2 v=1 1").expect("a second table");
+    // Atomic: a third table rejects the whole write, the good line with it.
+    let e = write("main", "t1,host=b f1=5 2\nt3 v=1 1").expect_err("a third table");
+    let text = e.to_string();
+    assert!(
+        text.contains("limit of 2 tables in database 'main' (--max-tables-per-database"),
+        "{text}"
+    );
+    let e = write("main", "t1,host=a f3=1 3").expect_err("a fifth column");
+    let text = e.to_string();
+    assert!(
+        text.contains("column 'f3'") && text.contains("--max-columns-per-table"),
+        "{text}"
+    );
+    write("main", "t1,host=c f1=3,f2=4 4").expect("existing columns still take writes");
+    db.close().expect("close");
+
+    // Nothing the rejected writes named was created, and the caps hold after a restart.
+    let db = Db::open_with(config()).expect("reopen");
+    assert!(table(&db, "SELECT count(*) FROM t1").contains("| 2        |"));
+    assert!(
+        crate::common::rt()
+            .block_on(db.sql_in("main", "SELECT * FROM t3"))
+            .is_err(),
+        "no table t3"
+    );
+    let e = db
+        .write_lines("third", "x v=1 1", Precision::Second)
+        .expect_err("still capped");
+    assert!(e.to_string().contains("--max-databases"), "{e}");
+}
