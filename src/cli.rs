@@ -36,6 +36,14 @@ struct DataDirArgs {
     /// The database.
     #[arg(long, env = "RIVULET_DB", default_value = "main")]
     db: String,
+    /// How the directory is opened.
+    #[command(flatten)]
+    open: OpenArgs,
+}
+
+/// How every command opens a data directory: WAL recovery and the caps on what writes create.
+#[derive(Debug, clap::Args)]
+pub(crate) struct OpenArgs {
     /// What to do with a damaged WAL segment at open: strict (refuse to open, naming the file
     /// and offset) or skip-damaged (keep every intact record, set the damaged file aside).
     /// docs/recovery.md.
@@ -52,17 +60,26 @@ struct DataDirArgs {
     max_columns_per_table: usize,
 }
 
-impl DataDirArgs {
-    /// The configuration these options describe.
-    fn config(&self) -> rivulet::Config {
+impl OpenArgs {
+    /// `config` with these options.
+    pub(crate) fn apply(&self, config: rivulet::Config) -> rivulet::Config {
         rivulet::Config {
-            default_database: self.db.clone(),
             wal_recovery: self.wal_recovery,
             max_databases: self.max_databases,
             max_tables_per_database: self.max_tables_per_database,
             max_columns_per_table: self.max_columns_per_table,
-            ..rivulet::Config::with_dir(&self.data_dir)
+            ..config
         }
+    }
+}
+
+impl DataDirArgs {
+    /// The configuration these options describe.
+    fn config(&self) -> rivulet::Config {
+        self.open.apply(rivulet::Config {
+            default_database: self.db.clone(),
+            ..rivulet::Config::with_dir(&self.data_dir)
+        })
     }
 }
 

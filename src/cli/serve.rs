@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use rivulet::server::{Auth, ConnectionLimits, ServerConfig, Token, router, serve};
-use rivulet::{Config, Db, Durability, WalRecovery};
+use rivulet::{Config, Db, Durability};
 
 use super::CliResult;
 
@@ -56,20 +56,9 @@ pub(crate) struct ServeArgs {
         value_delimiter = ','
     )]
     cors_origins: Vec<String>,
-    /// What to do with a damaged WAL segment at open: strict (refuse to open, naming the file
-    /// and offset) or skip-damaged (keep every intact record, set the damaged file aside).
-    /// docs/recovery.md.
-    #[arg(long, env = "RIVULET_WAL_RECOVERY", default_value = "strict")]
-    wal_recovery: WalRecovery,
-    /// Databases writes may create (docs/limits.md).
-    #[arg(long, env = "RIVULET_MAX_DATABASES", default_value_t = 100)]
-    max_databases: usize,
-    /// Tables in one database, views' storage included (docs/limits.md).
-    #[arg(long, env = "RIVULET_MAX_TABLES_PER_DATABASE", default_value_t = 2000)]
-    max_tables_per_database: usize,
-    /// Columns of one table, `time` and tags included (docs/limits.md).
-    #[arg(long, env = "RIVULET_MAX_COLUMNS_PER_TABLE", default_value_t = 500)]
-    max_columns_per_table: usize,
+    /// How the directory is opened.
+    #[command(flatten)]
+    open: super::OpenArgs,
 }
 
 pub(crate) fn run(args: ServeArgs) -> CliResult {
@@ -94,15 +83,11 @@ pub(crate) fn run(args: ServeArgs) -> CliResult {
         )
         .into());
     }
-    let db = Db::open_with(Config {
+    let db = Db::open_with(args.open.apply(Config {
         durability: args.durability,
         query_memory_limit: Some(args.query_memory_bytes),
-        wal_recovery: args.wal_recovery,
-        max_databases: args.max_databases,
-        max_tables_per_database: args.max_tables_per_database,
-        max_columns_per_table: args.max_columns_per_table,
         ..Config::with_dir(&args.data_dir)
-    })?;
+    }))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
