@@ -58,6 +58,13 @@ pub(crate) struct OpenArgs {
     /// Columns of one table, `time` and tags included (docs/limits.md).
     #[arg(long, env = "RIVULET_MAX_COLUMNS_PER_TABLE", default_value_t = 500)]
     max_columns_per_table: usize,
+    /// Series (distinct tag sets) of one table (docs/limits.md).
+    #[arg(
+        long,
+        env = "RIVULET_MAX_SERIES_PER_TABLE",
+        default_value_t = 1_000_000
+    )]
+    max_series_per_table: usize,
 }
 
 impl OpenArgs {
@@ -68,6 +75,7 @@ impl OpenArgs {
             max_databases: self.max_databases,
             max_tables_per_database: self.max_tables_per_database,
             max_columns_per_table: self.max_columns_per_table,
+            max_series_per_table: self.max_series_per_table,
             ..config
         }
     }

@@ -88,6 +88,9 @@ pub struct Config {
     /// How long a query waits for the materialized views it reads to reflect the writes
     /// visible when it started (read-your-writes) before failing. Default: 30 s.
     pub view_wait: Duration,
+    /// How long one maintenance round works on a view's backfill before the other views have
+    /// their turn (at least one piece, a partition's worth, per round). Default: 100 ms.
+    pub view_backfill_slice: Duration,
     /// Bytes of written rows waiting for view maintenance before writers wait for it to catch
     /// up. Default: 256 MiB.
     pub view_queue_bytes: usize,
@@ -106,6 +109,18 @@ pub struct Config {
     pub max_tables_per_database: usize,
     /// Columns of one table, `time` and tags included (InfluxDB 3 Core's default). Default: 500.
     pub max_columns_per_table: usize,
+    /// Series (distinct tag sets) of one table: a line with a new one past it is rejected,
+    /// naming the limit (InfluxDB 1.x's `max-series-per-database` default). Default: 1,000,000.
+    pub max_series_per_table: usize,
+    /// Internal views made for subscriptions to aggregate (join, window…) queries, one per
+    /// distinct query, counting those in their grace period; one more is refused (HTTP 429).
+    /// Default: 64.
+    pub max_shared_views: usize,
+    /// … of those, made by one token's subscriptions. Default: 16.
+    pub max_shared_views_per_token: usize,
+    /// A subscription view nobody subscribes to is dropped after this long (a client that
+    /// reconnects sooner resumes where it was). Default: 5 minutes.
+    pub shared_view_grace: Duration,
 }
 
 impl Default for Config {
@@ -127,6 +142,7 @@ impl Default for Config {
             persist_on_close: true,
             parquet_filter_pushdown: false,
             view_wait: Duration::from_secs(30),
+            view_backfill_slice: Duration::from_millis(100),
             view_queue_bytes: 256 << 20,
             subscribe_log_bytes: 64 << 20,
             subscribe_log_age: Duration::from_secs(3600),
@@ -134,6 +150,10 @@ impl Default for Config {
             max_databases: 100,
             max_tables_per_database: 2000,
             max_columns_per_table: 500,
+            max_series_per_table: 1_000_000,
+            max_shared_views: 64,
+            max_shared_views_per_token: 16,
+            shared_view_grace: Duration::from_secs(300),
         }
     }
 }

@@ -71,8 +71,27 @@ fn prepare_batch_as(
     let times = parts
         .time
         .as_primitive::<arrow::datatypes::TimestampNanosecondType>();
-    let (series_ids, overlaps) = series_of(&table, &parts.tags, times, rows);
-    let out = parts.chunk_batch(rows)?;
+    // Rivulet's own writes (view rows, replay) are never refused for their series.
+    let max_series = if system {
+        usize::MAX
+    } else {
+        catalog.limits().series_per_table
+    };
+    let (series_ids, overlaps, series_undo) =
+        series_of(&table, &parts.tags, times, rows, max_series).ok_or_else(|| {
+            invalid(Refusal(super::prepare::series_limit(
+                table_name, max_series,
+            )))
+        })?;
+    let out = match parts.chunk_batch(rows) {
+        Ok(out) => out,
+        Err(e) => {
+            if let Some(undo) = series_undo {
+                table.series.lock().rollback(undo);
+            }
+            return Err(e);
+        }
+    };
     let new_columns = columns
         .added
         .into_iter()
@@ -95,6 +114,7 @@ fn prepare_batch_as(
                 over_persisted: overlaps & OVER_PERSISTED != 0,
                 merged: false,
             },
+            series_undo,
         });
     }
     Ok(PreparedWrite {
@@ -234,14 +254,16 @@ fn column_kind(
     }))
 }
 
-/// Series ids of the rows (from the tag values, sorted by tag name), and the overlap flags of
-/// their times.
+/// Series ids of the rows (from the tag values, sorted by tag name), the overlap flags of
+/// their times and what they did to the series index; None (and the index as it was) when
+/// the rows hold more than `max` series.
 fn series_of(
     table: &Table,
     tags: &[(Arc<str>, ArrayRef)],
     times: &arrow::array::TimestampNanosecondArray,
     rows: usize,
-) -> (Vec<u32>, u8) {
+    max: usize,
+) -> Option<(Vec<u32>, u8, Option<crate::storage::table::SeriesUndo>)> {
     let mut sorted_tags: Vec<(&str, &dyn Array)> =
         tags.iter().map(|(n, a)| (n.as_ref(), a.as_ref())).collect();
     sorted_tags.sort_unstable_by(|a, b| a.0.cmp(b.0));
@@ -258,6 +280,7 @@ fn series_of(
     let mut key = Vec::new();
     let mut pairs: Vec<(&str, &str)> = Vec::with_capacity(dicts.len());
     let mut series = table.series.lock();
+    series.begin();
     for row in 0..rows {
         key.clear();
         pairs.clear();
@@ -268,11 +291,17 @@ fn series_of(
             }
         }
         canonical_key(&mut pairs, &mut key);
-        let sid = series.id_for_canonical(&key);
+        let Some(sid) = series.id_for_canonical(&key, max) else {
+            if let Some(undo) = series.end() {
+                series.rollback(undo);
+            }
+            return None;
+        };
         overlaps |= series.observe(sid, times.value(row));
         series_ids.push(sid);
     }
-    (series_ids, overlaps)
+    let undo = series.end();
+    Some((series_ids, overlaps, undo))
 }
 
 impl Parts {

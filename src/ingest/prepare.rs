@@ -57,8 +57,21 @@ impl PreparedWrite {
     }
 }
 
+/// Why a line with a new series is refused past the series cap.
+pub(super) fn series_limit(table: &str, max: usize) -> String {
+    format!(
+        "table '{table}' has {max} series (distinct tag sets), the most allowed \
+         (--max-series-per-table, Config::max_series_per_table); a new tag set is refused: \
+         raise the limit, or keep unbounded values (ids, timestamps) in fields, not tags"
+    )
+}
+
 /// Tables whose names start with this are Rivulet's own (e.g. view progress).
 pub(crate) const RESERVED_PREFIX: &str = "__rivulet";
+
+/// Names of the internal views that keep subscriptions to aggregate queries current (inside
+/// the reserved namespace: no write or statement can make, read or drop one).
+pub(crate) const SUBSCRIPTION_VIEW_PREFIX: &str = "__rivulet_sub_";
 
 /// Resolves a table for writing: the catalog's, or a new unregistered one.
 /// Only `system` writes (view maintenance, WAL replay) may write view tables or reserved names.
@@ -265,19 +278,29 @@ pub(crate) fn prepare_lines(
                     continue;
                 }
             };
-        if let Some((chunk, new_columns)) = run.table_chunk(&table, name, line_ids)? {
+        let part = match run.table_chunk(&table, name, line_ids) {
+            Ok(p) => p,
+            Err(e) => {
+                rollback_series(tables);
+                return Err(e);
+            }
+        };
+        if let Some((chunk, new_columns, series_undo)) = part {
             rows += chunk.rows();
             tables.push(PreparedTable {
                 table,
                 is_new,
                 new_columns,
                 chunk,
+                series_undo,
             });
         }
     }
     let mut rejected = run.rejected;
     rejected.list.sort_by_key(|e| e.line);
     if !accept_partial && rejected.total > 0 {
+        // Tables before the first bad line took their series in: they go again.
+        rollback_series(tables);
         return Err(WriteError::Rejected {
             db: db_name.to_string(),
             errors: rejected.list,
@@ -292,6 +315,15 @@ pub(crate) fn prepare_lines(
         rejected_total: rejected.total,
         rows,
     })
+}
+
+/// Undoes what `tables` (of a rejected write) did to their series indexes.
+fn rollback_series(tables: Vec<PreparedTable>) {
+    for mut t in tables {
+        if let Some(undo) = t.series_undo.take() {
+            t.table.series.lock().rollback(undo);
+        }
+    }
 }
 
 /// Line indices grouped by measurement, tables in order of first appearance, lines in input
@@ -318,6 +350,14 @@ fn group_by_table<'p>(parsed: &'p ParsedLines<'_>) -> Vec<(Cow<'p, str>, Vec<u32
     }
     groups
 }
+
+/// A table's part of a write: its chunk, the columns it adds and what it did to the table's
+/// series index.
+type TableChunk = (
+    Chunk,
+    Vec<ColumnDef>,
+    Option<crate::storage::table::SeriesUndo>,
+);
 
 /// One `prepare_lines` call: the lines, the write's settings and what it has rejected so far.
 struct LineRun<'p, 'a> {
@@ -351,7 +391,7 @@ impl<'a> LineRun<'_, 'a> {
         table: &Arc<Table>,
         name: &str,
         line_ids: &[u32],
-    ) -> Result<Option<(Chunk, Vec<ColumnDef>)>, WriteError> {
+    ) -> Result<Option<TableChunk>, WriteError> {
         let schema = table.schema();
         let mut columns = Columns {
             schema: &schema,
@@ -364,50 +404,72 @@ impl<'a> LineRun<'_, 'a> {
         };
         let mut builder = ChunkBuilder::new();
         let mut series = table.series.lock();
+        series.begin();
         let mut shapes = Shapes::default();
         for &i in line_ids {
             let line = &self.parsed.lines[i as usize];
             let mark = columns.added.len();
-            if let Err(e) = shapes.resolve(self.parsed, line, &mut columns, &mut builder) {
+            let mut refused = shapes.resolve(self.parsed, line, &mut columns, &mut builder);
+            if refused.is_ok() && (self.accept_partial || self.rejected.total == 0) {
+                refused = self.append(line, &mut shapes, &mut series, &mut builder);
+            }
+            // (Once the write is rejected, lines are still checked to report every bad one.)
+            if let Err(e) = refused {
                 columns.rollback(mark);
                 // Cached shapes may point at the rolled-back columns.
                 shapes.tag_cache.clear();
                 shapes.field_cache.clear();
                 self.rejected.push(e);
-                continue;
             }
-            if !self.accept_partial && self.rejected.total > 0 {
-                // The write is rejected anyway: keep validating to report every bad line.
-                continue;
+        }
+        let undo = series.end();
+        let new_columns = columns.into_added(&builder);
+        let finished = builder.finish();
+        if finished.is_err() || (!self.accept_partial && self.rejected.total > 0) {
+            // Nothing of this table will be stored: its new series go.
+            if let Some(u) = undo {
+                series.rollback(u);
             }
-            self.append(line, &mut shapes, &mut series, &mut builder);
+            drop(series);
+            return Ok(finished?.map(|chunk| (chunk, Vec::new(), None)));
         }
         drop(series);
-        let new_columns = columns.into_added(&builder);
-        Ok(builder.finish()?.map(|chunk| (chunk, new_columns)))
+        Ok(finished?.map(|chunk| (chunk, new_columns, undo)))
     }
 
-    /// Appends one validated line: its series, tags (once per series) and fields.
+    /// Appends one validated line: its series, tags (once per series) and fields. Refused
+    /// when it would be one series too many for the table.
     fn append(
         &mut self,
         line: &Line<'a>,
         shapes: &mut Shapes<'a>,
         series: &mut SeriesIndex,
         builder: &mut ChunkBuilder,
-    ) {
+    ) -> Result<(), LineError> {
         let tags = self.parsed.tags(line);
         let fields = self.parsed.fields(line);
         let time = line.timestamp.unwrap_or(self.default_time);
         let tag_scratch = &mut shapes.tag_scratch;
-        let sid = series.id_for_raw(line.raw_tags, |out| {
-            tag_scratch.clear();
-            tag_scratch.extend(tags.iter().map(|(k, v)| (k.to_cow(), v.to_cow())));
-            let mut pairs: Vec<(&str, &str)> = tag_scratch
-                .iter()
-                .map(|(k, v)| (k.as_ref(), v.as_ref()))
-                .collect();
-            canonical_key(&mut pairs, out);
-        });
+        let max = self.catalog_limits.series_per_table;
+        let sid = series
+            .id_for_raw(
+                line.raw_tags,
+                |out| {
+                    tag_scratch.clear();
+                    tag_scratch.extend(tags.iter().map(|(k, v)| (k.to_cow(), v.to_cow())));
+                    let mut pairs: Vec<(&str, &str)> = tag_scratch
+                        .iter()
+                        .map(|(k, v)| (k.as_ref(), v.as_ref()))
+                        .collect();
+                    canonical_key(&mut pairs, out);
+                },
+                max,
+            )
+            .ok_or_else(|| LineError {
+                line: line.line_no,
+                column: 1,
+                reason: series_limit(line.measurement.to_cow().as_ref(), max),
+            })?;
         let overlaps = series.observe(sid, time);
         if !builder.replay_series_tags(sid) {
             tag_scratch.clear();
@@ -432,6 +494,7 @@ impl<'a> LineRun<'_, 'a> {
             builder.append_field(slot, v);
         }
         builder.finish_row(time, sid, overlaps);
+        Ok(())
     }
 }
 

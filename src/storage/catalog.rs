@@ -315,6 +315,8 @@ pub(crate) struct Limits {
     pub(crate) tables_per_database: usize,
     /// Columns of one table, `time` and tags included (`--max-columns-per-table`).
     pub(crate) columns_per_table: usize,
+    /// Series (distinct tag sets) of one table since open (`--max-series-per-table`).
+    pub(crate) series_per_table: usize,
 }
 
 impl Default for Limits {
@@ -323,6 +325,7 @@ impl Default for Limits {
             databases: 100,
             tables_per_database: 2000,
             columns_per_table: 500,
+            series_per_table: 1_000_000,
         }
     }
 }

@@ -106,6 +106,19 @@ pub(crate) struct PreparedTable {
     /// Columns this write adds to the table.
     pub(crate) new_columns: Vec<ColumnDef>,
     pub(crate) chunk: Chunk,
+    /// What the write did to the table's series index, undone if the write is not logged.
+    pub(crate) series_undo: Option<super::table::SeriesUndo>,
+}
+
+impl WriteSet {
+    /// Undoes what the write did to its tables' series indexes (it was not logged).
+    pub(crate) fn rollback_series(mut self) {
+        for t in &mut self.tables {
+            if let Some(undo) = t.series_undo.take() {
+                t.table.series.lock().rollback(undo);
+            }
+        }
+    }
 }
 
 /// The storage part of a validated write: what [`Engine::write`] logs and applies.
@@ -220,6 +233,7 @@ impl Engine {
             databases: config.max_databases,
             tables_per_database: config.max_tables_per_database,
             columns_per_table: config.max_columns_per_table,
+            series_per_table: config.max_series_per_table,
         });
         let partition_len = (config.partition.as_nanos() as i64).max(1);
 
@@ -382,6 +396,7 @@ impl Engine {
                 if matches!(e, WalError::Io { .. }) {
                     self.commit.poison(e.to_string());
                 }
+                set.rollback_series();
                 return Err(StorageError::Wal(e).into());
             }
         }

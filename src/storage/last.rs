@@ -284,7 +284,11 @@ fn series_ids_of(
             }
         }
         canonical_key(&mut pairs, &mut key);
-        out.push(series.id_for_canonical(&key));
+        // Stored rows are never refused: no cap.
+        let id = series
+            .id_for_canonical(&key, usize::MAX)
+            .ok_or_else(|| ArrowError::ComputeError("the series index is full".to_string()))?;
+        out.push(id);
     }
     Ok(out)
 }

@@ -101,6 +101,20 @@ pub(crate) struct SeriesIndex {
     /// The latest time in the table's segments: a series first seen since open may have points
     /// up to it there, so its points up to it may overwrite.
     floor: i64,
+    /// What the write being prepared changed, so a rejected write leaves nothing behind.
+    undo: Option<SeriesUndo>,
+}
+
+/// What one write did to a [`SeriesIndex`]: undone with [`SeriesIndex::rollback`] when the
+/// write is rejected (under the write lock, before any later write touched the index).
+#[derive(Debug, Default)]
+pub(crate) struct SeriesUndo {
+    /// Series ids before the write (ids from here on are the write's).
+    len: usize,
+    raw: Vec<Box<[u8]>>,
+    canonical: Vec<Box<[u8]>>,
+    /// (id, latest time before the write) of older series the write moved on.
+    times: Vec<(u32, i64)>,
 }
 
 impl Default for SeriesIndex {
@@ -111,6 +125,7 @@ impl Default for SeriesIndex {
             max_time: Vec::new(),
             persisted: Vec::new(),
             floor: i64::MIN,
+            undo: None,
         }
     }
 }
@@ -124,29 +139,76 @@ impl SeriesIndex {
         }
     }
 
+    /// Starts recording what a write changes (see [`SeriesUndo`]).
+    pub(crate) fn begin(&mut self) {
+        self.undo = Some(SeriesUndo {
+            len: self.max_time.len(),
+            ..SeriesUndo::default()
+        });
+    }
+
+    /// Stops recording: what the write changed, for [`rollback`](Self::rollback).
+    pub(crate) fn end(&mut self) -> Option<SeriesUndo> {
+        self.undo.take()
+    }
+
+    /// Undoes a rejected write: its new series go, older ones get their latest times back.
+    pub(crate) fn rollback(&mut self, undo: SeriesUndo) {
+        for key in &undo.raw {
+            self.raw.remove(key);
+        }
+        for key in &undo.canonical {
+            self.canonical.remove(key);
+        }
+        self.max_time.truncate(undo.len);
+        self.persisted.truncate(undo.len);
+        for &(id, time) in undo.times.iter().rev() {
+            if let Some(t) = self.max_time.get_mut(id as usize) {
+                *t = time;
+            }
+        }
+    }
+
     /// The id of the series whose line protocol tag section is `raw`; `canonical` writes the
-    /// canonical key into the buffer it is given when `raw` has not been seen before.
-    pub(crate) fn id_for_raw(&mut self, raw: &str, canonical: impl FnOnce(&mut Vec<u8>)) -> u32 {
+    /// canonical key into the buffer it is given when `raw` has not been seen before. None
+    /// when it is a new series and the index already holds `max` (the write's line is
+    /// refused).
+    pub(crate) fn id_for_raw(
+        &mut self,
+        raw: &str,
+        canonical: impl FnOnce(&mut Vec<u8>),
+        max: usize,
+    ) -> Option<u32> {
         if let Some(&id) = self.raw.get(raw.as_bytes()) {
-            return id;
+            return Some(id);
         }
         let mut key = Vec::with_capacity(raw.len() + 16);
         canonical(&mut key);
-        let id = self.id_for_canonical(&key);
+        let id = self.id_for_canonical(&key, max)?;
         self.raw.insert(raw.as_bytes().into(), id);
-        id
+        if let Some(u) = &mut self.undo {
+            u.raw.push(raw.as_bytes().into());
+        }
+        Some(id)
     }
 
-    /// The id of the series with canonical key `key` (see [`canonical_key`]).
-    pub(crate) fn id_for_canonical(&mut self, key: &[u8]) -> u32 {
+    /// The id of the series with canonical key `key` (see [`canonical_key`]); None when new
+    /// and the index already holds `max`.
+    pub(crate) fn id_for_canonical(&mut self, key: &[u8], max: usize) -> Option<u32> {
         if let Some(&id) = self.canonical.get(key) {
-            return id;
+            return Some(id);
+        }
+        if self.max_time.len() >= max {
+            return None;
         }
         let id = self.max_time.len() as u32;
         self.canonical.insert(key.into(), id);
+        if let Some(u) = &mut self.undo {
+            u.canonical.push(key.into());
+        }
         self.max_time.push(self.floor);
         self.persisted.push(self.floor);
-        id
+        Some(id)
     }
 
     /// Records a point of series `id` at `time`: [`OVERLAPS`] when it may overwrite an earlier
@@ -155,6 +217,11 @@ impl SeriesIndex {
     pub(crate) fn observe(&mut self, id: u32, time: i64) -> u8 {
         let slot = &mut self.max_time[id as usize];
         if time > *slot {
+            if let Some(u) = &mut self.undo
+                && (id as usize) < u.len
+            {
+                u.times.push((id, *slot));
+            }
             *slot = time;
             0
         } else if time > self.persisted[id as usize] {

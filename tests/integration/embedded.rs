@@ -684,3 +684,95 @@ fn databases_tables_and_columns_are_capped_with_errors_naming_the_flag() {
         .expect_err("still capped");
     assert!(e.to_string().contains("--max-databases"), "{e}");
 }
+
+#[test]
+fn series_are_capped_and_a_rejected_write_leaves_none_of_its_series_behind() {
+    let db = Db::open_with(Config {
+        durability: Durability::None,
+        max_series_per_table: 3,
+        ..Config::default()
+    })
+    .expect("open");
+    let write = |lines: &str| db.write_lines("main", lines, Precision::Second);
+    // Atomic writes that fail (a bad line after good ones; a table past a cap) add no series.
+    for bad in [
+        "cpu,host=a u=1 1\ncpu,host=b u=1 1\ncpu,host=c u=oops 1",
+        "cpu,host=a u=1 1\ncpu,host=b u=1 1\nmem,host=a u=1 1\nmem u=\"text\" 1",
+        "cpu,host=a u=1 1\ncpu,host=b u=1 1\ncpu,host=c u=1 1\ncpu,host=d u=1 1",
+    ] {
+        write(bad).expect_err(bad);
+    }
+    // So three new series still fit (before the fix, the rejected writes' series filled the
+    // index until a restart).
+    write("cpu,host=x u=1 2\ncpu,host=y u=1 2\ncpu,host=z u=1 2").expect("three series");
+    let e = write("cpu,host=w u=1 3").expect_err("a fourth series");
+    let text = e.to_string();
+    assert!(
+        text.contains("3 series") && text.contains("--max-series-per-table"),
+        "{text}"
+    );
+    // Known series keep taking points, also with their tags in another order.
+    write("cpu,host=x u=2 4").expect("a known series");
+    // Arrow batches are capped too, and a refused batch leaves no series behind either.
+    let batch = |hosts: &[&str]| {
+        use arrow::array::{DictionaryArray, Float64Array, TimestampNanosecondArray};
+        use arrow::datatypes::Int32Type;
+        let schema = Arc::new(arrow::datatypes::Schema::new(vec![
+            arrow::datatypes::Field::new(
+                "time",
+                arrow::datatypes::DataType::Timestamp(arrow::datatypes::TimeUnit::Nanosecond, None),
+                false,
+            ),
+            arrow::datatypes::Field::new(
+                "host",
+                arrow::datatypes::DataType::Dictionary(
+                    Box::new(arrow::datatypes::DataType::Int32),
+                    Box::new(arrow::datatypes::DataType::Utf8),
+                ),
+                true,
+            ),
+            arrow::datatypes::Field::new("u", arrow::datatypes::DataType::Float64, true),
+        ]));
+        let n = hosts.len();
+        arrow::array::RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(TimestampNanosecondArray::from(vec![5_000_000_000i64; n])),
+                Arc::new(
+                    hosts
+                        .iter()
+                        .copied()
+                        .collect::<DictionaryArray<Int32Type>>(),
+                ),
+                Arc::new(Float64Array::from(vec![1.0; n])),
+            ],
+        )
+        .expect("batch")
+    };
+    let e = db
+        .write_batch("main", "cpu", &batch(&["x", "v"]))
+        .expect_err("a new series in a batch");
+    assert!(e.to_string().contains("--max-series-per-table"), "{e}");
+    db.write_batch("main", "cpu", &batch(&["x", "y", "z"]))
+        .expect("known series in a batch");
+    assert!(table(&db, "SELECT count(*) FROM cpu").contains("| 7        |"));
+    // Partial mode keeps the lines that fit and names the one that does not.
+    let r = db
+        .write_lines_with(
+            "main",
+            "cpu,host=y u=3 6\ncpu,host=q u=1 6",
+            &rivulet::WriteOptions {
+                precision: Precision::Second,
+                accept_partial: true,
+                ..Default::default()
+            },
+        )
+        .expect("partial");
+    assert_eq!(r.rows, 1);
+    assert!(
+        r.rejected[0].reason.contains("--max-series-per-table"),
+        "{:?}",
+        r.rejected
+    );
+    db.close().expect("close");
+}
