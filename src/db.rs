@@ -376,17 +376,25 @@ impl Db {
         sql: &str,
         options: crate::SubscribeOptions,
     ) -> Result<crate::Subscription, Error> {
-        crate::subscribe::subscribe(&self.inner.subs, sql, options, None).await
+        crate::subscribe::subscribe(&self.inner.subs, sql, options, None, None).await
     }
 
-    /// [`Db::subscribe`] limited to `databases` (a token's).
+    /// [`Db::subscribe`] limited to `databases` (a token's), counted against `owner`'s quotas.
     pub(crate) async fn subscribe_within(
         &self,
         sql: &str,
         options: crate::SubscribeOptions,
         databases: Option<Vec<String>>,
+        owner: Option<Arc<str>>,
     ) -> Result<crate::Subscription, Error> {
-        crate::subscribe::subscribe(&self.inner.subs, sql, options, databases).await
+        crate::subscribe::subscribe(&self.inner.subs, sql, options, databases, owner).await
+    }
+
+    /// How many internal views serve subscriptions to aggregate (join, window…) queries now,
+    /// those in their grace period included (bounded by `Config::max_shared_views`). They are
+    /// not user views: `SHOW MATERIALIZED VIEWS` and `system.views` leave them out.
+    pub fn subscription_views(&self) -> usize {
+        self.inner.subs.shared_view_count()
     }
 
     /// Waits until every materialized view reflects every write acknowledged so far (queries

@@ -208,29 +208,30 @@ impl QueryEngine {
 
     /// A session with `db` as the default database, reading `snapshot`.
     pub(crate) fn context(&self, db: &str, snapshot: QuerySnapshot) -> SessionContext {
-        self.scoped_context(db, snapshot, None)
+        self.scoped_context(db, snapshot, None, false)
     }
 
     /// [`context`](Self::context) for a reader limited to `databases`: its catalog lists only
     /// those (`information_schema` too), `system` tables hold only their rows, and naming
-    /// another database fails planning with [`Denied`].
+    /// another database fails planning with [`Denied`]. `subscription_views`: the
+    /// subscription layer's internal views resolve (no user plan sets it).
     fn scoped_context(
         &self,
         db: &str,
         snapshot: QuerySnapshot,
         databases: Option<&[String]>,
+        subscription_views: bool,
     ) -> SessionContext {
         let mut state = self.template.clone();
-        if let Some(allowed) = databases {
+        if databases.is_some() || subscription_views {
             use datafusion::catalog::CatalogProviderList as _;
             let list = datafusion::catalog::MemoryCatalogProviderList::new();
-            list.register_catalog(
-                CATALOG_NAME.to_string(),
-                Arc::new(catalog::RivuletCatalog::scoped(
-                    self.reader.clone(),
-                    allowed.into(),
-                )),
-            );
+            let mut catalog =
+                catalog::RivuletCatalog::scoped(self.reader.clone(), databases.map(Into::into));
+            if subscription_views {
+                catalog = catalog.with_subscription_views();
+            }
+            list.register_catalog(CATALOG_NAME.to_string(), Arc::new(catalog));
             state = SessionStateBuilder::new_from_existing(state)
                 .with_catalog_list(Arc::new(list))
                 .build();
@@ -264,7 +265,27 @@ impl QueryEngine {
         visible_seq: u64,
         databases: Option<&[String]>,
     ) -> Result<DataFrame, DataFusionError> {
-        let ctx = self.scoped_context(db, QuerySnapshot::new(visible_seq), databases);
+        self.plan_reaching(db, sql, allow_dml, visible_seq, databases, false)
+            .await
+    }
+
+    /// [`plan_scoped`](Self::plan_scoped); with `subscription_views`, the subscription
+    /// layer's internal views resolve too (its plans over the view it made for a query).
+    pub(crate) async fn plan_reaching(
+        &self,
+        db: &str,
+        sql: &str,
+        allow_dml: bool,
+        visible_seq: u64,
+        databases: Option<&[String]>,
+        subscription_views: bool,
+    ) -> Result<DataFrame, DataFusionError> {
+        let ctx = self.scoped_context(
+            db,
+            QuerySnapshot::new(visible_seq),
+            databases,
+            subscription_views,
+        );
         let options = SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_statements(false)

@@ -37,6 +37,7 @@ use futures::Stream;
 pub use encode::{error_json, message_arrow, message_json};
 pub(crate) use hub::Hub;
 pub(crate) use log::LogLimits;
+pub(crate) use shared::SharedLimits;
 pub(crate) use state::subscribe;
 
 use crate::error::Error;
@@ -52,6 +53,10 @@ pub enum SubscribeError {
     /// The source went away (the view or table was dropped) or the database is closing.
     #[error("subscription ended: {0}")]
     Ended(String),
+    /// A quota is full (subscription views, in total or per token); the message names the
+    /// limit and the flag that raises it.
+    #[error("cannot subscribe: {0}")]
+    TooMany(String),
     /// The subscription machinery failed (not the query's fault).
     #[error("subscription failed: {0}")]
     Internal(String),

@@ -81,6 +81,8 @@ pub(crate) struct Status {
     pub backfill: Option<(u64, u64)>,
     /// Backfill still to do.
     pub backfill_pending: bool,
+    /// A backfill under way: the pieces it has left (it runs a slice per round).
+    pub backfill_slices: Option<backfill::Slices>,
     /// Source-time ranges of the primary source still to recompute.
     pub pending: Vec<(i64, i64)>,
     /// The whole view must be recomputed.
@@ -124,6 +126,14 @@ pub(crate) struct View {
 impl View {
     pub(crate) fn name(&self) -> String {
         self.def.lock().name.clone()
+    }
+
+    /// One of the internal views the subscription layer makes for aggregate queries: not a
+    /// user view (no statement names it, listings leave it out, it does not outlive a restart).
+    pub(crate) fn is_subscription_view(&self) -> bool {
+        self.table
+            .name
+            .starts_with(crate::ingest::prepare::SUBSCRIPTION_VIEW_PREFIX)
     }
 }
 

@@ -48,6 +48,17 @@ pub(crate) struct ServeArgs {
     /// Server-Sent Event subscriptions open at once (not counted as requests).
     #[arg(long, env = "RIVULET_MAX_SUBSCRIPTIONS", default_value_t = 10_000)]
     max_subscriptions: usize,
+    /// Internal views serving subscriptions to aggregate (join, window…) queries, one per
+    /// distinct query, counting those in their grace period (docs/limits.md).
+    #[arg(long, env = "RIVULET_MAX_SHARED_VIEWS", default_value_t = 64)]
+    max_shared_views: usize,
+    /// … of those, made by one token's subscriptions.
+    #[arg(long, env = "RIVULET_MAX_SHARED_VIEWS_PER_TOKEN", default_value_t = 16)]
+    max_shared_views_per_token: usize,
+    /// Seconds a subscription view is kept after its last subscriber leaves (a client that
+    /// reconnects sooner resumes where it was).
+    #[arg(long, env = "RIVULET_SHARED_VIEW_GRACE", default_value_t = 300)]
+    shared_view_grace_secs: u64,
     /// A web page origin (`https://dash.example.com`) whose browser requests are taken besides
     /// the server's own; repeatable (env: `,`-separated). Other origins are refused.
     #[arg(
@@ -86,6 +97,9 @@ pub(crate) fn run(args: ServeArgs) -> CliResult {
     let db = Db::open_with(args.open.apply(Config {
         durability: args.durability,
         query_memory_limit: Some(args.query_memory_bytes),
+        max_shared_views: args.max_shared_views,
+        max_shared_views_per_token: args.max_shared_views_per_token,
+        shared_view_grace: std::time::Duration::from_secs(args.shared_view_grace_secs),
         ..Config::with_dir(&args.data_dir)
     }))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -101,9 +101,9 @@ fn stop_periodic(slot: &Slot) {
     }
 }
 
-/// Starts the thread that drops shared subscription views idle for the change-log age.
+/// Starts the thread that drops subscription views idle for their grace period.
 pub(super) fn start_collector(inner: &Arc<DbInner>) {
-    let every = (inner.config.subscribe_log_age / 4).clamp(
+    let every = (inner.config.shared_view_grace / 4).clamp(
         std::time::Duration::from_millis(10),
         std::time::Duration::from_secs(60),
     );

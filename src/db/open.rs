@@ -49,6 +49,11 @@ impl DbInner {
                 bytes: config.subscribe_log_bytes,
                 age: config.subscribe_log_age,
             },
+            crate::subscribe::SharedLimits {
+                total: config.max_shared_views,
+                per_owner: config.max_shared_views_per_token,
+                grace: config.shared_view_grace,
+            },
         ));
         engine.add_observer(&(subs.clone() as Arc<dyn crate::storage::commit::ApplyObserver>));
         let observer: Weak<dyn crate::views::ViewObserver> = Arc::downgrade(&subs) as _;

@@ -9,7 +9,7 @@ use datafusion::error::Result;
 
 use super::Reader;
 use super::table::BufferTableProvider;
-use crate::ingest::prepare::RESERVED_PREFIX;
+use crate::ingest::prepare::{RESERVED_PREFIX, SUBSCRIPTION_VIEW_PREFIX};
 
 /// The schema of Rivulet's own tables (`system.views`).
 pub(crate) const SYSTEM_SCHEMA: &str = "system";
@@ -20,6 +20,9 @@ pub(crate) struct RivuletCatalog {
     reader: Arc<Reader>,
     /// The databases of a scoped reader (a token with a database list); None: all.
     scope: Option<Arc<[String]>>,
+    /// Subscription views (`__rivulet_sub_…`) resolve: only the subscription layer's own
+    /// plans over the view it made set this.
+    subscription_views: bool,
 }
 
 impl RivuletCatalog {
@@ -27,17 +30,25 @@ impl RivuletCatalog {
         RivuletCatalog {
             reader,
             scope: None,
+            subscription_views: false,
         }
     }
 
     /// The catalog a reader limited to `databases` sees: it lists only them, `system` tables
     /// hold only their rows, and a table of another database fails planning with
     /// [`Denied`](super::Denied) (so `DESCRIBE other.t`, which scans nothing, is refused too).
-    pub(crate) fn scoped(reader: Arc<Reader>, databases: Arc<[String]>) -> RivuletCatalog {
+    pub(crate) fn scoped(reader: Arc<Reader>, databases: Option<Arc<[String]>>) -> RivuletCatalog {
         RivuletCatalog {
             reader,
-            scope: Some(databases),
+            scope: databases,
+            subscription_views: false,
         }
+    }
+
+    /// Lets subscription views resolve (the subscription layer reading the view it made).
+    pub(crate) fn with_subscription_views(mut self) -> RivuletCatalog {
+        self.subscription_views = true;
+        self
     }
 
     fn allows(&self, db: &str) -> bool {
@@ -71,6 +82,7 @@ impl CatalogProvider for RivuletCatalog {
         Some(Arc::new(DatabaseSchema {
             reader: self.reader.clone(),
             name: name.to_string(),
+            subscription_views: self.subscription_views,
         }))
     }
 }
@@ -80,6 +92,15 @@ impl CatalogProvider for RivuletCatalog {
 struct DatabaseSchema {
     reader: Arc<Reader>,
     name: String,
+    subscription_views: bool,
+}
+
+impl DatabaseSchema {
+    /// Whether `name` is hidden from this reader (Rivulet's own tables).
+    fn hidden(&self, name: &str) -> bool {
+        name.starts_with(RESERVED_PREFIX)
+            && !(self.subscription_views && name.starts_with(SUBSCRIPTION_VIEW_PREFIX))
+    }
 }
 
 #[async_trait]
@@ -100,7 +121,7 @@ impl SchemaProvider for DatabaseSchema {
     }
 
     async fn table(&self, name: &str) -> Result<Option<Arc<dyn TableProvider>>> {
-        if name.starts_with(RESERVED_PREFIX) {
+        if self.hidden(name) {
             return Ok(None);
         }
         let Some(table) = self.reader.engine.catalog().table(&self.name, name) else {
@@ -117,7 +138,7 @@ impl SchemaProvider for DatabaseSchema {
     }
 
     fn table_exist(&self, name: &str) -> bool {
-        !name.starts_with(RESERVED_PREFIX)
+        !self.hidden(name)
             && self
                 .reader
                 .engine

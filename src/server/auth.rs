@@ -6,6 +6,7 @@
 //! `rivulet::audit`) with the client address, never the token.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::http::{HeaderMap, StatusCode, header};
 
@@ -43,6 +44,8 @@ pub struct Token {
     scope: Scope,
     /// `None` = every database.
     databases: Option<Vec<String>>,
+    /// Names the token in quotas and logs without telling its secret (a hash prefix).
+    id: Arc<str>,
 }
 
 impl std::fmt::Debug for Token {
@@ -89,12 +92,26 @@ impl std::str::FromStr for Token {
                 Some(list)
             }
         };
+        let id = token_id(&secret);
         Ok(Token {
             secret,
             scope,
             databases,
+            id,
         })
     }
+}
+
+/// `token:` and the first 12 hex digits of the secret's SHA-256: a name for the token in
+/// quotas and logs from which the secret cannot be recovered.
+fn token_id(secret: &str) -> Arc<str> {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(secret.as_bytes());
+    let mut id = String::from("token:");
+    for b in &digest[..6] {
+        id.push_str(&format!("{b:02x}"));
+    }
+    id.into()
 }
 
 /// What an authorized request may touch.
@@ -102,6 +119,8 @@ impl std::str::FromStr for Token {
 pub(crate) struct Access {
     /// Databases the token is limited to; `None` = all.
     pub(crate) databases: Option<Vec<String>>,
+    /// The token (None: authentication is off); quotas count per token.
+    pub(crate) owner: Option<Arc<str>>,
 }
 
 /// The server's tokens; empty means authentication is off.
@@ -148,7 +167,10 @@ impl Auth {
         what: &str,
     ) -> Result<Access, ApiError> {
         if !self.enabled() {
-            return Ok(Access { databases: None });
+            return Ok(Access {
+                databases: None,
+                owner: None,
+            });
         }
         let presented = headers
             .get(header::AUTHORIZATION)
@@ -197,6 +219,7 @@ impl Auth {
         }
         Ok(Access {
             databases: token.databases.clone(),
+            owner: Some(token.id.clone()),
         })
     }
 }

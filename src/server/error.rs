@@ -113,6 +113,9 @@ pub(crate) fn classify(e: &Error) -> ApiError {
         Error::Subscribe(crate::SubscribeError::Unsupported(_)) => {
             ApiError::bad_request(e.to_string())
         }
+        Error::Subscribe(crate::SubscribeError::TooMany(_)) => {
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string())
+        }
         Error::Subscribe(crate::SubscribeError::Ended(_)) => {
             ApiError::new(StatusCode::GONE, e.to_string())
         }

@@ -118,7 +118,7 @@ pub(crate) async fn sse(
     let options = params.options(&db, last_event.or(params.since))?;
     let sub = state
         .db
-        .subscribe_within(&q, options, access.databases)
+        .subscribe_within(&q, options, access.databases, access.owner)
         .await?;
     let stopping = Stopping::wait(stopping.map(|s| s.0));
     let stream = sub.take_until(Box::pin(stopping)).map(|m| {
@@ -154,7 +154,7 @@ pub(crate) async fn long_poll(
     options.progress_interval = wait.max(Duration::from_millis(1));
     let mut sub = state
         .db
-        .subscribe_within(&q, options, access.databases)
+        .subscribe_within(&q, options, access.databases, access.owner)
         .await?;
     let deadline = tokio::time::Instant::now() + wait;
     let mut messages: Vec<String> = Vec::new();
@@ -369,7 +369,7 @@ fn command(
                 let _permit = permit;
                 let id = task_id;
                 let mut sub = match db_handle
-                    .subscribe_within(&q, options, access.databases)
+                    .subscribe_within(&q, options, access.databases, access.owner)
                     .await
                 {
                     Ok(s) => s,

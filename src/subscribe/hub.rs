@@ -28,6 +28,9 @@ pub(crate) struct Hub {
     /// log is file I/O).
     pub(super) view_logs: RwLock<HashMap<u64, Arc<OnceLock<Arc<Source>>>>>,
     pub(super) limits: LogLimits,
+    /// The subscription views made so far, and their bounds.
+    pub(super) shared: parking_lot::Mutex<super::shared::Registry>,
+    pub(super) shared_limits: super::SharedLimits,
     store: Option<store::Store>,
     /// The last write the commit step has shown to [`ApplyObserver::applied`].
     observed: AtomicU64,
@@ -75,7 +78,12 @@ impl ApplyObserver for Hub {
 }
 
 impl Hub {
-    pub(crate) fn new(engine: Arc<Engine>, views: Arc<Views>, limits: LogLimits) -> Hub {
+    pub(crate) fn new(
+        engine: Arc<Engine>,
+        views: Arc<Views>,
+        limits: LogLimits,
+        shared_limits: super::SharedLimits,
+    ) -> Hub {
         let dir = engine.data_dir.clone();
         let io = engine.io.clone();
         Hub {
@@ -85,6 +93,8 @@ impl Hub {
             tables: RwLock::new(HashMap::new()),
             view_logs: RwLock::new(HashMap::new()),
             limits,
+            shared: parking_lot::Mutex::new(HashMap::new()),
+            shared_limits,
             store: dir.map(|d| store::Store::new(&d, io)),
             observed: AtomicU64::new(0),
         }
@@ -103,11 +113,14 @@ impl Hub {
 
     /// Plans a subscription's query (also its snapshot): a plain query, waiting for the views
     /// it reads like any query. Statements are refused.
+    /// `subscription_view`: `sql` reads the subscription view the hub made (which no other
+    /// plan can name).
     pub(super) async fn plan(
         &self,
         db: &str,
         sql: &str,
         databases: Option<&[String]>,
+        subscription_view: bool,
     ) -> Result<datafusion::dataframe::DataFrame, crate::error::Error> {
         if self.engine.is_closed() {
             return Err(crate::error::Error::Closed);
@@ -118,7 +131,9 @@ impl Hub {
             )
             .into());
         }
-        self.views.plan_read(db, sql, false, databases).await
+        self.views
+            .plan_read_reaching(db, sql, false, databases, subscription_view)
+            .await
     }
 
     pub(super) fn visible(&self) -> u64 {

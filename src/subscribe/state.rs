@@ -54,6 +54,8 @@ struct State {
     sql: String,
     options: SubscribeOptions,
     databases: Option<Vec<String>>,
+    /// `sql` reads the subscription view the hub made for the query subscribed to.
+    subscription_view: bool,
     phase: Phase,
     cursor: u64,
     /// What the source reflects at `cursor`.
@@ -78,7 +80,12 @@ impl State {
     async fn start_snapshot(&mut self, reset: Option<String>) -> Result<(), Error> {
         let df = self
             .hub
-            .plan(&self.options.db, &self.sql, self.databases.as_deref())
+            .plan(
+                &self.options.db,
+                &self.sql,
+                self.databases.as_deref(),
+                self.subscription_view,
+            )
             .await?;
         let (seq, watermark) = {
             let log = self.source.log.lock();
@@ -287,33 +294,55 @@ impl State {
     }
 }
 
-/// Starts a subscription (see [`crate::Db::subscribe`]).
+/// Starts a subscription (see [`crate::Db::subscribe`]): `databases` are the ones its caller
+/// may read (None: any), `owner` the token it came with (quotas count per token).
 pub(crate) async fn subscribe(
     hub: &Arc<Hub>,
     sql: &str,
     options: SubscribeOptions,
     databases: Option<Vec<String>>,
+    owner: Option<Arc<str>>,
 ) -> Result<Subscription, Error> {
-    let df = hub.plan(&options.db, sql, databases.as_deref()).await?;
+    // Planned with the caller's rights whether or not a subscription view serves it.
+    let df = hub
+        .plan(&options.db, sql, databases.as_deref(), false)
+        .await?;
     let (session, plan) = df.into_parts();
-    let target = match feed::analyse(&hub.views, &options.db, &plan) {
-        Ok(t) => t,
+    match feed::analyse(&hub.views, &options.db, &plan) {
+        Ok(target) => start(hub, sql, options, databases, false, session, target).await,
         Err(refused) if feed::needs_view(&plan) => {
-            // An aggregate (or join, window…) query: kept current by a shared view.
+            // An aggregate (or join, window…) query: kept current by a subscription view.
             let name = hub
-                .shared_view(&options.db, sql, databases.as_deref())
+                .shared_view(&options.db, sql, databases.as_deref(), owner.as_ref())
                 .await
                 .map_err(|e| match e {
                     Error::View(v) => Error::Subscribe(SubscribeError::Unsupported(format!(
-                        "{refused}; a shared materialized view for it could not be created: {v}"
+                        "{refused}; a materialized view for it could not be created: {v}"
                     ))),
                     other => other,
                 })?;
             let sql = format!("SELECT * FROM {}", crate::views::plan::quote(&name));
-            return Box::pin(subscribe(hub, &sql, options, databases)).await;
+            let df = hub
+                .plan(&options.db, &sql, databases.as_deref(), true)
+                .await?;
+            let (session, plan) = df.into_parts();
+            let target = feed::analyse(&hub.views, &options.db, &plan)?;
+            start(hub, &sql, options, databases, true, session, target).await
         }
-        Err(e) => return Err(e),
-    };
+        Err(e) => Err(e),
+    }
+}
+
+/// Starts following `target` (what `sql` reads, planned in `session`).
+async fn start(
+    hub: &Arc<Hub>,
+    sql: &str,
+    options: SubscribeOptions,
+    databases: Option<Vec<String>>,
+    subscription_view: bool,
+    session: datafusion::execution::session_state::SessionState,
+    target: feed::Analysed,
+) -> Result<Subscription, Error> {
     let source = match &target.source {
         feed::Target::View(v) => hub.view_source(v),
         feed::Target::Table(t) => hub.table_source(t),
@@ -344,6 +373,7 @@ pub(crate) async fn subscribe(
         feed: feed.clone(),
         sql: sql.to_string(),
         databases,
+        subscription_view,
         phase: Phase::Live,
         cursor: 0,
         applied: 0,

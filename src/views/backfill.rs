@@ -1,7 +1,7 @@
 //! Backfill: a new view computed over everything stored, one piece (at least a partition
 //! long, a whole number of buckets) at a time, so memory stays bounded by a piece.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use super::maintain::{Writes, read_seq, recompute, recompute_all, write};
@@ -61,71 +61,126 @@ fn occupied_pieces(
     Ok(())
 }
 
-/// Computes a new view over everything stored, one piece (at least a partition long, a whole
-/// number of buckets) at a time, so memory stays bounded by a piece.
-pub(super) async fn backfill_view(db: &Views, view: &Arc<View>, upto: u64) -> Result<(), Error> {
+/// A backfill under way: the pieces it has left, done a slice per maintenance round.
+#[derive(Debug)]
+pub(crate) struct Slices {
+    /// Starts of the pieces still to compute, in time order.
+    pieces: VecDeque<i64>,
+    /// Length of a piece (ns).
+    step: i64,
+    total: u64,
+    /// The round (its last sequence) that did the first slice: writes after it reached
+    /// pieces already done, and are recomputed once the backfill finishes.
+    pub(super) started: u64,
+}
+
+/// Plans the pieces of a new backfill; None when the view is computed whole (no time map, or
+/// no source rows).
+fn plan_slices(db: &Views, view: &Arc<View>, upto: u64) -> Result<Option<Slices>, Error> {
     let plan = &view.plan;
     let source = view
         .primary_id
         .and_then(|id| db.engine.table_by_id(id))
         .and_then(|t| extent(&t));
     let stored = extent(&view.table);
-    // Visits only the pieces that hold rows (data spread over years costs what it holds, not
-    // one query per empty day).
-    match (plan.time, source) {
-        (TimeMap::None, _) | (_, None) => {
-            view.status.lock().backfill = Some((0, 1));
-            let out = recompute_all(db, view, upto).await?;
-            let mut writes = Writes::default();
-            writes.batches.extend(out.rows);
-            write(db, view, writes, upto).await?;
-            view.status.lock().backfill = Some((1, 1));
+    let (time, mut lo) = match (plan.time, source) {
+        (TimeMap::None, _) | (_, None) => return Ok(None),
+        (time, Some((lo, _))) => (time, lo),
+    };
+    if let Some((a, _)) = stored {
+        // Rows left by an interrupted backfill or an earlier definition.
+        lo = lo.min(a);
+    }
+    let partition = i64::try_from(db.engine.config.partition.as_nanos())
+        .unwrap_or(i64::MAX)
+        .max(1);
+    let (start, step) = match time {
+        TimeMap::Bin { stride, .. } => {
+            // Whole buckets of at least a partition (no overflow for any stride).
+            let buckets = (partition / stride + i64::from(partition % stride != 0)).max(1);
+            (time.bucket(lo), buckets.saturating_mul(stride))
         }
-        (time, Some((mut lo, _))) => {
-            if let Some((a, _)) = stored {
-                // Rows left by an interrupted backfill or an earlier definition.
-                lo = lo.min(a);
-            }
-            let partition = (db.engine.config.partition.as_nanos() as i64).max(1);
-            let (start, step) = match time {
-                TimeMap::Bin { stride, .. } => {
-                    let step = ((partition + stride - 1) / stride)
-                        .max(1)
-                        .saturating_mul(stride);
-                    (time.bucket(lo), step)
-                }
-                _ => (lo, partition),
-            };
-            // Only the pieces holding source rows or stored view rows: the others produce
-            // nothing and delete nothing (pieces are whole buckets, so a source row and its
-            // view row fall in the same piece).
-            let mut pieces = BTreeSet::new();
-            if let Some(source) = view.primary_id.and_then(|id| db.engine.table_by_id(id)) {
-                occupied_pieces(&source, start, step, &mut pieces)?;
-            }
-            occupied_pieces(&view.table, start, step, &mut pieces)?;
-            let total = pieces.len() as u64;
-            view.status.lock().backfill = Some((0, total));
-            for (done, a) in pieces.into_iter().enumerate() {
-                let b = a.saturating_add(step - 1);
-                let out = match time {
-                    TimeMap::Bin { stride, .. } => (a, b.saturating_sub(stride - 1).max(a)),
-                    _ => (a, b),
-                };
-                let (new, deleted) = recompute(db, view, Some((a, b)), out, upto, None).await?;
-                let fence = (a, b, read_seq(db, upto));
+        _ => (lo, partition),
+    };
+    // Only the pieces holding source rows or stored view rows: the others produce nothing and
+    // delete nothing (pieces are whole buckets, so a source row and its view row fall in the
+    // same piece). Data spread over years costs what it holds, not one query per empty day.
+    let mut pieces = BTreeSet::new();
+    if let Some(source) = view.primary_id.and_then(|id| db.engine.table_by_id(id)) {
+        occupied_pieces(&source, start, step, &mut pieces)?;
+    }
+    occupied_pieces(&view.table, start, step, &mut pieces)?;
+    Ok(Some(Slices {
+        total: pieces.len() as u64,
+        pieces: pieces.into_iter().collect(),
+        step,
+        started: upto,
+    }))
+}
+
+/// Computes a new view over everything stored, one piece (at least a partition long, a whole
+/// number of buckets) at a time, so memory stays bounded by a piece, for at most about
+/// `Config::view_backfill_slice` per call (at least one piece): a view over years of history
+/// cannot hold up the maintenance of the others, nor, through the full queue, every writer. True when the backfill is done; false when pieces are left for the
+/// next round (the caller wakes the worker for it).
+pub(super) async fn backfill_view(db: &Views, view: &Arc<View>, upto: u64) -> Result<bool, Error> {
+    let under_way = view.status.lock().backfill_slices.take();
+    let mut slices = match under_way {
+        Some(s) => s,
+        None => match plan_slices(db, view, upto)? {
+            Some(s) => s,
+            None => {
+                view.status.lock().backfill = Some((0, 1));
+                let out = recompute_all(db, view, upto).await?;
                 let mut writes = Writes::default();
-                writes.batches.extend(deleted);
-                writes.batches.push(new);
+                writes.batches.extend(out.rows);
                 write(db, view, writes, upto).await?;
-                let mut st = view.status.lock();
-                st.backfill = Some((done as u64 + 1, total));
-                if plan.strategy == Strategy::Aggregate {
-                    st.fences.push(fence);
-                }
+                view.status.lock().backfill = Some((1, 1));
+                finish(db, view)?;
+                return Ok(true);
             }
+        },
+    };
+    let began = std::time::Instant::now();
+    view.status.lock().backfill = Some((slices.total - slices.pieces.len() as u64, slices.total));
+    while let Some(a) = slices.pieces.pop_front() {
+        if let Err(e) = piece(db, view, a, slices.step, upto).await {
+            slices.pieces.push_front(a);
+            view.status.lock().backfill_slices = Some(slices);
+            return Err(e);
+        }
+        view.status.lock().backfill =
+            Some((slices.total - slices.pieces.len() as u64, slices.total));
+        if began.elapsed() >= db.engine.config.view_backfill_slice && !slices.pieces.is_empty() {
+            view.status.lock().backfill_slices = Some(slices);
+            return Ok(false);
         }
     }
+    finish(db, view)?;
+    Ok(true)
+}
+
+/// Computes and writes the piece `[a, a + step)` of a backfill.
+async fn piece(db: &Views, view: &Arc<View>, a: i64, step: i64, upto: u64) -> Result<(), Error> {
+    let b = a.saturating_add(step - 1);
+    let out = match view.plan.time {
+        TimeMap::Bin { stride, .. } => (a, b.saturating_sub(stride - 1).max(a)),
+        _ => (a, b),
+    };
+    let (new, deleted) = recompute(db, view, Some((a, b)), out, upto, None).await?;
+    let fence = (a, b, read_seq(db, upto));
+    let mut writes = Writes::default();
+    writes.batches.extend(deleted);
+    writes.batches.push(new);
+    write(db, view, writes, upto).await?;
+    if view.plan.strategy == Strategy::Aggregate {
+        view.status.lock().fences.push(fence);
+    }
+    Ok(())
+}
+
+/// Marks the backfill done (stored, so a reopen does not start it again).
+fn finish(db: &Views, view: &View) -> Result<(), Error> {
     db.finish_backfill(view)?;
     let mut st = view.status.lock();
     st.backfill = None;

@@ -41,6 +41,22 @@ fn internal(m: String) -> Error {
     Error::View(super::ViewError::Internal(m))
 }
 
+/// Records `changes` as work still to do for `view`: time ranges of its primary source to
+/// recompute, or the whole view when another source changed.
+pub(super) fn pend(st: &mut super::Status, view: &View, changes: &HashMap<u64, Change>) {
+    for id in &view.source_ids {
+        if let Some(c) = changes.get(id) {
+            if Some(*id) == view.primary_id && !c.all {
+                st.pending
+                    .extend(c.chunks.iter().map(|c| (c.min_time, c.max_time)));
+                st.pending.extend(c.ranges.iter().copied());
+            } else {
+                st.full = true;
+            }
+        }
+    }
+}
+
 /// Applies the round's `changes` to `view`; `upto` is the round's last sequence.
 pub(crate) async fn round(
     db: &Views,
@@ -60,7 +76,28 @@ pub(crate) async fn round(
         )
     };
     if backfill {
-        super::backfill::backfill_view(db, view, upto).await?;
+        let under_way = view
+            .status
+            .lock()
+            .backfill_slices
+            .as_ref()
+            .map(|s| s.started);
+        if under_way.is_none() {
+            // Whatever was pending is covered by the backfill.
+            let mut st = view.status.lock();
+            st.pending.clear();
+            st.full = false;
+        }
+        let finished = super::backfill::backfill_view(db, view, upto).await;
+        if under_way.is_some_and(|started| started < upto) {
+            // Pieces done in earlier rounds did not see this round's writes.
+            pend(&mut view.status.lock(), view, changes);
+        }
+        if !finished? {
+            // The rest in the next rounds, between the other views' maintenance.
+            db.shared.kick();
+            return Ok(None);
+        }
         let source_max = view
             .primary_id
             .and_then(|id| db.engine.table_by_id(id))
@@ -75,9 +112,10 @@ pub(crate) async fn round(
             o.reset(view, upto);
         }
         let mut st = view.status.lock();
-        st.pending.clear();
-        st.full = false;
         st.fences.retain(|f| f.2 > upto);
+        if st.has_work() {
+            db.shared.kick();
+        }
         return Ok(Some(Out {
             ranges: Vec::new(),
             all: true,

@@ -23,13 +23,34 @@ impl Views {
         allow_dml: bool,
         databases: Option<&[String]>,
     ) -> Result<DataFrame, Error> {
+        self.plan_read_reaching(db, sql, allow_dml, databases, false)
+            .await
+    }
+
+    /// [`plan_read`](Self::plan_read); with `subscription_views`, the subscription layer's
+    /// internal views resolve too.
+    pub(crate) async fn plan_read_reaching(
+        &self,
+        db: &str,
+        sql: &str,
+        allow_dml: bool,
+        databases: Option<&[String]>,
+        subscription_views: bool,
+    ) -> Result<DataFrame, Error> {
         if self.engine.is_closed() {
             return Err(Error::Closed);
         }
         self.shared.wait_loaded();
         let df = self
             .query
-            .plan_scoped(db, sql, allow_dml, self.engine.visible_seq(), databases)
+            .plan_reaching(
+                db,
+                sql,
+                allow_dml,
+                self.engine.visible_seq(),
+                databases,
+                subscription_views,
+            )
             .await
             .map_err(|e| match crate::query::Denied::find(&e) {
                 Some(denied) => Error::Denied(denied.to_string()),

@@ -94,7 +94,7 @@ impl Views {
                     ))));
                 }
                 let view = self
-                    .create_view(&db, &name, options, &query, databases)
+                    .create_view(&db, &name, options, &query, databases, false)
                     .await?;
                 one_row(vec![
                     ("view", Arc::new(StringArray::from(vec![name])) as ArrayRef),
@@ -112,6 +112,7 @@ impl Views {
             } => {
                 let db = db.unwrap_or_else(|| default_db.to_string());
                 allowed(&db)?;
+                reserved(&name)?;
                 // Waits for a running maintenance round and persists: off the async threads.
                 let inner = self.clone();
                 let (d, n) = (db.clone(), name.clone());
@@ -141,6 +142,7 @@ impl Views {
             ViewStatement::Check { db, name } => {
                 let db = db.unwrap_or_else(|| default_db.to_string());
                 allowed(&db)?;
+                reserved(&name)?;
                 let batch = self.check_view(&db, &name).await?;
                 Ok(SessionContext::new().read_batch(batch)?)
             }
@@ -303,6 +305,24 @@ impl Views {
         }))
     }
 
+    /// Makes the internal view `name` (in the subscription views' reserved namespace) that
+    /// keeps `sql` current for subscriptions; it starts backfilling at once.
+    pub(crate) async fn create_subscription_view(
+        self: &Arc<Self>,
+        db: &str,
+        name: &str,
+        sql: &str,
+        databases: Option<&[String]>,
+    ) -> Result<Arc<View>, Error> {
+        if !name.starts_with(crate::ingest::prepare::SUBSCRIPTION_VIEW_PREFIX) {
+            return Err(Error::View(ViewError::Internal(format!(
+                "'{name}' is not a subscription view name"
+            ))));
+        }
+        self.create_view(db, name, ViewOptions::default(), sql, databases, true)
+            .await
+    }
+
     async fn create_view(
         self: &Arc<Self>,
         db: &str,
@@ -310,13 +330,12 @@ impl Views {
         options: ViewOptions,
         sql: &str,
         databases: Option<&[String]>,
+        subscription: bool,
     ) -> Result<Arc<View>, Error> {
         crate::storage::catalog::check_name(name)
             .map_err(|e| invalid(format!("invalid view name '{name}': {e}")))?;
-        if name.starts_with("__") {
-            return Err(invalid(format!(
-                "invalid view name '{name}': names starting with '__' are reserved"
-            )));
+        if !subscription {
+            reserved(name)?;
         }
         let database = self
             .engine
@@ -364,6 +383,19 @@ impl Views {
         Ok(view)
     }
 
+    /// Drops every subscription view: they are made for the subscriptions of one run and do
+    /// not outlive it (called once the stored views are loaded, before anyone subscribes).
+    pub(crate) fn drop_subscription_views(&self) {
+        for view in self.all() {
+            if view.is_subscription_view() {
+                let name = view.name();
+                if let Err(e) = self.drop_view(&view.db, &name, true) {
+                    tracing::warn!(view = %name, error = %e, "subscription view of an earlier run not dropped");
+                }
+            }
+        }
+    }
+
     pub(crate) fn drop_view(&self, db: &str, name: &str, if_exists: bool) -> Result<bool, Error> {
         let Some(view) = self.get(db, name) else {
             if if_exists {
@@ -402,4 +434,14 @@ impl Views {
         })?;
         Ok(true)
     }
+}
+
+/// Refuses the reserved view names (`__…`, the subscription views among them) in statements.
+fn reserved(name: &str) -> Result<(), Error> {
+    if name.starts_with("__") {
+        return Err(invalid(format!(
+            "invalid view name '{name}': names starting with '__' are reserved"
+        )));
+    }
+    Ok(())
 }

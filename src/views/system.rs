@@ -26,7 +26,7 @@ impl Views {
         let views: Vec<Arc<View>> = self
             .all()
             .iter()
-            .filter(|v| keep(v.db.as_ref()))
+            .filter(|v| keep(v.db.as_ref()) && !v.is_subscription_view())
             .cloned()
             .collect();
         let mut database = Vec::new();

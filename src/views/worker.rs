@@ -45,6 +45,8 @@ pub(super) fn run(views: Weak<Views>) {
         if let Err(e) = runtime.block_on(v.load()) {
             tracing::error!(error = %e, "could not load the materialized views");
         }
+        // Subscription views belong to the subscriptions of the run that made them.
+        v.drop_subscription_views();
         // Subscribers resume from the stored change logs.
         if let Some(observer) = v.observer() {
             for view in v.all() {
@@ -239,15 +241,5 @@ fn retry_later(view: &View, changes: &HashMap<u64, Change>, error: &str) {
     tracing::warn!(view = %view.name(), error, "view maintenance failed; will retry");
     let mut st = view.status.lock();
     st.last_error = Some(error.to_string());
-    for id in &view.source_ids {
-        if let Some(c) = changes.get(id) {
-            if Some(*id) == view.primary_id && !c.all {
-                st.pending
-                    .extend(c.chunks.iter().map(|c| (c.min_time, c.max_time)));
-                st.pending.extend(c.ranges.iter().copied());
-            } else {
-                st.full = true;
-            }
-        }
-    }
+    maintain::pend(&mut st, view, changes);
 }

@@ -445,30 +445,46 @@ fn an_aggregate_query_is_kept_current_by_one_shared_view() {
             assert_eq!(a.rows, want, "after write {i}");
             assert_eq!(b.rows, want, "after write {i}");
         }
-        // One view serves both.
+        // One internal view serves both, and it is not a user view.
+        assert_eq!(db.subscription_views(), 1);
         let views = db
-            .sql("SELECT count(*) FROM system.views WHERE name LIKE 'rivulet_sub_%'")
+            .sql("SELECT count(*) FROM system.views")
             .await
             .expect("views");
-        assert_eq!(rows(&views[0]), [["1"]]);
+        assert_eq!(rows(&views[0]), [["0"]]);
+        // The same query laid out differently shares it too.
+        let _third = db
+            .subscribe(
+                "select host, max(u) as top, count(*) as n\n  from cpu group by host;",
+                fast(None),
+            )
+            .await
+            .expect("subscribe");
+        assert_eq!(db.subscription_views(), 1);
     });
     db.close().expect("close");
 }
 
 #[test]
 fn idle_shared_views_are_dropped_on_a_timer() {
-    // Nobody subscribes again: the collector, not the next subscription, drops the view.
+    // Nobody subscribes again: the collector, not the next subscription, drops the view after
+    // its grace period; a user view whose name looks like one is not touched.
     let rt = rt();
     let db = Db::open_with(Config {
         durability: Durability::None,
-        subscribe_log_age: Duration::from_millis(50),
+        shared_view_grace: Duration::from_millis(50),
         ..Config::default()
     })
     .expect("open");
     db.write_lines("main", "cpu,host=a u=1 1", Precision::Second)
         .expect("write");
-    let shared = "SELECT count(*) FROM system.views WHERE name LIKE 'rivulet_sub_%'";
     rt.block_on(async {
+        db.sql(
+            "CREATE MATERIALIZED VIEW rivulet_sub_0123456789abcdef AS \
+             SELECT host, count(*) AS n FROM cpu GROUP BY host",
+        )
+        .await
+        .expect("a user view");
         let sub = db
             .subscribe(
                 "SELECT host, max(u) AS top FROM cpu GROUP BY host",
@@ -476,21 +492,144 @@ fn idle_shared_views_are_dropped_on_a_timer() {
             )
             .await
             .expect("subscribe");
-        let views = db.sql(shared).await.expect("views");
-        assert_eq!(rows(&views[0]), [["1"]]);
+        assert_eq!(db.subscription_views(), 1);
         drop(sub);
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let views = db.sql(shared).await.expect("views");
-            if rows(&views[0]) == [["0"]] {
-                break;
-            }
+        while db.subscription_views() != 0 {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the idle shared view was not dropped"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let user = db
+            .sql("SELECT name FROM system.views")
+            .await
+            .expect("views");
+        assert_eq!(rows(&user[0]), [["rivulet_sub_0123456789abcdef"]]);
+    });
+    db.close().expect("close");
+}
+
+#[test]
+fn subscription_views_are_a_reserved_namespace_that_does_not_outlive_a_restart() {
+    let rt = rt();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = || Config {
+        data_dir: Some(dir.path().to_path_buf()),
+        durability: Durability::None,
+        background: false,
+        ..Config::default()
+    };
+    let db = Db::open_with(config()).expect("open");
+    db.write_lines("main", "cpu,host=a u=1 1", Precision::Second)
+        .expect("write");
+    rt.block_on(async {
+        let _sub = db
+            .subscribe("SELECT host, max(u) AS top FROM cpu GROUP BY host", fast(None))
+            .await
+            .expect("subscribe");
+        assert_eq!(db.subscription_views(), 1);
+        for sql in [
+            "CREATE MATERIALIZED VIEW __rivulet_sub_00 AS SELECT host, count(*) AS n FROM cpu GROUP BY host",
+            "DROP MATERIALIZED VIEW __rivulet_sub_00",
+            "DROP MATERIALIZED VIEW IF EXISTS \"__rivulet_sub_00\"",
+        ] {
+            let e = db.sql(sql).await.expect_err(sql).to_string();
+            assert!(e.contains("reserved"), "{sql}: {e}");
+        }
+        // Not listed, not readable.
+        let tables = db
+            .sql("SELECT count(*) FROM information_schema.tables WHERE table_name LIKE '%sub%'")
+            .await
+            .expect("tables");
+        assert_eq!(rows(&tables[0]), [["0"]]);
+    });
+    db.close().expect("close");
+    let db = Db::open_with(config()).expect("reopen");
+    db.sync_views().expect("sync");
+    assert_eq!(db.subscription_views(), 0);
+    rt.block_on(async {
+        let views = db
+            .sql("SELECT count(*) FROM system.views")
+            .await
+            .expect("views");
+        assert_eq!(rows(&views[0]), [["0"]]);
+        // Subscribing again makes it anew and it is current.
+        let mut sub = db
+            .subscribe(
+                "SELECT host, max(u) AS top FROM cpu GROUP BY host",
+                fast(None),
+            )
+            .await
+            .expect("subscribe after reopen");
+        let mut c = Client::keyed(vec![0]);
+        catch_up(&mut sub, &mut c, 0).await;
+        assert_eq!(c.rows.len(), 1);
+    });
+    assert_eq!(db.subscription_views(), 1);
+    db.close().expect("close");
+}
+
+#[test]
+fn subscription_views_are_capped_counting_those_in_their_grace_period() {
+    let rt = rt();
+    let db = Db::open_with(Config {
+        durability: Durability::None,
+        max_shared_views: 2,
+        shared_view_grace: Duration::from_millis(100),
+        ..Config::default()
+    })
+    .expect("open");
+    db.write_lines("main", "cpu,host=a u=1 1", Precision::Second)
+        .expect("write");
+    let query = |agg: &str| format!("SELECT host, {agg}(u) AS x FROM cpu GROUP BY host");
+    rt.block_on(async {
+        let a = db
+            .subscribe(&query("max"), fast(None))
+            .await
+            .expect("first");
+        let b = db
+            .subscribe(&query("min"), fast(None))
+            .await
+            .expect("second");
+        let e = db
+            .subscribe(&query("sum"), fast(None))
+            .await
+            .expect_err("a third distinct query is over the cap");
+        assert!(
+            matches!(
+                e,
+                rivulet::Error::Subscribe(rivulet::SubscribeError::TooMany(_))
+            ),
+            "{e}"
+        );
+        let text = e.to_string();
+        assert!(text.contains("--max-shared-views"), "{text}");
+        // A query already served shares its view: no new one.
+        let _again = db
+            .subscribe(&query("max"), fast(None))
+            .await
+            .expect("shared");
+        // Left, but in its grace period: still counted.
+        drop(b);
+        let e = db
+            .subscribe(&query("sum"), fast(None))
+            .await
+            .expect_err("the left view is in its grace period");
+        assert!(e.to_string().contains("--max-shared-views"), "{e}");
+        // Once the grace period is over the slot is free (the collector runs on a timer).
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while db.subscription_views() > 1 {
+            assert!(std::time::Instant::now() < deadline, "not dropped");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _c = db
+            .subscribe(&query("sum"), fast(None))
+            .await
+            .expect("room again");
+        drop(a);
     });
     db.close().expect("close");
 }

@@ -537,3 +537,58 @@ async fn websocket_connections_and_their_subscriptions_count_against_the_cap() {
     assert_eq!(r.status(), 400);
     assert!(r.text().await.expect("text").contains("65536"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_token_gets_429_past_its_share_of_subscription_views() {
+    // One subscription view per token: a read token's second distinct aggregate query is
+    // refused with 429 naming the flag, while another token still gets its own.
+    let db = rivulet::Db::open_with(rivulet::Config {
+        durability: rivulet::Durability::None,
+        max_shared_views_per_token: 1,
+        ..rivulet::Config::default()
+    })
+    .expect("db");
+    let config = ServerConfig {
+        auth: Auth::new(vec![
+            "read:0123456789abcdef0123".parse().expect("token"),
+            "read:fedcba9876543210fedc".parse().expect("token"),
+        ])
+        .expect("auth"),
+        ..ServerConfig::default()
+    };
+    let server = Server::start(db, config).await;
+    write(&server.db, "cpu,host=a usage=1 0");
+    let client = reqwest::Client::new();
+    let changes = |q: &str| {
+        server.url(&format!(
+            "/api/v1/changes?db=main&wait_ms=1&q={}",
+            encode(q)
+        ))
+    };
+    let max = "SELECT host, max(usage) AS top FROM cpu GROUP BY host";
+    let min = "SELECT host, min(usage) AS low FROM cpu GROUP BY host";
+    let get = |url: String, token: &'static str| {
+        let client = client.clone();
+        async move {
+            client
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .expect("request")
+        }
+    };
+    let r = get(changes(max), "0123456789abcdef0123").await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    let r = get(changes(min), "0123456789abcdef0123").await;
+    assert_eq!(r.status(), 429);
+    let body = r.text().await.expect("body");
+    assert!(body.contains("--max-shared-views-per-token"), "{body}");
+    // The same query as a view it already made costs nothing.
+    let r = get(changes(max), "0123456789abcdef0123").await;
+    assert_eq!(r.status(), 200);
+    let r = get(changes(min), "fedcba9876543210fedc").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(server.db.subscription_views(), 2);
+    server.stop().await.close().expect("close");
+}

@@ -213,3 +213,88 @@ fn a_backfill_over_decades_of_sparse_data_visits_only_what_holds_rows() {
     assert!(text.contains("| ok "), "{text}");
     db.close().expect("close");
 }
+
+#[test]
+fn a_backfill_in_slices_between_rounds_equals_its_recompute_with_writes_landing_meanwhile() {
+    // One piece per round (slice 0): the backfill spans many rounds, and writes land in
+    // pieces already done, pieces still to do and new ones. The view ends equal to its
+    // recompute, and another view is maintained between the slices.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hour = 3_600_000_000_000i64;
+    let db = Db::open_with(Config {
+        partition: std::time::Duration::from_secs(3600),
+        view_backfill_slice: std::time::Duration::ZERO,
+        ..config(dir.path(), Arc::new(ManualClock::new(100 * DAY)))
+    })
+    .expect("open");
+    let mut lines = String::new();
+    for h in 0..120i64 {
+        for host in 0..3 {
+            lines.push_str(&format!(
+                "cpu,host=h{host} usage={} {}\n",
+                h + host,
+                h * hour
+            ));
+        }
+    }
+    db.write_lines("main", &lines, Precision::Nanosecond)
+        .expect("write");
+    db.persist().expect("persist");
+    db.write_lines("main", "mem,host=a used=1 0", Precision::Nanosecond)
+        .expect("write mem");
+    rt.block_on(db.sql(
+        "CREATE MATERIALIZED VIEW mem_hourly AS SELECT date_bin(INTERVAL '1 hour', time) AS time, \
+         count(*) AS n FROM mem GROUP BY 1",
+    ))
+    .expect("create mem view");
+    db.sync_views().expect("sync");
+    rt.block_on(db.sql(
+        "CREATE MATERIALIZED VIEW hourly AS SELECT date_bin(INTERVAL '1 hour', time) AS time, \
+         host, sum(usage) AS total, count(*) AS n FROM cpu GROUP BY 1, 2",
+    ))
+    .expect("create");
+    let mut seen_under_way = false;
+    for i in 0..30i64 {
+        let at = [i * 4 * hour, (119 - i) * hour, (150 + i) * hour];
+        let mut batch = String::new();
+        for t in at {
+            batch.push_str(&format!("cpu,host=h9 usage={i} {}\n", t + i));
+        }
+        db.write_lines("main", &batch, Precision::Nanosecond)
+            .expect("write during the backfill");
+        db.write_lines(
+            "main",
+            &format!("mem,host=a used=1 {}", i * hour),
+            Precision::Nanosecond,
+        )
+        .expect("write mem");
+        let progress = rt
+            .block_on(db.sql("SELECT backfill FROM system.views WHERE name = 'hourly'"))
+            .expect("progress");
+        seen_under_way |= progress[0].column(0).null_count() == 0;
+    }
+    db.sync_views().expect("sync");
+    assert!(
+        seen_under_way,
+        "the backfill finished before any write: nothing was sliced"
+    );
+    for view in ["hourly", "mem_hourly"] {
+        let check = rt
+            .block_on(db.sql(&format!("CHECK MATERIALIZED VIEW {view}")))
+            .expect("check");
+        let text = arrow::util::pretty::pretty_format_batches(&check)
+            .expect("format")
+            .to_string();
+        assert!(text.contains("| ok "), "{view}: {text}");
+    }
+    assert_eq!(
+        count(&rt, &db, "SELECT count(*) FROM hourly"),
+        count(
+            &rt,
+            &db,
+            "SELECT count(*) FROM (SELECT date_bin(INTERVAL '1 hour', time), host FROM cpu GROUP BY 1, 2)"
+        )
+    );
+    db.close().expect("close");
+}
