@@ -54,6 +54,9 @@ pub enum Error {
     /// A subscription could not start, or ended.
     #[error(transparent)]
     Subscribe(#[from] crate::subscribe::SubscribeError),
+    /// A result that had to be held whole passed its size limit (the message names it).
+    #[error("{0}")]
+    ResultTooLarge(String),
 }
 
 impl From<arrow::error::ArrowError> for Error {

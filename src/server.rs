@@ -58,6 +58,11 @@ pub struct ServerConfig {
     /// Without tokens, serve any `Host` name, not only IP addresses and `localhost` (turns off
     /// the DNS-rebinding guard; `--insecure-no-auth` sets it). Default: false.
     pub allow_any_host: bool,
+    /// Largest result a response must hold whole before sending it (`format=pretty` and
+    /// `parquet`, `/api/v1/sql`, a long-poll answer), measured as Arrow memory (long-poll: JSON
+    /// bytes); past it the request fails with a 400 naming the limit. Streamed formats have no
+    /// such limit. Default: 64 MiB.
+    pub max_result_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -72,6 +77,7 @@ impl Default for ServerConfig {
             max_subscriptions: 10_000,
             cors_origins: Vec::new(),
             allow_any_host: false,
+            max_result_bytes: 64 << 20,
         }
     }
 }
@@ -282,6 +288,10 @@ pub struct ConnectionLimits {
     pub header_read_timeout: Duration,
     /// Largest request head (URL plus headers), in bytes; larger gets a 431. Default: 64 KiB.
     pub max_head_bytes: usize,
+    /// A connection whose client takes nothing of what is being sent for this long is closed:
+    /// a client that stops reading a streamed result or event stream releases its request
+    /// permit, its query and its buffers. Default: 30 s.
+    pub write_timeout: Duration,
 }
 
 impl Default for ConnectionLimits {
@@ -290,6 +300,7 @@ impl Default for ConnectionLimits {
             max_connections: 4096,
             header_read_timeout: Duration::from_secs(10),
             max_head_bytes: 64 << 10,
+            write_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -353,10 +364,13 @@ pub async fn serve(
         let done = done_tx.clone();
         let open_count = open.0.clone();
         open_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let write_timeout = limits.write_timeout;
         tokio::spawn(async move {
             // With upgrades: WebSocket connections start as HTTP requests.
+            let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+            stream.set_write_timeout(Some(write_timeout));
             let conn = builder
-                .serve_connection(TokioIo::new(stream), service)
+                .serve_connection(TokioIo::new(Box::pin(stream)), service)
                 .with_upgrades();
             let mut conn = std::pin::pin!(conn);
             tokio::select! {

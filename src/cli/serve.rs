@@ -48,6 +48,14 @@ pub(crate) struct ServeArgs {
     /// Server-Sent Event subscriptions open at once (not counted as requests).
     #[arg(long, env = "RIVULET_MAX_SUBSCRIPTIONS", default_value_t = 10_000)]
     max_subscriptions: usize,
+    /// Largest result held whole before it is sent (format=pretty and parquet, /api/v1/sql,
+    /// long-poll answers); streamed formats have no limit (docs/limits.md).
+    #[arg(long, env = "RIVULET_MAX_RESULT_BYTES", default_value_t = 64 << 20)]
+    max_result_bytes: usize,
+    /// Seconds a client may take nothing of a response being sent before its connection is
+    /// closed (a reader that stalls a streamed result releases its permit and query).
+    #[arg(long, env = "RIVULET_WRITE_TIMEOUT_SECS", default_value_t = 30)]
+    write_timeout_secs: u64,
     /// Internal views serving subscriptions to aggregate (join, window…) queries, one per
     /// distinct query, counting those in their grace period (docs/limits.md).
     #[arg(long, env = "RIVULET_MAX_SHARED_VIEWS", default_value_t = 64)]
@@ -148,11 +156,13 @@ pub(crate) fn run(args: ServeArgs) -> CliResult {
                 max_line_bytes: args.max_line_bytes.max(1),
                 cors_origins: args.cors_origins.clone(),
                 allow_any_host: args.insecure_no_auth,
+                max_result_bytes: args.max_result_bytes.max(1),
                 ..ServerConfig::default()
             },
         );
         let limits = ConnectionLimits {
             max_connections: args.max_connections.max(1),
+            write_timeout: std::time::Duration::from_secs(args.write_timeout_secs.max(1)),
             ..ConnectionLimits::default()
         };
         serve(listener, app, limits, shutdown_signal()).await?;

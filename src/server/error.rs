@@ -101,6 +101,8 @@ pub(crate) fn classify(e: &Error) -> ApiError {
         }
         Error::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the database is closing"),
         Error::Denied(_) => ApiError::new(StatusCode::FORBIDDEN, e.to_string()),
+        // The client chose a format (or endpoint) that holds the whole result: its fix.
+        Error::ResultTooLarge(_) => ApiError::bad_request(e.to_string()),
         Error::View(v) => match v {
             crate::ViewError::Invalid(_) => ApiError::bad_request(e.to_string()),
             crate::ViewError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),

@@ -133,6 +133,44 @@ fn encode(batches: &[RecordBatch], format: Format) -> Result<(Vec<u8>, &'static 
     Ok((out, content_type))
 }
 
+/// Collects a result that a response must hold whole, failing once it holds more than
+/// `limit` bytes of Arrow memory (so no such response can take the server's memory).
+async fn collect_within(
+    df: datafusion::dataframe::DataFrame,
+    limit: usize,
+) -> Result<Vec<RecordBatch>, crate::Error> {
+    let schema = std::sync::Arc::new(df.schema().as_arrow().clone());
+    let mut stream = df.execute_stream().await?;
+    let mut batches = Vec::new();
+    let mut bytes = 0usize;
+    while let Some(batch) = stream.next().await {
+        let batch = batch?;
+        bytes = bytes.saturating_add(batch_bytes(&batch));
+        if bytes > limit {
+            return Err(crate::Error::ResultTooLarge(format!(
+                "the result passed the limit of {limit} bytes for a response held whole \
+                 (format=pretty or parquet, /api/v1/sql) (--max-result-bytes, \
+                 ServerConfig::max_result_bytes): use a streamed format (json, jsonl, csv, \
+                 arrow), add a LIMIT, or raise the limit"
+            )));
+        }
+        batches.push(batch);
+    }
+    if batches.is_empty() {
+        batches.push(RecordBatch::new_empty(schema));
+    }
+    Ok(batches)
+}
+
+/// Bytes of the Arrow buffers `batch` uses (its slices, not whole shared buffers).
+fn batch_bytes(batch: &RecordBatch) -> usize {
+    batch
+        .columns()
+        .iter()
+        .map(|c| c.to_data().get_slice_memory_size().unwrap_or(0))
+        .sum()
+}
+
 /// Encodes a result batch by batch, for streamed responses.
 enum StreamEncoder {
     /// A JSON array: `[`, rows separated by commas, `]`.
@@ -262,7 +300,7 @@ async fn run(
         // Formats that need the whole result.
         let planned = async {
             let df = state.db.plan_within(&db, &q, false, databases).await?;
-            crate::db::collect(df).await
+            collect_within(df, state.config.max_result_bytes).await
         };
         let batches = match tokio::time::timeout_at(deadline, planned).await {
             Ok(Ok(b)) => b,
@@ -409,7 +447,7 @@ pub(crate) async fn statement(
             .db
             .plan_within(&db, &body.q, true, access.databases.as_deref())
             .await?;
-        crate::db::collect(df).await
+        collect_within(df, state.config.max_result_bytes).await
     };
     let batches = tokio::time::timeout(state.config.query_timeout, run)
         .await

@@ -157,7 +157,12 @@ pub(crate) async fn long_poll(
         .subscribe_within(&q, options, access.databases, access.owner)
         .await?;
     let deadline = tokio::time::Instant::now() + wait;
-    let mut messages: Vec<String> = Vec::new();
+    let limit = state.config.max_result_bytes;
+    let mut answer = Answer {
+        messages: Vec::new(),
+        bytes: 0,
+        limit,
+    };
     loop {
         let next = match tokio::time::timeout_at(deadline, sub.next()).await {
             Ok(Some(next)) => next,
@@ -165,34 +170,52 @@ pub(crate) async fn long_poll(
         };
         let m = match next {
             Ok(m) => m,
-            Err(e) if messages.is_empty() => return Err(e.into()),
+            Err(e) if answer.messages.is_empty() => return Err(e.into()),
             Err(e) => {
-                messages.push(error_json(&client_message(&e), None));
+                answer.messages.push(error_json(&client_message(&e), None));
                 break;
             }
         };
         match m.kind {
             ChangeKind::Progress => break,
-            ChangeKind::Snapshot { last: false, .. } | ChangeKind::Reset => {
-                messages.push(message_json(&m, None)?);
+            ChangeKind::Snapshot { .. } | ChangeKind::Reset => {
+                // A snapshot is answered whole (its parts do not move the position).
+                answer.push(message_json(&m, None)?).map_err(|limit| {
+                    ApiError::bad_request(format!(
+                        "the snapshot passed the limit of {limit} bytes for one long-poll \
+                         answer (--max-result-bytes, ServerConfig::max_result_bytes): \
+                         subscribe with SSE or WebSocket, which stream it in parts, narrow \
+                         the query, or raise the limit"
+                    ))
+                })?;
+                if matches!(m.kind, ChangeKind::Snapshot { last: true, .. }) {
+                    break;
+                }
             }
-            ChangeKind::Snapshot { last: true, .. } | ChangeKind::Lagged => {
-                messages.push(message_json(&m, None)?);
+            ChangeKind::Lagged => {
+                answer.messages.push(message_json(&m, None)?);
                 break;
             }
             ChangeKind::Change => {
-                messages.push(message_json(&m, None)?);
-                // Whatever else is ready now goes in the same answer.
-                while let Some(Some(Ok(m))) = sub.next().now_or_never() {
+                answer.messages.push(message_json(&m, None)?);
+                // Whatever else is ready now goes in the same answer, up to the limit (the
+                // rest in the next one: nothing taken is left out).
+                while answer.bytes <= answer.limit {
+                    let Some(Some(Ok(m))) = sub.next().now_or_never() else {
+                        break;
+                    };
                     if m.kind != ChangeKind::Change {
                         break;
                     }
-                    messages.push(message_json(&m, None)?);
+                    let json = message_json(&m, None)?;
+                    answer.bytes += json.len();
+                    answer.messages.push(json);
                 }
                 break;
             }
         }
     }
+    let messages = answer.messages;
     let body = format!(
         "{{\"seq\":{},\"messages\":[{}]}}",
         sub.position(),
@@ -203,6 +226,25 @@ pub(crate) async fn long_poll(
         body,
     )
         .into_response())
+}
+
+/// A long-poll answer being gathered, and its size bound.
+struct Answer {
+    messages: Vec<String>,
+    bytes: usize,
+    limit: usize,
+}
+
+impl Answer {
+    /// Adds a message that must fit: Err(limit) past the limit.
+    fn push(&mut self, json: String) -> Result<(), usize> {
+        self.bytes = self.bytes.saturating_add(json.len());
+        if self.bytes > self.limit {
+            return Err(self.limit);
+        }
+        self.messages.push(json);
+        Ok(())
+    }
 }
 
 /// Largest `queue=` a subscriber may ask for (changes held for it before it conflates or lags).

@@ -1182,3 +1182,112 @@ async fn pages_on_other_origins_cannot_write_run_statements_or_open_websockets()
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     assert_eq!(s.json(count).await, serde_json::json!([{"n": 3}]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_held_whole_are_bounded_and_streamed_ones_are_not() {
+    // format=pretty and parquet, /api/v1/sql and a long-poll snapshot hold the whole result:
+    // past --max-result-bytes they fail with a 400 naming it, while streamed formats send any
+    // size.
+    let s = Server::in_memory_with(ServerConfig {
+        max_result_bytes: 64 << 10,
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut lines = String::new();
+    for i in 0..20_000 {
+        lines.push_str(&format!("cpu,host=h{} usage={i} {i}\n", i % 7));
+    }
+    assert!(
+        s.post("/api/v3/write_lp?db=main", &lines)
+            .await
+            .status()
+            .is_success()
+    );
+    let all = "SELECT+*+FROM+cpu";
+    for format in ["pretty", "parquet"] {
+        let r = s
+            .get(&format!(
+                "/api/v3/query_sql?db=main&q={all}&format={format}"
+            ))
+            .await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{format}");
+        let body = r.text().await.expect("body");
+        assert!(body.contains("--max-result-bytes"), "{format}: {body}");
+        // A small result in the same format is fine.
+        let r = s
+            .get(&format!(
+                "/api/v3/query_sql?db=main&q=SELECT+count(*)+FROM+cpu&format={format}"
+            ))
+            .await;
+        assert_eq!(r.status(), StatusCode::OK, "{format}");
+    }
+    let r = s
+        .get(&format!("/api/v3/query_sql?db=main&q={all}&format=jsonl"))
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let text = r.text().await.expect("body");
+    assert_eq!(text.lines().count(), 20_000);
+    let r = s
+        .client
+        .post(s.url("/api/v1/sql"))
+        .header("Content-Type", "application/json")
+        .body(r#"{"db":"main","q":"SELECT * FROM cpu"}"#)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert!(r.text().await.expect("body").contains("--max-result-bytes"));
+    let r = s
+        .get(&format!("/api/v1/changes?db=main&wait_ms=1&q={all}"))
+        .await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let body = r.text().await.expect("body");
+    assert!(
+        body.contains("--max-result-bytes") && body.contains("SSE"),
+        "{body}"
+    );
+    s.stop().await.close().expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_a_streamed_result_gives_its_permit_back() {
+    use tokio::io::AsyncWriteExt;
+    // One request at a time. The first client asks for a large streamed result and reads
+    // none of it: once the socket buffers are full, the write timeout closes its connection,
+    // which ends its query and frees the permit for the next client.
+    let limits = ConnectionLimits {
+        write_timeout: std::time::Duration::from_millis(500),
+        ..ConnectionLimits::default()
+    };
+    let config = ServerConfig {
+        max_concurrent_requests: 1,
+        ..ServerConfig::default()
+    };
+    let (addr, _stop) = start_with_limits(limits, config).await;
+    let mut stalled = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stalled
+        .write_all(
+            b"GET /api/v3/query_sql?q=SELECT+value,+value+*+2+AS+twice+FROM+generate_series(1,+200000000)&format=jsonl HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        )
+        .await
+        .expect("write");
+    let client = reqwest::Client::new();
+    let url = format!("http://{addr}/api/v3/query_sql?q=SELECT+1&format=json");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut saw_busy = false;
+    loop {
+        let status = client.get(&url).send().await.expect("send").status();
+        if status == StatusCode::OK {
+            break;
+        }
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        saw_busy = true;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stalled reader still holds the only permit"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(saw_busy, "the stalled request never held the permit");
+    drop(stalled);
+}
