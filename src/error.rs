@@ -85,6 +85,7 @@ impl From<crate::storage::engine::StorageError> for Error {
             S::Locked(p) => Error::Locked(p),
             S::Config(m) => Error::Config(m),
             S::Closed => Error::Closed,
+            S::Full(m) => Error::Write(WriteError::Full(m)),
             S::Merge(q) => Error::Query(q),
             e @ (S::DatabaseNotFound(_) | S::TableNotFound { .. }) => {
                 Error::Query(datafusion::error::DataFusionError::Plan(e.to_string()))

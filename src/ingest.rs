@@ -67,6 +67,10 @@ pub enum WriteError {
     /// Building Arrow arrays failed.
     #[error("building rows failed: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
+    /// The write buffer is full and persisting it fails (typically: the disk is full).
+    /// Writes are refused until a persist succeeds; queries are still answered.
+    #[error("{0}")]
+    Full(String),
 }
 
 fn plural(n: usize, what: &str) -> String {

@@ -92,6 +92,27 @@ pub(crate) fn classify(e: &Error) -> ApiError {
         | Error::Write(WriteError::Wal(WalError::Record { .. })) => {
             ApiError::bad_request(e.to_string())
         }
+        Error::Write(WriteError::Full(_)) => {
+            tracing::error!(error = %e, "write refused");
+            ApiError::new(StatusCode::INSUFFICIENT_STORAGE, e.to_string())
+        }
+        Error::Write(WriteError::Wal(WalError::NotAppended { source, .. })) => {
+            tracing::error!(error = %e, "write not stored");
+            let status = if source.raw_os_error() == Some(28) {
+                StatusCode::INSUFFICIENT_STORAGE
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            ApiError::new(
+                status,
+                if status == StatusCode::INSUFFICIENT_STORAGE {
+                    "the write was not stored: the disk is full. Writes are refused until space \
+                     is freed; queries are still answered"
+                } else {
+                    "the write was not stored: the storage failed; see the server log"
+                },
+            )
+        }
         Error::Write(WriteError::Wal(WalError::Poisoned(_))) => {
             tracing::error!(error = %e, "write refused");
             ApiError::new(

@@ -35,6 +35,10 @@ pub(crate) trait ApplyObserver: Send + Sync {
 
     /// Every write up to `seq` is now visible (called after `applied` for each of them).
     fn published(&self, _seq: u64) {}
+
+    /// The log stopped taking writes after a storage failure (`reason`): nothing more will be
+    /// applied until the database is reopened, so nobody should wait for it.
+    fn stopped(&self, _reason: &str) {}
 }
 
 /// A sequenced write waiting to become visible.
@@ -118,9 +122,15 @@ impl CommitQueue {
 
     /// Marks the log unusable after an append failed part-way.
     pub(crate) fn poison(&self, reason: String) {
-        let mut st = self.state.lock();
-        st.poisoned.get_or_insert(reason);
-        self.wake.notify_all();
+        let reason = {
+            let mut st = self.state.lock();
+            let reason = st.poisoned.get_or_insert(reason).clone();
+            self.wake.notify_all();
+            reason
+        };
+        for o in self.observers() {
+            o.stopped(&reason);
+        }
     }
 
     /// Sequence up to which every write is visible.
@@ -179,6 +189,7 @@ impl CommitQueue {
             st = self.state.lock();
             st.leader = false;
             let mut published = None;
+            let mut stopped = None;
             match synced {
                 Ok(()) => {
                     if let Some(last) = last {
@@ -188,14 +199,19 @@ impl CommitQueue {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "WAL fsync failed; refusing further writes");
-                    st.poisoned.get_or_insert(e.to_string());
+                    stopped = Some(st.poisoned.get_or_insert(e.to_string()).clone());
                 }
             }
             self.wake.notify_all();
-            if let Some(seq) = published {
+            if published.is_some() || stopped.is_some() {
                 drop(st);
                 for o in self.observers() {
-                    o.published(seq);
+                    if let Some(seq) = published {
+                        o.published(seq);
+                    }
+                    if let Some(reason) = &stopped {
+                        o.stopped(reason);
+                    }
                 }
                 st = self.state.lock();
             }

@@ -69,6 +69,10 @@ pub enum StorageError {
     /// The engine is closed (or closing) to this kind of write.
     #[error("the database is closed")]
     Closed,
+    /// The write buffer is full and the last persist failed: writes are refused (without
+    /// retrying the persist on each) until a persist succeeds.
+    #[error("{0}")]
+    Full(String),
     /// A database the operation names does not exist.
     #[error("database '{0}' not found")]
     DatabaseNotFound(String),
@@ -81,6 +85,10 @@ pub enum StorageError {
         table: String,
     },
 }
+
+/// After a failed persist, writes that need the buffer persisted are refused this long before
+/// one of them tries again.
+const PERSIST_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl From<arrow::error::ArrowError> for StorageError {
     fn from(e: arrow::error::ArrowError) -> StorageError {
@@ -164,6 +172,8 @@ pub(crate) struct Engine {
     pub(crate) wal_dir: Option<PathBuf>,
     /// One persist at a time.
     pub(crate) persist_lock: Mutex<()>,
+    /// When the last persist failed, and why (cleared by one that succeeds).
+    pub(crate) persist_failed: Mutex<Option<(std::time::Instant, String)>>,
     /// Held while the segment set of a partition is being replaced (compaction, retention, a
     /// persist that merges with existing segments, dropping a table).
     pub(crate) compact_lock: Mutex<()>,
@@ -286,6 +296,7 @@ impl Engine {
             data_dir: config.data_dir.clone(),
             wal_dir,
             persist_lock: Mutex::new(()),
+            persist_failed: Mutex::new(None),
             compact_lock: Mutex::new(()),
             persisted_seq: AtomicU64::new(persisted_seq),
             last_persist: Mutex::new(std::time::Instant::now()),
@@ -527,9 +538,28 @@ impl Engine {
         if self.manifest.is_none() || self.buffered_bytes() <= self.config.max_buffer_bytes {
             return Ok(());
         }
+        let full = |why: &str| {
+            StorageError::Full(format!(
+                "the write buffer holds {} bytes, over its limit of {} (Config::max_buffer_bytes), \
+                 and persisting it to segments failed: {why}. Writes are refused until a persist \
+                 succeeds (retried at most every {} s); queries are still answered",
+                self.buffered_bytes(),
+                self.config.max_buffer_bytes,
+                PERSIST_RETRY.as_secs()
+            ))
+        };
+        // While the last persist failed recently (a full disk), refuse at once rather than
+        // make every write retry a whole persist.
+        if let Some((at, why)) = &*self.persist_failed.lock()
+            && at.elapsed() < PERSIST_RETRY
+        {
+            return Err(full(why));
+        }
         let _persisting = self.persist_lock.lock();
-        if self.buffered_bytes() > self.config.max_buffer_bytes {
-            self.persist_locked()?;
+        if self.buffered_bytes() > self.config.max_buffer_bytes
+            && let Err(e) = self.persist_locked()
+        {
+            return Err(full(&e.to_string()));
         }
         Ok(())
     }

@@ -50,6 +50,21 @@ pub enum WalError {
         /// The OS error.
         source: io::Error,
     },
+    /// Appending a write failed and was undone (the partial record cut off): nothing of the
+    /// write is in the log, and the log takes the next write. A full disk reads "no space
+    /// left on device": writes fail until space is freed, queries are still answered.
+    #[error("the write was not stored: appending it to {path} failed ({source}) and was undone{hint}",
+        hint = if source.raw_os_error() == Some(28) {
+            "; the disk is full: writes are refused until space is freed, queries are still answered"
+        } else {
+            ""
+        })]
+    NotAppended {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
     /// A segment other than the last is damaged: replaying past it would lose data silently.
     #[error("WAL segment {path} is corrupt at byte {offset}: {reason}")]
     Corrupt {
@@ -561,18 +576,38 @@ impl WalWriter {
             Some(_) => false,
         };
         if rotate {
-            self.current = Some(new_segment(&self.io, &self.dir, seq)?);
+            // A segment that could not be made is removed again: nothing was appended.
+            self.current = Some(new_segment(&self.io, &self.dir, seq).map_err(|e| match e {
+                WalError::Io { path, source, .. } => WalError::NotAppended { path, source },
+                other => other,
+            })?);
             self.len = HEADER_LEN;
         }
         let Some((path, file)) = &self.current else {
             return Err(WalError::Poisoned("no WAL segment".to_string()));
         };
-        self.io
+        let appended = self
+            .io
             .check(IoOp::WalAppend, path)
-            .map_err(io_err("append", path))?;
-        (&**file)
-            .write_all(&self.buf)
-            .map_err(io_err("append", path))?;
+            .and_then(|()| (&**file).write_all(&self.buf));
+        if let Err(source) = appended {
+            // Cut off whatever part of the record reached the file: the log stays whole and
+            // takes the next write. Only if that fails too is the log unusable.
+            let undone = file
+                .set_len(self.len)
+                .and_then(|()| (&**file).seek(SeekFrom::Start(self.len)).map(|_| ()));
+            return Err(match undone {
+                Ok(()) => WalError::NotAppended {
+                    path: path.clone(),
+                    source,
+                },
+                Err(_) => WalError::Io {
+                    op: "append",
+                    path: path.clone(),
+                    source,
+                },
+            });
+        }
         self.len += self.buf.len() as u64;
         if self.buf.capacity() > 64 << 20 {
             self.buf = Vec::new();
@@ -608,12 +643,22 @@ fn new_segment(io: &Io, dir: &Path, seq: u64) -> Result<(PathBuf, Arc<File>), Wa
         .write(true)
         .open(&path)
         .map_err(io_err("creating", &path))?;
-    file.write_all(&segment_header())
-        .map_err(io_err("writing header", &path))?;
-    file.sync_all().map_err(io_err("fsync", &path))?;
-    file.seek(SeekFrom::End(0))
-        .map_err(io_err("seeking", &path))?;
-    sync_dir(dir)?;
+    let made = file
+        .write_all(&segment_header())
+        .map_err(io_err("writing header", &path))
+        .and_then(|()| file.sync_all().map_err(io_err("fsync", &path)))
+        .and_then(|()| {
+            file.seek(SeekFrom::End(0))
+                .map(|_| ())
+                .map_err(io_err("seeking", &path))
+        })
+        .and_then(|()| sync_dir(dir));
+    if let Err(e) = made {
+        // A half-made segment would sit before the next one as damage.
+        drop(file);
+        let _ = std::fs::remove_file(&path);
+        return Err(e);
+    }
     Ok((path, Arc::new(file)))
 }
 

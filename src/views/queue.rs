@@ -28,6 +28,8 @@ struct Queue {
     stop: bool,
     /// Views have work without queued writes (creation, recovery, retry).
     kick: bool,
+    /// The log stopped taking writes (a storage failure): views cannot write their rows.
+    stopped: Option<String>,
 }
 
 /// State shared by writers (through [`ApplyObserver`]), the worker and waiting queries.
@@ -84,6 +86,11 @@ impl ApplyObserver for ViewsShared {
         q.pushed = q.pushed.max(seq);
         q.items.push_back((seq, relevant, self.clock.now_ns()));
         self.wake.notify_one();
+    }
+
+    fn stopped(&self, reason: &str) {
+        self.queue.lock().stopped = Some(reason.to_string());
+        self.progress.notify_all();
     }
 }
 
@@ -184,7 +191,7 @@ impl ViewsShared {
     /// Blocks a writer while the queue is over its bound (the worker drains it).
     pub(crate) fn wait_for_room(&self) {
         let mut q = self.queue.lock();
-        while q.bytes > self.max_bytes && !q.stop {
+        while q.bytes > self.max_bytes && !q.stop && q.stopped.is_none() {
             self.progress
                 .wait_for(&mut q, std::time::Duration::from_millis(100));
         }
@@ -211,6 +218,12 @@ impl ViewsShared {
             }
             if q.stop {
                 return Err(ViewError::Behind("the database is closing".to_string()));
+            }
+            if let Some(reason) = &q.stopped {
+                return Err(ViewError::Behind(format!(
+                    "materialized views cannot catch up with write {seq}: writes stopped after \
+                     a storage failure ({reason})"
+                )));
             }
             let now = std::time::Instant::now();
             if now >= deadline {

@@ -776,3 +776,95 @@ fn series_are_capped_and_a_rejected_write_leaves_none_of_its_series_behind() {
     );
     db.close().expect("close");
 }
+
+/// A disk that is full while `full` is set: every call that allocates space fails with
+/// ENOSPC (fsyncs of what was written before do not).
+#[derive(Debug, Default)]
+struct DiskFull {
+    full: std::sync::atomic::AtomicBool,
+    segment_writes: AtomicUsize,
+}
+
+impl IoFaults for DiskFull {
+    fn before(&self, op: IoOp, _path: &std::path::Path) -> std::io::Result<()> {
+        if op == IoOp::SegmentWrite {
+            self.segment_writes.fetch_add(1, Ordering::SeqCst);
+        }
+        let writes = !matches!(
+            op,
+            IoOp::WalRead | IoOp::ChangeLogRead | IoOp::WalSync | IoOp::FileSync
+        );
+        if writes && self.full.load(Ordering::SeqCst) {
+            return Err(std::io::Error::from_raw_os_error(28));
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_full_disk_makes_the_database_read_only_until_space_returns() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = Arc::new(DiskFull::default());
+    let db = Db::open_with(Config {
+        io_faults: Some(disk.clone()),
+        background: false,
+        max_buffer_bytes: 1,
+        ..Config::with_dir(dir.path())
+    })
+    .expect("open");
+    let write = |lines: &str| db.write_lines("main", lines, Precision::Second);
+    write("m v=1 1").expect("disk has room");
+    disk.full.store(true, Ordering::SeqCst);
+    // The buffer must be persisted first, and that fails: the write is refused, clearly.
+    let e = write("m v=2 2").expect_err("disk full");
+    assert!(matches!(e, Error::Write(WriteError::Full(_))), "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains("persisting it to segments failed")
+            && text.contains("No space left on device")
+            && text.contains("queries are still answered"),
+        "{text}"
+    );
+    // The next writes are refused at once, without another whole persist each.
+    let tried = disk.segment_writes.load(Ordering::SeqCst);
+    for i in 3..10 {
+        write(&format!("m v={i} {i}")).expect_err("still full");
+    }
+    assert_eq!(disk.segment_writes.load(Ordering::SeqCst), tried);
+    // Queries are answered meanwhile.
+    assert!(table(&db, "SELECT count(*) FROM m").contains("| 1        |"));
+    // Space returns: after the retry interval the next write persists and goes through.
+    disk.full.store(false, Ordering::SeqCst);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    write("m v=10 10").expect("room again");
+    assert!(table(&db, "SELECT count(*) FROM m").contains("| 2        |"));
+    db.close().expect("close");
+
+    // The WAL itself full: the write is not stored, the log is not poisoned, nothing is
+    // damaged.
+    let db = Db::open_with(Config {
+        io_faults: Some(disk.clone()),
+        background: false,
+        ..Config::with_dir(dir.path())
+    })
+    .expect("reopen");
+    disk.full.store(true, Ordering::SeqCst);
+    let e = db
+        .write_lines("main", "m v=11 11", Precision::Second)
+        .expect_err("WAL full");
+    let text = e.to_string();
+    assert!(
+        text.contains("was not stored") && text.contains("the disk is full"),
+        "{text}"
+    );
+    disk.full.store(false, Ordering::SeqCst);
+    db.write_lines("main", "m v=12 12", Precision::Second)
+        .expect("the log takes writes again");
+    db.close().expect("close");
+    let db = Db::open(dir.path()).expect("reopen strict: no damage");
+    let out = table(&db, "SELECT v FROM m ORDER BY v");
+    for v in ["| 1.0  |", "| 10.0 |", "| 12.0 |"] {
+        assert!(out.contains(v), "{out}");
+    }
+    assert!(!out.contains("| 11.0 |"), "{out}");
+}

@@ -7,6 +7,7 @@
 //! - `views`, `views_oracle`: materialized views with storage, and against plain DataFusion;
 //! - `subscribe`: embedded subscriptions (snapshot, changes, resume, conflation, lagged);
 //! - `http`, `subscribe_http`: the HTTP API and subscriptions over SSE, WebSocket, long-poll;
+//! - `fault_sweep`: every storage I/O call of a workload failing in turn;
 //! - `crash`: SIGKILLed writer children (the child is this binary, run as `crash::crash_child`).
 
 mod common;
@@ -14,6 +15,7 @@ mod common;
 mod crash;
 mod dedup_oracle;
 mod embedded;
+mod fault_sweep;
 mod http;
 mod segments;
 mod subscribe;

@@ -1001,3 +1001,58 @@ fn cli_write_then_sql_reads_tables_named_in_any_script() {
         assert!(out.contains(&format!("| {lieu}    |")), "{table}: {out}");
     }
 }
+
+/// Fails storage I/O call `target` (1-based; 0: none) and counts them all.
+#[derive(Debug)]
+struct FailCall {
+    target: u64,
+    calls: std::sync::atomic::AtomicU64,
+}
+
+impl rivulet::IoFaults for FailCall {
+    fn before(&self, _op: rivulet::IoOp, _path: &Path) -> std::io::Result<()> {
+        let n = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        if n == self.target {
+            return Err(std::io::Error::from_raw_os_error(5));
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn every_storage_io_call_of_the_layout_migration_can_fail_and_the_next_open_finishes_it() {
+    // The fault sweep over the layout-1 → 2 migration: opening the fixture with call N
+    // failing (EIO), for every N the clean migration makes; the next open, without faults,
+    // finishes the move and answers every query of the fixture.
+    let open_with = |dir: &Path, target: u64| {
+        let faults = std::sync::Arc::new(FailCall {
+            target,
+            calls: std::sync::atomic::AtomicU64::new(0),
+        });
+        let db = Db::open_with(Config {
+            durability: Durability::None,
+            background: false,
+            io_faults: Some(faults.clone()),
+            ..Config::with_dir(dir)
+        });
+        (db, faults)
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = layout_v1_fixture(tmp.path());
+    let (db, counted) = open_with(&dir, 0);
+    let db = db.expect("clean migration");
+    let total = counted.calls.load(std::sync::atomic::Ordering::SeqCst);
+    db.close().expect("close");
+    assert!(total > 5, "the migration made only {total} storage calls");
+    for target in 1..=total {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = layout_v1_fixture(tmp.path());
+        if let (Ok(db), _) = open_with(&dir, target) {
+            let _ = db.close();
+        }
+        let db = open(&dir);
+        answer_layout_v1_queries(&db);
+        db.close()
+            .unwrap_or_else(|e| panic!("call {target}: close after the finished migration: {e}"));
+    }
+}
