@@ -40,6 +40,25 @@ pub(super) struct SharedView {
     owner: Option<Arc<str>>,
     /// When it was made (database clock, ns): idle from then until someone subscribes.
     made: i64,
+    /// Subscribe calls between finding the view and attaching to its log: it is in use.
+    attaching: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Marks a subscription view in use while a subscribe call attaches to it (the collector
+/// leaves it alone); dropped once the subscription counts as a subscriber.
+pub(super) struct Attaching(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Attaching {
+    fn new(count: &Arc<std::sync::atomic::AtomicUsize>) -> Attaching {
+        count.fetch_add(1, Ordering::AcqRel);
+        Attaching(count.clone())
+    }
+}
+
+impl Drop for Attaching {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The registry: (database, view name) → what it is.
@@ -84,18 +103,19 @@ pub(super) fn view_name(db: &str, query: &str) -> String {
 
 impl Hub {
     /// The subscription view keeping `sql` current in database `db_name`, made when missing
-    /// (within the quotas; `owner` is the subscribing token).
+    /// (within the quotas; `owner` is the subscribing token), and the mark that keeps it from
+    /// being collected until the caller has attached to it.
     pub(super) async fn shared_view(
         &self,
         db_name: &str,
         sql: &str,
         databases: Option<&[String]>,
         owner: Option<&Arc<str>>,
-    ) -> Result<String, Error> {
+    ) -> Result<(String, Attaching), Error> {
         let query = normalize(sql);
         let name = view_name(db_name, &query);
         let key: (Arc<str>, String) = (db_name.into(), name.clone());
-        {
+        let attaching = {
             let mut shared = self.shared.lock();
             if let Some(existing) = shared.get(&key) {
                 if existing.query != query {
@@ -103,22 +123,28 @@ impl Hub {
                         "subscription view name {name} is taken by another query"
                     ))));
                 }
+                let attaching = Attaching::new(&existing.attaching);
                 if self.views.get(db_name, &name).is_some() {
-                    return Ok(name);
+                    return Ok((name, attaching));
                 }
                 // Being made by a concurrent subscribe: wait for it below.
+                attaching
             } else {
                 self.admit(&shared, owner)?;
+                let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                let attaching = Attaching::new(&count);
                 shared.insert(
                     key.clone(),
                     SharedView {
                         query: query.clone(),
                         owner: owner.cloned(),
                         made: self.now(),
+                        attaching: count,
                     },
                 );
+                attaching
             }
-        }
+        };
         if self.views.get(db_name, &name).is_none() {
             match self
                 .views
@@ -137,7 +163,7 @@ impl Hub {
                 }
             }
         }
-        Ok(name)
+        Ok((name, attaching))
     }
 
     /// Refuses a new subscription view past the quotas (a 429 for clients).
@@ -185,6 +211,7 @@ impl Hub {
             .shared
             .lock()
             .iter()
+            .filter(|(_, v)| v.attaching.load(Ordering::Acquire) == 0)
             .map(|(k, v)| (k.clone(), v.made))
             .collect();
         for ((db, name), made) in candidates {
@@ -208,11 +235,21 @@ impl Hub {
             if now.saturating_sub(idle_since) <= grace {
                 continue;
             }
-            match self.views.drop_view(&db, &name, true) {
-                Ok(_) => {
-                    self.shared.lock().remove(&(db, name.clone()));
-                    tracing::info!(view = %name, "idle subscription view dropped");
+            // Out of the registry first, unless a subscribe call has found it meanwhile: a
+            // later one makes it anew.
+            let key = (db.clone(), name.clone());
+            {
+                let mut shared = self.shared.lock();
+                if shared
+                    .get(&key)
+                    .is_none_or(|v| v.attaching.load(Ordering::Acquire) > 0)
+                {
+                    continue;
                 }
+                shared.remove(&key);
+            }
+            match self.views.drop_view(&db, &name, true) {
+                Ok(_) => tracing::info!(view = %name, "idle subscription view dropped"),
                 Err(e) => {
                     tracing::warn!(view = %name, error = %e, "idle subscription view not dropped")
                 }

@@ -312,7 +312,7 @@ pub(crate) async fn subscribe(
         Ok(target) => start(hub, sql, options, databases, false, session, target).await,
         Err(refused) if feed::needs_view(&plan) => {
             // An aggregate (or join, window…) query: kept current by a subscription view.
-            let name = hub
+            let (name, attaching) = hub
                 .shared_view(&options.db, sql, databases.as_deref(), owner.as_ref())
                 .await
                 .map_err(|e| match e {
@@ -327,7 +327,10 @@ pub(crate) async fn subscribe(
                 .await?;
             let (session, plan) = df.into_parts();
             let target = feed::analyse(&hub.views, &options.db, &plan)?;
-            start(hub, &sql, options, databases, true, session, target).await
+            let subscription = start(hub, &sql, options, databases, true, session, target).await;
+            // Attached (a subscriber of the view's log) or failed: the collector may judge it.
+            drop(attaching);
+            subscription
         }
         Err(e) => Err(e),
     }
