@@ -12,6 +12,7 @@ mod metrics;
 mod origin;
 mod query;
 mod subscribe;
+mod tls;
 mod write;
 
 use std::net::SocketAddr;
@@ -30,6 +31,7 @@ use crate::Db;
 
 pub use auth::{Auth, Scope, Token};
 pub use error::ApiError;
+pub use tls::Tls;
 
 use metrics::Metrics;
 
@@ -315,6 +317,22 @@ pub async fn serve(
     limits: ConnectionLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_with(listener, app, limits, None, shutdown).await
+}
+
+/// A connection's byte stream: plain TCP or TLS over it.
+trait Conn: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Conn for T {}
+
+/// [`serve`], with TLS on every connection when `tls` is given (`--tls-cert`, `--tls-key`):
+/// the handshake must finish within the request-head timeout.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: ConnectionLimits,
+    tls: Option<Tls>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     use hyper_util::rt::{TokioIo, TokioTimer};
     use tower::ServiceExt;
 
@@ -365,7 +383,30 @@ pub async fn serve(
         let open_count = open.0.clone();
         open_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let write_timeout = limits.write_timeout;
+        let handshake_timeout = limits.header_read_timeout;
+        let tls = tls.clone();
         tokio::spawn(async move {
+            let stream: Box<dyn Conn> = match tls {
+                None => Box::new(stream),
+                Some(tls) => {
+                    match tokio::time::timeout(handshake_timeout, tls.acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(s)) => Box::new(s),
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            open_count.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                            drop((permit, done));
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            open_count.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                            drop((permit, done));
+                            return;
+                        }
+                    }
+                }
+            };
             // With upgrades: WebSocket connections start as HTTP requests.
             let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
             stream.set_write_timeout(Some(write_timeout));

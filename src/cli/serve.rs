@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use rivulet::server::{Auth, ConnectionLimits, ServerConfig, Token, router, serve};
+use rivulet::server::{Auth, ConnectionLimits, ServerConfig, Tls, Token, router, serve_with};
 use rivulet::{Config, Db, Durability};
 
 use super::CliResult;
@@ -56,6 +56,13 @@ pub(crate) struct ServeArgs {
     /// closed (a reader that stalls a streamed result releases its permit and query).
     #[arg(long, env = "RIVULET_WRITE_TIMEOUT_SECS", default_value_t = 30)]
     write_timeout_secs: u64,
+    /// Serve HTTPS (and wss://) with this PEM certificate chain (the server's first); needs
+    /// --tls-key. rustls: no system OpenSSL.
+    #[arg(long, env = "RIVULET_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key (PKCS#8, PKCS#1 or SEC1) of --tls-cert.
+    #[arg(long, env = "RIVULET_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Internal views serving subscriptions to aggregate (join, window…) queries, one per
     /// distinct query, counting those in their grace period (docs/limits.md).
     #[arg(long, env = "RIVULET_MAX_SHARED_VIEWS", default_value_t = 64)]
@@ -102,6 +109,12 @@ pub(crate) fn run(args: ServeArgs) -> CliResult {
         )
         .into());
     }
+    // Checked before the database opens: a bad certificate is a start-up error.
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(Tls::from_pem_files(cert, key)?),
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let db = Db::open_with(args.open.apply(Config {
         durability: args.durability,
         query_memory_limit: Some(args.query_memory_bytes),
@@ -124,7 +137,7 @@ pub(crate) fn run(args: ServeArgs) -> CliResult {
             "no authentication".to_string()
         };
         println!(
-            "Rivulet {} listening on http://{addr} (data directory {}, {auth_note})",
+            "Rivulet {} listening on {scheme}://{addr} (data directory {}, {auth_note})",
             env!("CARGO_PKG_VERSION"),
             args.data_dir.display()
         );
@@ -134,16 +147,22 @@ pub(crate) fn run(args: ServeArgs) -> CliResult {
         } else {
             ""
         };
+        // A self-signed certificate: curl must be told to trust it.
+        let cacert = args
+            .tls_cert
+            .as_ref()
+            .map(|c| format!(" --cacert '{}'", c.display()))
+            .unwrap_or_default();
         println!("Try:");
         println!(
-            "  curl{auth_header} -XPOST 'http://{addr}/api/v2/write?bucket=main&precision=s' --data-binary 'cpu,host=a usage=1 1700000000'"
+            "  curl{cacert}{auth_header} -XPOST '{scheme}://{addr}/api/v2/write?bucket=main&precision=s' --data-binary 'cpu,host=a usage=1 1700000000'"
         );
         println!(
-            "  curl{auth_header} 'http://{addr}/api/v3/query_sql?db=main&q=SELECT+*+FROM+cpu&format=json'"
+            "  curl{cacert}{auth_header} '{scheme}://{addr}/api/v3/query_sql?db=main&q=SELECT+*+FROM+cpu&format=json'"
         );
         println!("  # live: a snapshot, then every change (write again in another terminal)");
         println!(
-            "  curl{auth_header} -N -H 'Accept: text/event-stream' 'http://{addr}/api/v1/subscribe?db=main&q=SELECT+*+FROM+cpu'"
+            "  curl{cacert}{auth_header} -N -H 'Accept: text/event-stream' '{scheme}://{addr}/api/v1/subscribe?db=main&q=SELECT+*+FROM+cpu'"
         );
         let app = router(
             db.clone(),
@@ -165,7 +184,7 @@ pub(crate) fn run(args: ServeArgs) -> CliResult {
             write_timeout: std::time::Duration::from_secs(args.write_timeout_secs.max(1)),
             ..ConnectionLimits::default()
         };
-        serve(listener, app, limits, shutdown_signal()).await?;
+        serve_with(listener, app, limits, tls, shutdown_signal()).await?;
         Ok::<(), Box<dyn std::error::Error>>(())
     })?;
     // In-flight requests have finished: sync the WAL and the catalog.
