@@ -318,7 +318,17 @@ async fn connection(
                         continue;
                     }
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                    Some(Err(e)) => {
+                        // Tell the client why, with the protocol's code, then end.
+                        let (code, reason) = close_code(e);
+                        let frame = axum::extract::ws::CloseFrame {
+                            code,
+                            reason: reason.into(),
+                        };
+                        let _ = send(&mut sink, Message::Close(Some(frame))).await;
+                        break;
+                    }
+                    Some(Ok(Message::Close(_))) | None => break,
                 };
                 subs.retain(|_, h| !h.is_finished());
                 if let Err(e) = command(&state, &headers, peer, text.as_str(), &tx, &mut subs)
@@ -338,6 +348,21 @@ async fn connection(
     }
     for (_, h) in subs {
         h.abort();
+    }
+}
+
+/// The close code and reason for a frame the client sent that broke the protocol: 1009 for a
+/// message over the size limit, 1007 for text that is not UTF-8, 1002 for the rest.
+fn close_code(e: axum::Error) -> (u16, &'static str) {
+    use tungstenite::error::{CapacityError, Error as WsError};
+    match e.into_inner().downcast::<WsError>().map(|b| *b) {
+        Ok(WsError::Capacity(CapacityError::MessageTooLong { .. })) => (
+            1009,
+            "message too big: at most 65536 bytes per client message",
+        ),
+        Ok(WsError::Capacity(_)) => (1009, "message too big"),
+        Ok(WsError::Utf8(_)) => (1007, "text frames must be UTF-8"),
+        _ => (1002, "protocol error"),
     }
 }
 

@@ -592,3 +592,119 @@ async fn a_read_token_gets_429_past_its_share_of_subscription_views() {
     assert_eq!(server.db.subscription_views(), 2);
     server.stop().await.close().expect("close");
 }
+
+/// The close code the server ends `ws` with (None: it closed without one, or not at all).
+async fn close_code(
+    ws: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+) -> Option<u16> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => return frame.map(|f| u16::from(f.code)),
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(_)) | None) | Err(_) => return None,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_websocket_frames_close_with_the_protocol_s_codes_and_the_server_keeps_serving() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::{Frame, FrameHeader};
+    let server = Server::in_memory().await;
+    write(&server.db, "cpu,host=a usage=1 0");
+    let url = format!("ws://{}/api/v1/ws", server.addr);
+    let connect = || async {
+        tokio_tungstenite::connect_async(&url)
+            .await
+            .expect("connect")
+            .0
+    };
+    let raw = |opcode: OpCode, is_final: bool, payload: Vec<u8>| {
+        Message::Frame(Frame::from_payload(
+            FrameHeader {
+                is_final,
+                opcode,
+                ..FrameHeader::default()
+            },
+            payload.into(),
+        ))
+    };
+    // Oversized: a message over 64 KiB → 1009 (message too big).
+    let mut ws = connect().await;
+    let _ = ws.send(Message::text("x".repeat(100 << 10))).await;
+    assert_eq!(close_code(&mut ws).await, Some(1009), "oversized message");
+    // Invalid UTF-8 in a text frame → 1007 (invalid payload).
+    let mut ws = connect().await;
+    let _ = ws
+        .send(raw(
+            OpCode::Data(Data::Text),
+            true,
+            vec![b'{', 0xff, 0xfe, b'}'],
+        ))
+        .await;
+    assert_eq!(close_code(&mut ws).await, Some(1007), "invalid UTF-8");
+    // A reserved opcode → 1002 (protocol error).
+    let mut ws = connect().await;
+    let _ = ws
+        .send(raw(OpCode::Data(Data::Reserved(3)), true, b"hi".to_vec()))
+        .await;
+    assert_eq!(close_code(&mut ws).await, Some(1002), "reserved opcode");
+    // A continuation with nothing to continue → 1002.
+    let mut ws = connect().await;
+    let _ = ws
+        .send(raw(OpCode::Data(Data::Continue), true, b"hi".to_vec()))
+        .await;
+    assert_eq!(close_code(&mut ws).await, Some(1002), "stray continuation");
+    // A fragmented message whose pieces add up is one message: the subscription works.
+    let mut ws = connect().await;
+    let text = r#"{"op":"subscribe","id":"s1","db":"main","q":"SELECT * FROM cpu"}"#.as_bytes();
+    let (a, b) = text.split_at(20);
+    ws.send(raw(OpCode::Data(Data::Text), false, a.to_vec()))
+        .await
+        .expect("first fragment");
+    ws.send(raw(OpCode::Data(Data::Continue), true, b.to_vec()))
+        .await
+        .expect("last fragment");
+    let first = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => break t.to_string(),
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("no answer to a fragmented subscribe: {other:?}"),
+        }
+    };
+    assert!(first.contains("\"s1\""), "{first}");
+    // Messages that are not the protocol's get an error message, and the socket stays open.
+    for bad in [
+        "",
+        "null",
+        "[1,2]",
+        "{\"op\":\"subscribe\"}",
+        "{\"op\":\"dance\",\"id\":\"x\"}",
+    ] {
+        ws.send(Message::text(bad)).await.expect("send");
+        let answer = loop {
+            match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) if t.contains("error") => break t.to_string(),
+                Ok(Some(Ok(_))) => continue,
+                other => panic!("{bad:?}: no error message: {other:?}"),
+            }
+        };
+        assert!(answer.contains("\"error\""), "{bad:?}: {answer}");
+    }
+    // The server still serves new connections and plain requests.
+    let mut ws = connect().await;
+    ws.send(Message::text(
+        r#"{"op":"subscribe","id":"s2","db":"main","q":"SELECT * FROM cpu"}"#,
+    ))
+    .await
+    .expect("send");
+    assert!(matches!(
+        tokio::time::timeout(Duration::from_secs(10), ws.next()).await,
+        Ok(Some(Ok(_)))
+    ));
+    assert_eq!(server.get("/health").await.status(), 200);
+    server.stop().await.close().expect("close");
+}
