@@ -802,4 +802,6 @@ fn parse_i64(text: &str) -> Option<i64> {
 }
 
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;
