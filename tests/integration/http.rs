@@ -1291,3 +1291,286 @@ async fn a_client_that_stops_reading_a_streamed_result_gives_its_permit_back() {
     assert!(saw_busy, "the stalled request never held the permit");
     drop(stalled);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_a_self_signed_certificate() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls");
+    let (cert, key) = (fixtures.join("cert.pem"), fixtures.join("key.pem"));
+    // Bad files are start-up errors naming the file.
+    let e = rivulet::server::Tls::from_pem_files(&fixtures.join("missing.pem"), &key)
+        .expect_err("no such file");
+    assert!(e.contains("missing.pem"), "{e}");
+    let e = rivulet::server::Tls::from_pem_files(&cert, &cert).expect_err("a certificate as key");
+    assert!(e.contains("TLS key") && e.contains("cert.pem"), "{e}");
+    let tls = rivulet::server::Tls::from_pem_files(&cert, &key).expect("tls");
+
+    let db = Db::open_in_memory().expect("db");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(rivulet::server::serve_with(
+        listener,
+        router(db, ServerConfig::default()),
+        ConnectionLimits::default(),
+        Some(tls),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    // A client that trusts only the test certificate.
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(&cert).expect("pem") {
+        roots.add(c.expect("cert")).expect("root");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let exchange = |request: String| {
+        let connector = connector.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+            let mut tls = connector.connect(name, tcp).await.expect("handshake");
+            tls.write_all(request.as_bytes()).await.expect("write");
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                tls.read_to_end(&mut out),
+            )
+            .await;
+            String::from_utf8_lossy(&out).into_owned()
+        }
+    };
+    let body = "cpu,host=a usage=42 1700000000";
+    let answer = exchange(format!(
+        "POST /api/v3/write_lp?db=main&precision=second HTTP/1.1\r\nHost: localhost\r\n\
+         Connection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    ))
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+    let answer = exchange(
+        "GET /api/v3/query_sql?db=main&q=SELECT+usage+FROM+cpu&format=jsonl HTTP/1.1\r\n\
+         Host: localhost\r\nConnection: close\r\n\r\n"
+            .to_string(),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"usage\":42"), "{answer}");
+    // Plain HTTP on the TLS port gets no HTTP answer.
+    let answer = raw_exchange(
+        addr,
+        b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        std::time::Duration::from_secs(5),
+    )
+    .await;
+    assert!(!answer.contains("200 OK"), "{answer}");
+    let _ = stop.send(());
+}
+
+/// SQL-shaped noise: keywords, names, literals and punctuation in any order.
+fn sql_noise() -> impl proptest::strategy::Strategy<Value = String> {
+    use proptest::prelude::*;
+    let token = prop_oneof![
+        Just("SELECT"),
+        Just("FROM"),
+        Just("WHERE"),
+        Just("GROUP BY"),
+        Just("ORDER BY"),
+        Just("LIMIT"),
+        Just("JOIN"),
+        Just("ON"),
+        Just("UNION ALL"),
+        Just("INSERT INTO"),
+        Just("VALUES"),
+        Just("CREATE MATERIALIZED VIEW"),
+        Just("DROP MATERIALIZED VIEW"),
+        Just("AS"),
+        Just("COPY"),
+        Just("TO"),
+        Just("EXPLAIN"),
+        Just("DESCRIBE"),
+        Just("SHOW"),
+        Just("cpu"),
+        Just("host"),
+        Just("usage"),
+        Just("time"),
+        Just("main.cpu"),
+        Just("system.views"),
+        Just("information_schema.tables"),
+        Just("generate_series(1, 3)"),
+        Just("date_bin(INTERVAL '1 hour', time)"),
+        Just("count(*)"),
+        Just("avg(usage)"),
+        Just("*"),
+        Just(","),
+        Just("("),
+        Just(")"),
+        Just("'x'"),
+        Just("\"q\""),
+        Just("1"),
+        Just("-1"),
+        Just("1e308"),
+        Just("NULL"),
+        Just("="),
+        Just("<"),
+        Just("+"),
+        Just("/"),
+        Just("0"),
+        Just(";"),
+        Just("--"),
+        Just("'"),
+        Just("now()"),
+        Just("CAST(1 AS TIMESTAMP)"),
+        Just("__rivulet_views"),
+        Just("\"__rivulet_sub_00\""),
+        Just("last_cache('cpu')"),
+    ];
+    proptest::collection::vec(token, 1..14).prop_map(|t| t.join(" "))
+}
+
+#[test]
+fn noise_on_the_statement_endpoint_never_gets_a_500_or_takes_the_server_down() {
+    use proptest::prelude::*;
+    let rt = crate::common::rt();
+    let s = rt.block_on(Server::in_memory());
+    assert!(
+        rt.block_on(s.post(
+            "/api/v3/write_lp?db=main",
+            "cpu,host=a usage=1 1\ncpu,host=b usage=2 2"
+        ))
+        .status()
+        .is_success()
+    );
+    let cases = std::env::var("RIVULET_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases,
+        ..ProptestConfig::default()
+    });
+    runner
+        .run(&sql_noise(), |sql| {
+            let status = rt.block_on(async {
+                s.client
+                    .post(s.url("/api/v1/sql"))
+                    .header("Content-Type", "application/json")
+                    .body(serde_json::json!({ "db": "main", "q": sql }).to_string())
+                    .send()
+                    .await
+                    .map(|r| r.status())
+            });
+            let status = status.map_err(|e| TestCaseError::fail(format!("{sql}: {e}")))?;
+            prop_assert!(
+                status != StatusCode::INTERNAL_SERVER_ERROR,
+                "{sql}: {status}"
+            );
+            Ok(())
+        })
+        .expect("statement noise");
+    // Still serving, the data intact (an INSERT among the noise may have added rows).
+    let r = rt.block_on(s.json("/api/v3/query_sql?db=main&q=SELECT+count(*)+AS+n+FROM+cpu"));
+    assert!(r[0]["n"].as_u64().is_some_and(|n| n >= 2), "{r}");
+    rt.block_on(s.stop()).close().expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_repeated_and_huge_parameters_and_bytes_that_are_not_utf8_get_a_4xx() {
+    // Catalogue rows 11 and 16, over the wire: each gets a client error naming the problem,
+    // and the server keeps serving.
+    let s = Server::in_memory().await;
+    assert!(
+        s.post("/api/v3/write_lp?db=main", "m v=1 1")
+            .await
+            .status()
+            .is_success()
+    );
+    for (path, want) in [
+        ("/api/v3/query_sql?db=main&db=other&q=SELECT+1", "db"),
+        ("/api/v3/query_sql?db=main&q=SELECT+1&q=SELECT+2", "q"),
+        ("/api/v3/query_sql?db=main&q=SELECT+1&format=xml", "format"),
+        ("/api/v3/query_sql?db=main&q=", "q"),
+        // Decoded lossily (U+FFFD), so it is a SQL syntax error at column 1.
+        ("/api/v3/query_sql?db=main&q=%FF%FE", "Column: 1"),
+        ("/api/v1/changes?db=main&q=SELECT+*+FROM+m&queue=0", "queue"),
+        (
+            "/api/v1/changes?db=main&q=SELECT+*+FROM+m&since=-1",
+            "since",
+        ),
+        (
+            "/api/v1/changes?db=main&q=SELECT+*+FROM+m&wait_ms=soon",
+            "wait_ms",
+        ),
+    ] {
+        let r = s.get(path).await;
+        let status = r.status();
+        let body = r.text().await.expect("body");
+        assert!(status.is_client_error(), "{path}: {status} {body}");
+        assert!(
+            body.to_lowercase().contains(&want.to_lowercase()),
+            "{path}: {body}"
+        );
+    }
+    for (path, body, want) in [
+        (
+            "/api/v3/write_lp?db=main&precision=parsec",
+            b"m v=1 1".to_vec(),
+            "precision",
+        ),
+        ("/api/v3/write_lp?db=main&db=x", b"m v=1 1".to_vec(), "db"),
+        (
+            "/api/v3/write_lp?db=main",
+            vec![b'm', b' ', b'v', b'=', 0xff, 0xfe, b'1'],
+            "UTF-8",
+        ),
+        (
+            "/api/v3/write_lp?db=main",
+            b"m\0 v=1 1".to_vec(),
+            "control character",
+        ),
+        (
+            "/api/v3/write_lp?db=ma%00in",
+            b"m v=1 1".to_vec(),
+            "database",
+        ),
+    ] {
+        let r = s
+            .client
+            .post(s.url(path))
+            .body(body)
+            .send()
+            .await
+            .expect("send");
+        let status = r.status();
+        let text = r.text().await.expect("body");
+        assert!(status.is_client_error(), "{path}: {status} {text}");
+        assert!(
+            text.to_lowercase().contains(&want.to_lowercase()),
+            "{path}: {text}"
+        );
+    }
+    // A 100 KB URL: 414 URI Too Long (sent raw: HTTP clients refuse to build it).
+    let long = format!(
+        "GET /api/v3/query_sql?db=main&q={} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        "x".repeat(100 << 10)
+    );
+    let answer = raw_exchange(s.addr, long.as_bytes(), std::time::Duration::from_secs(5)).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 414"),
+        "{}",
+        &answer[..answer.len().min(200)]
+    );
+    assert_eq!(s.get("/health").await.status(), StatusCode::OK);
+    s.stop().await.close().expect("close");
+}
