@@ -564,6 +564,17 @@ impl Engine {
         Ok(())
     }
 
+    /// [`persist`](Self::persist) with the persist lock held; records its failure (what
+    /// writes are refused with while the buffer is full) or clears it.
+    pub(crate) fn persist_locked(&self) -> Result<super::persist::PersistReport, StorageError> {
+        let result = self.persist_unrecorded();
+        *self.persist_failed.lock() = match &result {
+            Ok(_) => None,
+            Err(e) => Some((std::time::Instant::now(), e.to_string())),
+        };
+        result
+    }
+
     pub(crate) fn buffered_bytes(&self) -> usize {
         self.commit.buffer_bytes.load(Ordering::Relaxed)
     }

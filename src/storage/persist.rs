@@ -141,18 +141,8 @@ impl Engine {
         self.persist_locked()
     }
 
-    /// [`persist`](Self::persist) with the persist lock held; records its failure (what
-    /// writes are refused with while the buffer is full) or clears it.
-    pub(crate) fn persist_locked(&self) -> Result<PersistReport, StorageError> {
-        let result = self.persist_unrecorded();
-        *self.persist_failed.lock() = match &result {
-            Ok(_) => None,
-            Err(e) => Some((std::time::Instant::now(), e.to_string())),
-        };
-        result
-    }
-
-    fn persist_unrecorded(&self) -> Result<PersistReport, StorageError> {
+    /// The persist itself (see [`Engine::persist_locked`]).
+    pub(super) fn persist_unrecorded(&self) -> Result<PersistReport, StorageError> {
         let (Some(manifest), Some(data_dir)) = (&self.manifest, &self.data_dir) else {
             return Ok(PersistReport::default());
         };

@@ -74,6 +74,67 @@ pub(crate) struct Slices {
     pub(super) started: u64,
 }
 
+/// A maintenance round of a view whose backfill is pending: the next slice of it, and once it
+/// is done, the view's bookkeeping (its subscribers start over from a snapshot). None while
+/// pieces are left (the worker is woken for them).
+pub(super) async fn round(
+    db: &Views,
+    view: &Arc<View>,
+    changes: &std::collections::HashMap<u64, super::Change>,
+    upto: u64,
+) -> Result<Option<super::maintain::Out>, Error> {
+    use super::maintain::Out;
+    let under_way = view
+        .status
+        .lock()
+        .backfill_slices
+        .as_ref()
+        .map(|s| s.started);
+    if under_way.is_none() {
+        // Whatever was pending is covered by the backfill.
+        let mut st = view.status.lock();
+        st.pending.clear();
+        st.full = false;
+    }
+    let finished = backfill_view(db, view, upto).await;
+    if under_way.is_some_and(|started| started < upto) {
+        // Pieces done in earlier rounds did not see this round's writes.
+        super::maintain::pend(&mut view.status.lock(), view, changes);
+    }
+    if !finished? {
+        // The rest in the next rounds, between the other views' maintenance.
+        db.shared.kick();
+        return Ok(None);
+    }
+    let source_max = view
+        .primary_id
+        .and_then(|id| db.engine.table_by_id(id))
+        .and_then(|t| extent(&t))
+        .map(|(_, hi)| hi);
+    if let Some(m) = source_max {
+        let mut st = view.status.lock();
+        st.max_source_time = Some(st.max_source_time.map_or(m, |x| x.max(m)));
+    }
+    // Subscribers' earlier positions predate the backfill.
+    if let Some(o) = db.observer() {
+        o.reset(view, upto);
+    }
+    let more = {
+        let mut st = view.status.lock();
+        st.fences.retain(|f| f.2 > upto);
+        st.has_work()
+    };
+    // (Not under the status lock: waiters take the queue's lock, then views' status.)
+    if more {
+        db.shared.kick();
+    }
+    Ok(Some(Out {
+        ranges: Vec::new(),
+        all: true,
+        rows: None,
+    }))
+}
+
 /// Plans the pieces of a new backfill; None when the view is computed whole (no time map, or
 /// no source rows).
 fn plan_slices(db: &Views, view: &Arc<View>, upto: u64) -> Result<Option<Slices>, Error> {

@@ -76,51 +76,7 @@ pub(crate) async fn round(
         )
     };
     if backfill {
-        let under_way = view
-            .status
-            .lock()
-            .backfill_slices
-            .as_ref()
-            .map(|s| s.started);
-        if under_way.is_none() {
-            // Whatever was pending is covered by the backfill.
-            let mut st = view.status.lock();
-            st.pending.clear();
-            st.full = false;
-        }
-        let finished = super::backfill::backfill_view(db, view, upto).await;
-        if under_way.is_some_and(|started| started < upto) {
-            // Pieces done in earlier rounds did not see this round's writes.
-            pend(&mut view.status.lock(), view, changes);
-        }
-        if !finished? {
-            // The rest in the next rounds, between the other views' maintenance.
-            db.shared.kick();
-            return Ok(None);
-        }
-        let source_max = view
-            .primary_id
-            .and_then(|id| db.engine.table_by_id(id))
-            .and_then(|t| super::backfill::extent(&t))
-            .map(|(_, hi)| hi);
-        if let Some(m) = source_max {
-            let mut st = view.status.lock();
-            st.max_source_time = Some(st.max_source_time.map_or(m, |x| x.max(m)));
-        }
-        // Subscribers' earlier positions predate the backfill.
-        if let Some(o) = db.observer() {
-            o.reset(view, upto);
-        }
-        let mut st = view.status.lock();
-        st.fences.retain(|f| f.2 > upto);
-        if st.has_work() {
-            db.shared.kick();
-        }
-        return Ok(Some(Out {
-            ranges: Vec::new(),
-            all: true,
-            rows: None,
-        }));
+        return super::backfill::round(db, view, changes, upto).await;
     }
     let mut chunks: Vec<Arc<Chunk>> = Vec::new();
     for id in &view.source_ids {
