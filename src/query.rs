@@ -252,25 +252,13 @@ impl QueryEngine {
         allow_dml: bool,
         visible_seq: u64,
     ) -> Result<DataFrame, DataFusionError> {
-        self.plan_scoped(db, sql, allow_dml, visible_seq, None)
+        self.plan_reaching(db, sql, allow_dml, visible_seq, None, false)
             .await
     }
 
-    /// [`plan`](Self::plan) for a reader limited to `databases` (None: any).
-    pub(crate) async fn plan_scoped(
-        &self,
-        db: &str,
-        sql: &str,
-        allow_dml: bool,
-        visible_seq: u64,
-        databases: Option<&[String]>,
-    ) -> Result<DataFrame, DataFusionError> {
-        self.plan_reaching(db, sql, allow_dml, visible_seq, databases, false)
-            .await
-    }
-
-    /// [`plan_scoped`](Self::plan_scoped); with `subscription_views`, the subscription
-    /// layer's internal views resolve too (its plans over the view it made for a query).
+    /// [`plan`](Self::plan) for a reader limited to `databases` (None: any); with
+    /// `subscription_views`, the subscription layer's internal views resolve too (its plans
+    /// over the view it made for a query).
     pub(crate) async fn plan_reaching(
         &self,
         db: &str,
