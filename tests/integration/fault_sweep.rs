@@ -268,11 +268,7 @@ fn run(rt: &tokio::runtime::Runtime, target: u64, kind: Kind) -> Option<(IoOp, u
 
 #[test]
 fn every_storage_io_call_of_a_workload_can_fail_without_losing_acknowledged_data() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = crate::common::multi_thread_rt(2);
     // The clean run: how many calls, of which kinds.
     let dir = tempfile::tempdir().expect("tempdir");
     let step = Arc::new(AtomicUsize::new(STEP_OTHER));
@@ -315,11 +311,7 @@ fn every_storage_io_call_of_a_workload_can_fail_without_losing_acknowledged_data
         for kind in [Kind::Eio, Kind::Enospc, Kind::ShortWrite] {
             let (fired_any, covered) = (&fired_any, &covered);
             scope.spawn(move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(1)
-                    .enable_all()
-                    .build()
-                    .expect("runtime");
+                let rt = crate::common::multi_thread_rt(1);
                 for target in 1..=total + 3 {
                     if run(&rt, target, kind).is_some() {
                         covered.fetch_add(1, Ordering::SeqCst);

@@ -209,11 +209,7 @@ fn config(dir: &std::path::Path) -> Config {
 }
 
 fn run_case(before: &[Op], after: &[Op], created_early: usize) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = crate::common::multi_thread_rt(2);
     let dir = tempfile::tempdir().expect("tempdir");
     let mut db = Db::open_with(config(dir.path())).expect("open");
     let mut m = Points::new();

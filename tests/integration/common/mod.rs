@@ -20,6 +20,15 @@ pub(crate) fn rt() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
+/// A multi-thread runtime with `workers` threads (tests whose database work runs beside it).
+pub(crate) fn multi_thread_rt(workers: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 /// The result of `sql` as a pretty table.
 pub(crate) fn table(db: &Db, sql: &str) -> String {
     let batches = rt().block_on(db.sql(sql)).expect(sql);
