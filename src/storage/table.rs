@@ -103,6 +103,10 @@ pub(crate) struct SeriesIndex {
     floor: i64,
     /// What the write being prepared changed, so a rejected write leaves nothing behind.
     undo: Option<SeriesUndo>,
+    /// Per series id, the write (`generation`) that last recorded its latest time in `undo`:
+    /// a write records each series once, not once per point.
+    recorded_in: Vec<u32>,
+    generation: u32,
 }
 
 /// What one write did to a [`SeriesIndex`]: undone with [`SeriesIndex::rollback`] when the
@@ -113,7 +117,7 @@ pub(crate) struct SeriesUndo {
     len: usize,
     raw: Vec<Box<[u8]>>,
     canonical: Vec<Box<[u8]>>,
-    /// (id, latest time before the write) of older series the write moved on.
+    /// (id, latest time before the write) of older series the write moved on, once each.
     times: Vec<(u32, i64)>,
 }
 
@@ -126,6 +130,8 @@ impl Default for SeriesIndex {
             persisted: Vec::new(),
             floor: i64::MIN,
             undo: None,
+            recorded_in: Vec::new(),
+            generation: 0,
         }
     }
 }
@@ -141,6 +147,12 @@ impl SeriesIndex {
 
     /// Starts recording what a write changes (see [`SeriesUndo`]).
     pub(crate) fn begin(&mut self) {
+        self.generation = self.generation.wrapping_add(1);
+        if self.generation == 0 {
+            // Wrapped: no stale mark may look like this write's.
+            self.recorded_in.fill(0);
+            self.generation = 1;
+        }
         self.undo = Some(SeriesUndo {
             len: self.max_time.len(),
             ..SeriesUndo::default()
@@ -162,7 +174,8 @@ impl SeriesIndex {
         }
         self.max_time.truncate(undo.len);
         self.persisted.truncate(undo.len);
-        for &(id, time) in undo.times.iter().rev() {
+        self.recorded_in.truncate(undo.len);
+        for &(id, time) in &undo.times {
             if let Some(t) = self.max_time.get_mut(id as usize) {
                 *t = time;
             }
@@ -208,6 +221,7 @@ impl SeriesIndex {
         }
         self.max_time.push(self.floor);
         self.persisted.push(self.floor);
+        self.recorded_in.push(0);
         Some(id)
     }
 
@@ -219,7 +233,10 @@ impl SeriesIndex {
         if time > *slot {
             if let Some(u) = &mut self.undo
                 && (id as usize) < u.len
+                && self.recorded_in[id as usize] != self.generation
             {
+                // The time before the write: once per series and write.
+                self.recorded_in[id as usize] = self.generation;
                 u.times.push((id, *slot));
             }
             *slot = time;
@@ -251,5 +268,42 @@ pub(crate) fn canonical_key<'t>(tags: &mut [(&'t str, &'t str)], out: &mut Vec<u
         out.extend_from_slice(k.as_bytes());
         out.extend_from_slice(&(v.len() as u32).to_le_bytes());
         out.extend_from_slice(v.as_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rolled_back_write_leaves_the_index_as_it_was_and_records_each_series_once() {
+        let mut index = SeriesIndex::default();
+        let a = index.id_for_canonical(b"a", 10).expect("a");
+        index.observe(a, 5);
+        index.begin();
+        // Many in-order points of one old series: one undo entry.
+        for t in 6..1000 {
+            assert_eq!(index.observe(a, t), 0);
+        }
+        let b = index.id_for_raw(",h=b", |k| k.extend_from_slice(b"b"), 10);
+        assert_eq!(b, Some(1));
+        index.observe(1, 7);
+        let undo = index.end().expect("recorded");
+        assert_eq!(undo.times, [(a, 5)]);
+        index.rollback(undo);
+        // b is gone (a new write gets its id again), and a's latest time is 5 again: a point
+        // at 6 is in order, not a possible overwrite.
+        assert_eq!(index.observe(a, 6), 0);
+        assert_eq!(index.id_for_canonical(b"c", 10), Some(1));
+        assert_eq!(
+            index.id_for_raw(",h=b", |k| k.extend_from_slice(b"b"), 10),
+            Some(2)
+        );
+        // The next write records a afresh.
+        index.begin();
+        index.observe(a, 50);
+        assert_eq!(index.end().expect("recorded").times, [(a, 6)]);
+        // The cap counts series known.
+        assert_eq!(index.id_for_canonical(b"d", 3), None);
     }
 }
