@@ -197,7 +197,7 @@ pub(crate) async fn long_poll(
                 break;
             }
             ChangeKind::Change => {
-                answer.messages.push(message_json(&m, None)?);
+                answer.add(message_json(&m, None)?);
                 // Whatever else is ready now goes in the same answer, up to the limit (the
                 // rest in the next one: nothing taken is left out).
                 while answer.bytes <= answer.limit {
@@ -207,9 +207,7 @@ pub(crate) async fn long_poll(
                     if m.kind != ChangeKind::Change {
                         break;
                     }
-                    let json = message_json(&m, None)?;
-                    answer.bytes += json.len();
-                    answer.messages.push(json);
+                    answer.add(message_json(&m, None)?);
                 }
                 break;
             }
@@ -236,13 +234,18 @@ struct Answer {
 }
 
 impl Answer {
+    /// Adds a message (one already taken from the subscription: it must be sent).
+    fn add(&mut self, json: String) {
+        self.bytes = self.bytes.saturating_add(json.len());
+        self.messages.push(json);
+    }
+
     /// Adds a message that must fit: Err(limit) past the limit.
     fn push(&mut self, json: String) -> Result<(), usize> {
-        self.bytes = self.bytes.saturating_add(json.len());
+        self.add(json);
         if self.bytes > self.limit {
             return Err(self.limit);
         }
-        self.messages.push(json);
         Ok(())
     }
 }
@@ -353,16 +356,16 @@ async fn connection(
 
 /// The close code and reason for a frame the client sent that broke the protocol: 1009 for a
 /// message over the size limit, 1007 for text that is not UTF-8, 1002 for the rest.
-fn close_code(e: axum::Error) -> (u16, &'static str) {
+fn close_code(e: axum::Error) -> (u16, String) {
     use tungstenite::error::{CapacityError, Error as WsError};
     match e.into_inner().downcast::<WsError>().map(|b| *b) {
         Ok(WsError::Capacity(CapacityError::MessageTooLong { .. })) => (
             1009,
-            "message too big: at most 65536 bytes per client message",
+            format!("message too big: at most {WS_MAX_CLIENT_MESSAGE} bytes per client message"),
         ),
-        Ok(WsError::Capacity(_)) => (1009, "message too big"),
-        Ok(WsError::Utf8(_)) => (1007, "text frames must be UTF-8"),
-        _ => (1002, "protocol error"),
+        Ok(WsError::Capacity(_)) => (1009, "message too big".to_string()),
+        Ok(WsError::Utf8(_)) => (1007, "text frames must be UTF-8".to_string()),
+        _ => (1002, "protocol error".to_string()),
     }
 }
 

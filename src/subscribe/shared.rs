@@ -127,7 +127,7 @@ impl Hub {
                 if self.views.get(db_name, &name).is_some() {
                     return Ok((name, attaching));
                 }
-                // Being made by a concurrent subscribe: wait for it below.
+                // Being made by a concurrent subscribe: making it below meets `Exists`.
                 attaching
             } else {
                 self.admit(&shared, owner)?;
