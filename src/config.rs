@@ -79,6 +79,11 @@ pub struct Config {
     /// Default: false (on the TSBS benchmark it was 2–8% slower: pruning already skips most
     /// rows, and the filters are evaluated again above the scan).
     pub parquet_filter_pushdown: bool,
+    /// Answer queries from maintained state when the answer is provably the same: the newest
+    /// row per series (`row_number() OVER (PARTITION BY tags ORDER BY time DESC) = 1`,
+    /// `DISTINCT ON`, `first_value … ORDER BY time DESC`) from the last-point state, shown as
+    /// `LastPointsExec` by `EXPLAIN`. Default: true.
+    pub query_rewrites: bool,
     /// Persist the buffer when the database is closed, so the next open replays nothing.
     /// Default: true. (False leaves the buffered writes to WAL replay: a faster close.)
     pub persist_on_close: bool,
@@ -141,6 +146,7 @@ impl Default for Config {
             background: true,
             persist_on_close: true,
             parquet_filter_pushdown: false,
+            query_rewrites: true,
             view_wait: Duration::from_secs(30),
             view_backfill_slice: Duration::from_millis(100),
             view_queue_bytes: 256 << 20,

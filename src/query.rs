@@ -8,8 +8,11 @@
 
 pub(crate) mod admin;
 mod catalog;
+mod functions;
 mod insert;
 mod last_cache;
+mod rewrite;
+mod system;
 mod table;
 
 pub(crate) use table::BufferTableProvider;
@@ -94,10 +97,25 @@ pub(crate) trait QueryExtension: Send + Sync {
     ) -> Result<Option<Arc<dyn TableProvider>>, DataFusionError>;
 }
 
+/// More tables of the `system` schema, from a layer above (the subscription layer's
+/// `system.subscriptions`).
+pub(crate) trait SystemTables: Send + Sync {
+    /// The names it answers.
+    fn names(&self) -> Vec<String>;
+    /// The table called `name`, computed now, with only the rows of `databases` (None: all).
+    fn table(
+        &self,
+        name: &str,
+        databases: Option<&[String]>,
+    ) -> Result<Option<Arc<dyn TableProvider>>, DataFusionError>;
+}
+
 /// What the catalog adapters and table providers of one query engine share.
 pub(crate) struct Reader {
     pub(crate) engine: Arc<Engine>,
     extension: OnceLock<Weak<dyn QueryExtension>>,
+    /// More `system` tables, installed once while the database opens.
+    system_tables: OnceLock<Weak<dyn SystemTables>>,
     /// Segment files included in query scans (a file outside a query's time range is never
     /// opened, so this shows pruning).
     pub(crate) segments_scanned: AtomicU64,
@@ -116,6 +134,11 @@ impl Reader {
     pub(crate) fn extension(&self) -> Option<Arc<dyn QueryExtension>> {
         self.extension.get().and_then(Weak::upgrade)
     }
+
+    /// The `system` tables of the layers above, while they live.
+    pub(crate) fn system_tables(&self) -> Option<Arc<dyn SystemTables>> {
+        self.system_tables.get().and_then(Weak::upgrade)
+    }
 }
 
 /// Plans and runs SQL for one [`Db`](crate::Db).
@@ -131,12 +154,17 @@ impl QueryEngine {
         memory_limit: Option<usize>,
     ) -> Result<QueryEngine, DataFusionError> {
         let data_dir = engine.data_dir.clone();
+        let rewrites = engine.config.query_rewrites;
         let reader = Arc::new(Reader {
             engine,
             extension: OnceLock::new(),
+            system_tables: OnceLock::new(),
             segments_scanned: AtomicU64::new(0),
         });
-        let mut config = SessionConfig::new()
+        // `DATAFUSION_*` environment variables set DataFusion's own options (as in
+        // datafusion-cli), e.g. `DATAFUSION_EXECUTION_TARGET_PARTITIONS=4`; Rivulet's choices
+        // below win.
+        let mut config = SessionConfig::from_env()?
             .with_default_catalog_and_schema(CATALOG_NAME, default_database)
             .with_create_default_catalog_and_schema(false)
             .with_information_schema(true);
@@ -150,12 +178,19 @@ impl QueryEngine {
             crate::storage::layout::register_store(&runtime, dir)
                 .map_err(|e| DataFusionError::External(Box::new(e)))?;
         }
-        let template = SessionStateBuilder::new()
+        let mut builder = SessionStateBuilder::new()
             .with_config(config)
             .with_runtime_env(runtime)
-            .with_default_features()
-            .build();
+            .with_default_features();
+        if rewrites {
+            // After DataFusion's rules: they leave projections and filters next to the scans.
+            builder = builder.with_optimizer_rule(Arc::new(rewrite::LastPointRewrite));
+        }
+        let template = builder.build();
         let ctx = SessionContext::new_with_state(template);
+        ctx.register_udf(datafusion::logical_expr::ScalarUDF::from(
+            functions::TimeBucket::default(),
+        ));
         ctx.register_udtf(
             "last_cache",
             Arc::new(last_cache::LastCacheFunction {
@@ -175,6 +210,11 @@ impl QueryEngine {
     /// Installs the extension that reads views and the `system` schema (once).
     pub(crate) fn set_extension(&self, extension: Weak<dyn QueryExtension>) {
         let _ = self.reader.extension.set(extension);
+    }
+
+    /// Installs more `system` tables (once).
+    pub(crate) fn set_system_tables(&self, tables: Weak<dyn SystemTables>) {
+        let _ = self.reader.system_tables.set(tables);
     }
 
     /// What the table providers share (for providers made outside the catalog, e.g. a view's

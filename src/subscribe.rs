@@ -19,6 +19,7 @@
 mod encode;
 pub(crate) mod feed;
 mod hub;
+mod listing;
 mod log;
 mod shared;
 mod state;

@@ -48,6 +48,10 @@ pub(crate) struct ServeArgs {
     /// Server-Sent Event subscriptions open at once (not counted as requests).
     #[arg(long, env = "RIVULET_MAX_SUBSCRIPTIONS", default_value_t = 10_000)]
     max_subscriptions: usize,
+    /// Answer every query by scanning, never from maintained state (the last-point state
+    /// answers latest-row-per-series queries by default; EXPLAIN shows LastPointsExec).
+    #[arg(long, env = "RIVULET_NO_QUERY_REWRITES")]
+    no_query_rewrites: bool,
     /// Largest result held whole before it is sent (format=pretty and parquet, /api/v1/sql,
     /// long-poll answers); streamed formats have no limit (docs/limits.md).
     #[arg(long, env = "RIVULET_MAX_RESULT_BYTES", default_value_t = 64 << 20)]
@@ -121,6 +125,7 @@ pub(crate) fn run(args: ServeArgs) -> CliResult {
         max_shared_views: args.max_shared_views,
         max_shared_views_per_token: args.max_shared_views_per_token,
         shared_view_grace: std::time::Duration::from_secs(args.shared_view_grace_secs),
+        query_rewrites: !args.no_query_rewrites,
         ..Config::with_dir(&args.data_dir)
     }))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -58,6 +58,8 @@ impl DbInner {
         engine.add_observer(&(subs.clone() as Arc<dyn crate::storage::commit::ApplyObserver>));
         let observer: Weak<dyn crate::views::ViewObserver> = Arc::downgrade(&subs) as _;
         views.set_observer(observer);
+        let listing: Weak<dyn crate::query::SystemTables> = Arc::downgrade(&subs) as _;
+        query.set_system_tables(listing);
         let inner = Arc::new(DbInner {
             query,
             config,

@@ -182,15 +182,38 @@ struct SystemSchema {
 #[async_trait]
 impl SchemaProvider for SystemSchema {
     fn table_names(&self) -> Vec<String> {
-        self.reader
-            .extension()
-            .map(|x| x.system_table_names())
-            .unwrap_or_default()
+        let mut names: Vec<String> = super::system::STORAGE_TABLES
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        names.extend(
+            self.reader
+                .extension()
+                .map(|x| x.system_table_names())
+                .unwrap_or_default(),
+        );
+        names.extend(
+            self.reader
+                .system_tables()
+                .map(|x| x.names())
+                .unwrap_or_default(),
+        );
+        names
     }
 
     async fn table(&self, name: &str) -> Result<Option<Arc<dyn TableProvider>>> {
-        match self.reader.extension() {
-            Some(x) => x.system_table(name, self.scope.as_deref()),
+        if let Some(t) =
+            super::system::storage_table(&self.reader.engine, name, self.scope.as_deref())?
+        {
+            return Ok(Some(t));
+        }
+        if let Some(x) = self.reader.extension()
+            && let Some(t) = x.system_table(name, self.scope.as_deref())?
+        {
+            return Ok(Some(t));
+        }
+        match self.reader.system_tables() {
+            Some(x) => x.table(name, self.scope.as_deref()),
             None => Ok(None),
         }
     }

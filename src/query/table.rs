@@ -56,6 +56,70 @@ impl BufferTableProvider {
         }
     }
 
+    /// The table's name.
+    pub(crate) fn name(&self) -> &str {
+        &self.table.name
+    }
+
+    /// The kind of column `name` in the planning-time schema.
+    pub(crate) fn column_kind(&self, name: &str) -> Option<ColumnKind> {
+        self.schema.column(name).map(|c| c.kind)
+    }
+
+    /// The latest point of every series (projected), as a scan, and the number of rows; None
+    /// when the last-point state cannot stand for this query's snapshot: it holds a write newer
+    /// than the query's sequence (a commit being applied), or the query is view maintenance.
+    pub(crate) fn last_points(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+    ) -> Result<Option<(Arc<dyn ExecutionPlan>, usize)>> {
+        let snapshot = state.config().get_extension::<QuerySnapshot>();
+        if snapshot.as_ref().is_some_and(|s| !s.overrides.is_empty()) {
+            return Ok(None);
+        }
+        let visible = snapshot
+            .map(|s| s.seq())
+            .unwrap_or_else(|| self.reader.engine.visible_seq());
+        let last = self.table.last.lock().snapshot();
+        if last.max_seq() > visible {
+            return Ok(None);
+        }
+        let schema = self.table.schema();
+        let (mut batch, _) = last.to_batch(&schema)?;
+        if self.table.settings.read().retention.is_some() {
+            // Retention drops whole partitions, oldest first: a series' latest point older
+            // than every row left is no longer in the table.
+            let buffer = self.table.buffer.read().snapshot();
+            let earliest = buffer
+                .segments
+                .iter()
+                .map(|s| s.meta.min_time)
+                .chain(
+                    buffer
+                        .frozen
+                        .iter()
+                        .chain(&buffer.chunks)
+                        .map(|c| c.min_time),
+                )
+                .min()
+                .unwrap_or(i64::MAX);
+            let times = crate::storage::buffer::time_values(&batch)?;
+            let keep =
+                arrow::array::BooleanArray::from_iter(times.iter().map(|&t| Some(t >= earliest)));
+            batch = arrow::compute::filter_record_batch(&batch, &keep)?;
+        }
+        let columns: Vec<usize> = match projection {
+            Some(p) => p.clone(),
+            None => (0..self.schema.columns().len()).collect(),
+        };
+        let out_schema = projected_schema(&self.schema, &columns);
+        let projected = project_batch(&batch, &self.schema, &columns, &out_schema)?;
+        let rows = projected.num_rows();
+        let exec = MemorySourceConfig::try_new_exec(&[vec![projected]], out_schema, None)?;
+        Ok(Some((exec, rows)))
+    }
+
     /// Whether segment scans apply filters while decoding (`Config::parquet_filter_pushdown`).
     fn pushdown(&self) -> bool {
         self.reader.engine.config.parquet_filter_pushdown
@@ -214,6 +278,7 @@ impl BufferTableProvider {
             .and_then(|e| state.create_physical_expr(e, &table_df).ok())
             .unwrap_or_else(|| predicate.clone());
             let scan = segment_scan::scan(
+                state.runtime_env(),
                 &self.schema,
                 &ow.involved,
                 &all,
@@ -241,6 +306,7 @@ impl BufferTableProvider {
             let pruning = conjunction(filters.iter().cloned().chain([outside.clone()]))
                 .and_then(|e| state.create_physical_expr(e, &table_df).ok());
             let scan = segment_scan::scan(
+                state.runtime_env(),
                 &self.schema,
                 &ow.involved,
                 &cols,
@@ -444,6 +510,7 @@ impl TableProvider for BufferTableProvider {
             let predicate = conjunction(filters.iter().cloned())
                 .and_then(|e| state.create_physical_expr(e, &df_schema).ok());
             inputs.push(segment_scan::scan(
+                state.runtime_env(),
                 &self.schema,
                 &segments,
                 &columns,

@@ -197,6 +197,16 @@ fn project_row(schema: &TableSchema, chunk: &Chunk, row: u32) -> Result<RecordBa
 }
 
 impl LastSnapshot {
+    /// The newest write sequence among the rows the snapshot refers to (0 when empty).
+    pub(crate) fn max_seq(&self) -> u64 {
+        self.by_series
+            .iter()
+            .flatten()
+            .flat_map(|e| e.rows.iter().map(|(c, _)| c.seq))
+            .max()
+            .unwrap_or(0)
+    }
+
     /// True when no series has a point.
     pub(crate) fn is_empty(&self) -> bool {
         self.by_series.iter().all(Option::is_none)

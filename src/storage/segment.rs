@@ -31,8 +31,11 @@ use super::io::{Io, IoOp};
 pub(crate) const SEGMENT_FORMAT_VERSION: u32 = 1;
 /// Rows per Parquet row group: small enough that a tag or time filter skips most of a file.
 const ROW_GROUP_ROWS: usize = 65_536;
-/// Rows per data page: the unit the page index prunes.
-const PAGE_ROWS: usize = 8_192;
+/// Rows per data page: the unit the page index prunes. Rows are sorted by series then time, so
+/// a page holds a stretch of one series' time: at 1024 rows (under 3 hours of a 10-second
+/// series) a time filter skips most of a series' pages, not only other series. (8192 rows held
+/// a whole day of such a series in one page: a 12-hour query decoded all of it.)
+const PAGE_ROWS: usize = 1_024;
 
 /// Errors of segment files.
 #[derive(Debug, thiserror::Error)]

@@ -5,9 +5,11 @@ use std::sync::Arc;
 
 use arrow::compute::SortOptions;
 use datafusion::datasource::listing::PartitionedFile;
+use datafusion::datasource::physical_plan::parquet::CachedParquetFileReaderFactory;
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::physical_expr::expressions::col;
 use datafusion::physical_expr::{LexOrdering, PhysicalExpr, PhysicalSortExpr};
 use datafusion::physical_plan::ExecutionPlan;
@@ -32,8 +34,12 @@ fn file(segment: &Arc<Segment>) -> Result<PartitionedFile> {
 }
 
 /// Scans `segments` (projected onto `projection` of the table schema), spreading them over
-/// `partitions` file groups; `predicate` prunes row groups and pages.
+/// `partitions` file groups; `predicate` prunes row groups and pages. Files are opened through
+/// `runtime`'s file metadata cache: a segment never changes, so its footer and page index are
+/// parsed once, not by every query.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn scan(
+    runtime: &RuntimeEnv,
     schema: &TableSchema,
     segments: &[Arc<Segment>],
     projection: &[usize],
@@ -42,7 +48,13 @@ pub(crate) fn scan(
     pushdown: bool,
     sort_key: &[Arc<str>],
 ) -> Result<Arc<dyn ExecutionPlan>> {
-    let mut source = ParquetSource::new(schema.arrow().clone());
+    let store = runtime.object_store(layout::store_url()?)?;
+    let mut source = ParquetSource::new(schema.arrow().clone()).with_parquet_file_reader_factory(
+        Arc::new(CachedParquetFileReaderFactory::new(
+            store,
+            runtime.cache_manager.get_file_metadata_cache(),
+        )),
+    );
     if let Some(p) = predicate {
         // With `pushdown`, filters are also applied while decoding (late materialization):
         // columns other than the filtered ones are only decoded for the rows that pass.

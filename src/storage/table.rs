@@ -137,6 +137,11 @@ impl Default for SeriesIndex {
 }
 
 impl SeriesIndex {
+    /// How many series the table has.
+    pub(crate) fn series_count(&self) -> usize {
+        self.max_time.len()
+    }
+
     /// Sets the latest persisted time (see `floor`); only raises it.
     pub(crate) fn raise_floor(&mut self, time: i64) {
         self.floor = self.floor.max(time);

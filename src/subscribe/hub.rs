@@ -34,6 +34,8 @@ pub(crate) struct Hub {
     store: Option<store::Store>,
     /// The last write the commit step has shown to [`ApplyObserver::applied`].
     observed: AtomicU64,
+    /// The open subscriptions (`system.subscriptions`).
+    pub(super) listing: super::listing::Listing,
 }
 
 impl std::fmt::Debug for Hub {
@@ -97,6 +99,7 @@ impl Hub {
             shared_limits,
             store: dir.map(|d| store::Store::new(&d, io)),
             observed: AtomicU64::new(0),
+            listing: Default::default(),
         }
     }
 

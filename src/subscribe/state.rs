@@ -45,6 +45,8 @@ struct Snapshotting {
 }
 
 struct State {
+    /// Lists it in `system.subscriptions` while it lives.
+    _registration: super::listing::Registration,
     hub: Arc<Hub>,
     /// Keeps the database open while the subscription lives.
     _keep: Option<Arc<dyn std::any::Any + Send + Sync>>,
@@ -303,13 +305,14 @@ pub(crate) async fn subscribe(
     databases: Option<Vec<String>>,
     owner: Option<Arc<str>>,
 ) -> Result<Subscription, Error> {
+    let user_sql = sql;
     // Planned with the caller's rights whether or not a subscription view serves it.
     let df = hub
         .plan(&options.db, sql, databases.as_deref(), false)
         .await?;
     let (session, plan) = df.into_parts();
     match feed::analyse(&hub.views, &options.db, &plan) {
-        Ok(target) => start(hub, sql, options, databases, false, session, target).await,
+        Ok(target) => start(hub, sql, sql, options, databases, false, session, target).await,
         Err(refused) if feed::needs_view(&plan) => {
             // An aggregate (or join, window…) query: kept current by a subscription view.
             let (name, attaching) = hub
@@ -327,7 +330,10 @@ pub(crate) async fn subscribe(
                 .await?;
             let (session, plan) = df.into_parts();
             let target = feed::analyse(&hub.views, &options.db, &plan)?;
-            let subscription = start(hub, &sql, options, databases, true, session, target).await;
+            let subscription = start(
+                hub, &sql, user_sql, options, databases, true, session, target,
+            )
+            .await;
             // Attached (a subscriber of the view's log) or failed: the collector may judge it.
             drop(attaching);
             subscription
@@ -336,10 +342,13 @@ pub(crate) async fn subscribe(
     }
 }
 
-/// Starts following `target` (what `sql` reads, planned in `session`).
+/// Starts following `target` (what `sql` reads, planned in `session`); listed with the
+/// query the user subscribed to (`listed`).
+#[allow(clippy::too_many_arguments)]
 async fn start(
     hub: &Arc<Hub>,
     sql: &str,
+    listed: &str,
     options: SubscribeOptions,
     databases: Option<Vec<String>>,
     subscription_view: bool,
@@ -367,7 +376,15 @@ async fn start(
     *source.idle_since.lock() = None;
     let attached = Attached(source.clone(), hub.engine.config.clock.clone());
     let position = Arc::new(AtomicU64::new(0));
+    let registration = hub.register(
+        &options.db,
+        listed,
+        &source.kind,
+        subscription_view,
+        position.clone(),
+    );
     let mut state = State {
+        _registration: registration,
         hub: hub.clone(),
         _keep: hub.hold(),
         rx: source.tx.subscribe(),

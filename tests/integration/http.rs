@@ -917,6 +917,23 @@ async fn a_token_limited_to_databases_cannot_reach_others_through_sql() {
         views.contains("main_view") && !views.contains("other_view"),
         "{views}"
     );
+    // So do system.tables and system.segments: main's table m, nothing of other.
+    for sql in [
+        "SELECT database, table_name FROM system.tables",
+        "SELECT database, table_name FROM system.segments",
+        "SELECT database, query FROM system.subscriptions",
+    ] {
+        let r = query(sql).await.expect("send");
+        assert_eq!(r.status(), StatusCode::OK, "{sql}");
+        let text = r.text().await.expect("text");
+        assert!(
+            !text.contains("other") && !text.contains("secret"),
+            "{sql}: {text}"
+        );
+        if sql.contains("system.tables") {
+            assert!(text.contains(r#""table_name":"m""#), "{sql}: {text}");
+        }
+    }
     // Rivulet's own tables are not readable through last_cache either.
     let r = query("SELECT * FROM last_cache('__rivulet_views')")
         .await

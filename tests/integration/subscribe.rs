@@ -837,3 +837,62 @@ fn dropping_a_view_ends_its_subscriptions_and_snapshot_false_starts_at_now() {
     });
     db.close().expect("close");
 }
+
+#[test]
+fn system_subscriptions_lists_each_open_subscription_until_it_is_dropped() {
+    let rt = rt();
+    let db = memory();
+    db.write_lines("main", "cpu,host=a usage=95 1", Precision::Second)
+        .expect("write");
+    let listed = |db: &Db| {
+        let batches = rt
+            .block_on(db.sql(
+                "SELECT database, query, source, source_kind, shared_view FROM system.subscriptions ORDER BY id",
+            ))
+            .expect("system.subscriptions");
+        batches.iter().flat_map(rows).collect::<Vec<_>>()
+    };
+    assert!(listed(&db).is_empty());
+    let (table, shared) = rt.block_on(async {
+        let mut table = db
+            .subscribe(
+                "SELECT time, host, usage FROM cpu WHERE usage > 90",
+                fast(None),
+            )
+            .await
+            .expect("subscribe");
+        snapshot_rows(&mut table).await;
+        let mut shared = db
+            .subscribe("SELECT host, max(usage) FROM cpu GROUP BY host", fast(None))
+            .await
+            .expect("subscribe");
+        snapshot_rows(&mut shared).await;
+        (table, shared)
+    });
+    let text = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        listed(&db),
+        vec![
+            text(&[
+                "main",
+                "SELECT time, host, usage FROM cpu WHERE usage > 90",
+                "cpu",
+                "table",
+                "false"
+            ]),
+            // Served by an internal view, whose name is not shown.
+            text(&[
+                "main",
+                "SELECT host, max(usage) FROM cpu GROUP BY host",
+                "NULL",
+                "query",
+                "true"
+            ]),
+        ]
+    );
+    drop(table);
+    assert_eq!(listed(&db).len(), 1);
+    drop(shared);
+    assert!(listed(&db).is_empty());
+    db.close().expect("close");
+}
