@@ -107,6 +107,16 @@ fn run(c: &mut Criterion, db: &Db, group: &str) {
             ),
         ),
         (
+            "high-cpu-all",
+            format!(
+                "SELECT * FROM cpu WHERE usage_user > 90 \
+                 AND time >= {} AND time < {} ORDER BY hostname, time",
+                ts(6 * 3600),
+                ts(18 * 3600)
+            ),
+        ),
+        (
+            // Answered from the last-point state (Config::query_rewrites).
             "lastpoint",
             "SELECT hostname, time, usage_user FROM (SELECT hostname, time, usage_user, \
              row_number() OVER (PARTITION BY hostname ORDER BY time DESC) AS rn FROM cpu) s \
