@@ -187,21 +187,20 @@ fn ranks_newest(wf: &WindowFunction, input: &LogicalPlan) -> Option<LogicalPlan>
     {
         return None;
     }
-    let groups: Vec<&Column> = p
-        .partition_by
+    let groups = tag_columns(&p.partition_by, input)?;
+    newest_first(&p.order_by, &groups, input)?;
+    with_last_points(input)
+}
+
+/// `exprs` as columns, if each is a plain column that is a tag of the table `input` reads.
+fn tag_columns<'a>(exprs: &'a [Expr], input: &LogicalPlan) -> Option<Vec<&'a Column>> {
+    exprs
         .iter()
         .map(|e| match e {
-            Expr::Column(c) => Some(c),
+            Expr::Column(c) if base_kind(input, c)? == ColumnKind::Tag => Some(c),
             _ => None,
         })
-        .collect::<Option<_>>()?;
-    newest_first(&p.order_by, &groups, input)?;
-    for c in groups {
-        if base_kind(input, c)? != ColumnKind::Tag {
-            return None;
-        }
-    }
-    with_last_points(input)
+        .collect()
 }
 
 /// Checks that `order` sorts a group's rows newest first: keys that are group columns (constant
@@ -230,19 +229,7 @@ fn newest_first(
 /// input reading the last-point state.
 fn latest_of_groups(agg: &datafusion::logical_expr::Aggregate) -> Option<LogicalPlan> {
     let input = agg.input.as_ref();
-    let groups: Vec<&Column> = agg
-        .group_expr
-        .iter()
-        .map(|e| match e {
-            Expr::Column(c) => Some(c),
-            _ => None,
-        })
-        .collect::<Option<_>>()?;
-    for c in &groups {
-        if base_kind(input, c)? != ColumnKind::Tag {
-            return None;
-        }
-    }
+    let groups = tag_columns(&agg.group_expr, input)?;
     if agg.aggr_expr.is_empty() {
         return None;
     }
