@@ -101,7 +101,10 @@ impl ScalarUDFImpl for TimeBucket {
     }
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
-        let width = match &args.args[0] {
+        let (Some(width), Some(ts)) = (args.args.first(), args.args.get(1)) else {
+            return exec_err!("time_bucket takes a width and a timestamp");
+        };
+        let width = match width {
             ColumnarValue::Scalar(ScalarValue::IntervalMonthDayNano(Some(w))) => *w,
             ColumnarValue::Scalar(ScalarValue::IntervalMonthDayNano(None)) => {
                 return Ok(ColumnarValue::Scalar(null_like(&args.return_field)));
@@ -137,7 +140,7 @@ impl ScalarUDFImpl for TimeBucket {
             DataType::Timestamp(_, tz) => tz.clone(),
             _ => None,
         };
-        match &args.args[1] {
+        match ts {
             ColumnarValue::Scalar(ScalarValue::TimestampNanosecond(v, _)) => {
                 let out = v.map(|v| bucket(v, &stride, &align)).transpose()?;
                 Ok(ColumnarValue::Scalar(ScalarValue::TimestampNanosecond(
@@ -175,7 +178,9 @@ impl ScalarUDFImpl for TimeBucket {
                 .is_none_or(|p| p.sort_properties == SortProperties::Singleton)
         };
         Ok(if constant(0) && constant(2) {
-            input[1].sort_properties
+            input
+                .get(1)
+                .map_or(SortProperties::Unordered, |p| p.sort_properties)
         } else {
             SortProperties::Unordered
         })
