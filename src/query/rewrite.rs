@@ -40,7 +40,7 @@ use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::expr::{AggregateFunction, WindowFunction};
 use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{
-    BinaryExpr, Expr, LogicalPlan, Operator, TableProviderFilterPushDown, TableScan,
+    Aggregate, BinaryExpr, Expr, LogicalPlan, Operator, TableProviderFilterPushDown, TableScan,
     WindowFunctionDefinition,
 };
 use datafusion::optimizer::{OptimizerConfig, OptimizerRule};
@@ -74,16 +74,10 @@ impl OptimizerRule for LastPointRewrite {
                     .into_iter()
                     .filter_map(first_rank_column)
                     .find_map(|c| through_to_window(&filter.input, &c))
-                    .map(|input| {
-                        let mut f = filter.clone();
-                        f.input = Arc::new(input);
-                        LogicalPlan::Filter(f)
-                    }),
-                LogicalPlan::Aggregate(agg) => latest_of_groups(agg).map(|input| {
-                    let mut a = agg.clone();
-                    a.input = Arc::new(input);
-                    LogicalPlan::Aggregate(a)
-                }),
+                    .and_then(|input| with_input(&node, input)),
+                LogicalPlan::Aggregate(agg) => {
+                    latest_of_groups(agg).and_then(|input| with_input(&node, input))
+                }
                 _ => None,
             };
             Ok(match rewritten {
@@ -125,53 +119,64 @@ fn strip_casts(expr: &Expr) -> &Expr {
     }
 }
 
-/// Follows `column` from the output of `plan` down to the window that computes it; when that
-/// is a ranking over the newest rows of groups of series, returns `plan` with the window's
-/// table scan reading the last-point state.
-fn through_to_window(plan: &LogicalPlan, column: &Column) -> Option<LogicalPlan> {
+/// For a node that passes columns on (projection, alias, filter): its input, and what
+/// `column` of its output is in that input (None when the node computes the column).
+fn passed_on<'a>(plan: &'a LogicalPlan, column: &Column) -> Option<(&'a LogicalPlan, Column)> {
     match plan {
         LogicalPlan::Projection(p) => {
             let i = p.schema.index_of_column(column).ok()?;
-            let Expr::Column(inner) = unalias(&p.expr[i]) else {
-                return None;
-            };
-            let input = through_to_window(&p.input, inner)?;
-            let mut p = p.clone();
-            p.input = Arc::new(input);
-            Some(LogicalPlan::Projection(p))
+            match unalias(&p.expr[i]) {
+                Expr::Column(inner) => Some((p.input.as_ref(), inner.clone())),
+                _ => None,
+            }
         }
         LogicalPlan::SubqueryAlias(s) => {
             let i = s.schema.index_of_column(column).ok()?;
-            let inner = Column::from(s.input.schema().qualified_field(i));
-            let input = through_to_window(&s.input, &inner)?;
-            let mut s = s.clone();
-            s.input = Arc::new(input);
-            Some(LogicalPlan::SubqueryAlias(s))
+            Some((
+                s.input.as_ref(),
+                Column::from(s.input.schema().qualified_field(i)),
+            ))
         }
-        // A filter above the window removes rows after ranking: the first ranks stay first.
-        LogicalPlan::Filter(f) => {
-            let input = through_to_window(&f.input, column)?;
-            let mut f = f.clone();
-            f.input = Arc::new(input);
-            Some(LogicalPlan::Filter(f))
-        }
-        LogicalPlan::Window(w) => {
-            let i = w.schema.index_of_column(column).ok()?;
-            let below = w.input.schema().fields().len();
-            // One window function only: another one's values would change with its input.
-            if i < below || w.window_expr.len() != 1 {
-                return None;
-            }
-            let Expr::WindowFunction(wf) = unalias(&w.window_expr[i - below]) else {
-                return None;
-            };
-            let input = ranks_newest(wf, &w.input)?;
-            let mut w = w.clone();
-            w.input = Arc::new(input);
-            Some(LogicalPlan::Window(w))
-        }
+        LogicalPlan::Filter(f) => Some((f.input.as_ref(), column.clone())),
         _ => None,
     }
+}
+
+/// `plan` (a projection, alias, filter, window or aggregate) with `input` in place of its
+/// input.
+fn with_input(plan: &LogicalPlan, input: LogicalPlan) -> Option<LogicalPlan> {
+    let input = Arc::new(input);
+    let mut plan = plan.clone();
+    match &mut plan {
+        LogicalPlan::Projection(p) => p.input = input,
+        LogicalPlan::SubqueryAlias(s) => s.input = input,
+        LogicalPlan::Filter(f) => f.input = input,
+        LogicalPlan::Window(w) => w.input = input,
+        LogicalPlan::Aggregate(a) => a.input = input,
+        _ => return None,
+    }
+    Some(plan)
+}
+
+/// Follows `column` from the output of `plan` down to the window that computes it; when that
+/// is a ranking over the newest rows of groups of series, returns `plan` with the window's
+/// table scan reading the last-point state. (A filter on the way removes rows after ranking:
+/// the first ranks stay first.)
+fn through_to_window(plan: &LogicalPlan, column: &Column) -> Option<LogicalPlan> {
+    if let LogicalPlan::Window(w) = plan {
+        let i = w.schema.index_of_column(column).ok()?;
+        let below = w.input.schema().fields().len();
+        // One window function only: another one's values would change with its input.
+        if i < below || w.window_expr.len() != 1 {
+            return None;
+        }
+        let Expr::WindowFunction(wf) = unalias(&w.window_expr[i - below]) else {
+            return None;
+        };
+        return with_input(plan, ranks_newest(wf, &w.input)?);
+    }
+    let (input, inner) = passed_on(plan, column)?;
+    with_input(plan, through_to_window(input, &inner)?)
 }
 
 /// For `row_number`/`rank`/`dense_rank() OVER (PARTITION BY <tags> ORDER BY time DESC, …)`
@@ -227,7 +232,7 @@ fn newest_first(
 
 /// For an aggregate grouped by tags whose every value comes from a group's newest row: its
 /// input reading the last-point state.
-fn latest_of_groups(agg: &datafusion::logical_expr::Aggregate) -> Option<LogicalPlan> {
+fn latest_of_groups(agg: &Aggregate) -> Option<LogicalPlan> {
     let input = agg.input.as_ref();
     let groups = tag_columns(&agg.group_expr, input)?;
     if agg.aggr_expr.is_empty() {
@@ -286,56 +291,29 @@ fn table_of(scan: &TableScan) -> Option<&BufferTableProvider> {
 /// What `column` (of `plan`'s output) is in the table the plan reads: the kind of the table
 /// column it passes on unchanged, through projections, aliases and filters.
 fn base_kind(plan: &LogicalPlan, column: &Column) -> Option<ColumnKind> {
-    match plan {
-        LogicalPlan::Projection(p) => {
-            let i = p.schema.index_of_column(column).ok()?;
-            match unalias(&p.expr[i]) {
-                Expr::Column(inner) => base_kind(&p.input, inner),
-                _ => None,
-            }
-        }
-        LogicalPlan::SubqueryAlias(s) => {
-            let i = s.schema.index_of_column(column).ok()?;
-            base_kind(&s.input, &Column::from(s.input.schema().qualified_field(i)))
-        }
-        LogicalPlan::Filter(f) => base_kind(&f.input, column),
-        LogicalPlan::TableScan(scan) => {
-            let table = table_of(scan)?;
-            let i = scan.projected_schema.index_of_column(column).ok()?;
-            let name = scan.projected_schema.field(i).name();
-            table.column_kind(name)
-        }
-        _ => None,
+    if let LogicalPlan::TableScan(scan) = plan {
+        let table = table_of(scan)?;
+        let i = scan.projected_schema.index_of_column(column).ok()?;
+        return table.column_kind(scan.projected_schema.field(i).name());
     }
+    let (input, inner) = passed_on(plan, column)?;
+    base_kind(input, &inner)
 }
 
 /// `plan` (projections, aliases and filters over one table scan) with the scan reading the
 /// last-point state, if every node keeps the newest row of each series where it was.
 fn with_last_points(plan: &LogicalPlan) -> Option<LogicalPlan> {
     match plan {
-        LogicalPlan::Projection(p) => {
-            if !p.expr.iter().all(row_wise) {
-                return None;
-            }
-            let mut p = p.clone();
-            p.input = Arc::new(with_last_points(&p.input)?);
-            Some(LogicalPlan::Projection(p))
+        LogicalPlan::Projection(p) if p.expr.iter().all(row_wise) => {
+            with_input(plan, with_last_points(&p.input)?)
         }
-        LogicalPlan::SubqueryAlias(s) => {
-            let mut s = s.clone();
-            s.input = Arc::new(with_last_points(&s.input)?);
-            Some(LogicalPlan::SubqueryAlias(s))
-        }
-        LogicalPlan::Filter(f) => {
-            if !split_conjunction(&f.predicate)
+        LogicalPlan::SubqueryAlias(s) => with_input(plan, with_last_points(&s.input)?),
+        LogicalPlan::Filter(f)
+            if split_conjunction(&f.predicate)
                 .into_iter()
-                .all(|c| keeps_newest(c, &f.input))
-            {
-                return None;
-            }
-            let mut f = f.clone();
-            f.input = Arc::new(with_last_points(&f.input)?);
-            Some(LogicalPlan::Filter(f))
+                .all(|c| keeps_newest(c, &f.input)) =>
+        {
+            with_input(plan, with_last_points(&f.input)?)
         }
         LogicalPlan::TableScan(scan) => {
             table_of(scan)?;

@@ -109,15 +109,21 @@ impl BufferTableProvider {
                 arrow::array::BooleanArray::from_iter(times.iter().map(|&t| Some(t >= earliest)));
             batch = arrow::compute::filter_record_batch(&batch, &keep)?;
         }
+        let (columns, out_schema) = self.projected(projection);
+        let projected = project_batch(&batch, &self.schema, &columns, &out_schema)?;
+        let rows = projected.num_rows();
+        let exec = MemorySourceConfig::try_new_exec(&[vec![projected]], out_schema, None)?;
+        Ok(Some((exec, rows)))
+    }
+
+    /// The columns a scan reads (all without a projection) and their schema.
+    fn projected(&self, projection: Option<&Vec<usize>>) -> (Vec<usize>, SchemaRef) {
         let columns: Vec<usize> = match projection {
             Some(p) => p.clone(),
             None => (0..self.schema.columns().len()).collect(),
         };
         let out_schema = projected_schema(&self.schema, &columns);
-        let projected = project_batch(&batch, &self.schema, &columns, &out_schema)?;
-        let rows = projected.num_rows();
-        let exec = MemorySourceConfig::try_new_exec(&[vec![projected]], out_schema, None)?;
-        Ok(Some((exec, rows)))
+        (columns, out_schema)
     }
 
     /// Whether segment scans apply filters while decoding (`Config::parquet_filter_pushdown`).
@@ -449,11 +455,7 @@ impl TableProvider for BufferTableProvider {
             .fold((i64::MIN, i64::MAX), |(lo, hi), (a, b)| {
                 (lo.max(a), hi.min(b))
             });
-        let columns: Vec<usize> = match projection {
-            Some(p) => p.clone(),
-            None => (0..self.schema.columns().len()).collect(),
-        };
-        let out_schema = projected_schema(&self.schema, &columns);
+        let (columns, out_schema) = self.projected(projection);
         let partitions = state.config().target_partitions().max(1);
         let snapshot = state.config().get_extension::<QuerySnapshot>();
         let mut range_filter = None;
