@@ -192,6 +192,13 @@ async fn incremental(
         .iter()
         .filter_map(|&(lo, hi)| plan.time.source_range(lo, hi))
         .collect();
+    // Appended rows inside a dirty window are left to its recompute: a recompute limited to
+    // the dirty chunks' keys must cover their keys too.
+    let keys = with_appended_keys(view, keys, &appends, &dirty_src)?.map(|k| {
+        k.into_iter()
+            .map(|s| s.into_iter().collect())
+            .collect::<Vec<Vec<String>>>()
+    });
 
     let mut writes = Writes::default();
     if let Some((new, range)) =
@@ -232,7 +239,7 @@ fn classify(
     chunks: Vec<Arc<Chunk>>,
     mut ranges: Vec<(i64, i64)>,
     fences: &[(i64, i64, u64)],
-) -> Result<(Vec<Arc<Chunk>>, Vec<(i64, i64)>, Option<Vec<Vec<String>>>), Error> {
+) -> Result<(Vec<Arc<Chunk>>, Vec<(i64, i64)>, DirtyKeys), Error> {
     let plan = &view.plan;
     // Dirty windows come from chunks only (no pending or upstream ranges): an aggregate view
     // keyed by source tags recomputes just the keys those chunks hold.
@@ -257,8 +264,33 @@ fn classify(
             appends.push(c);
         }
     }
-    let keys = keys.map(|k| k.into_iter().map(|s| s.into_iter().collect()).collect());
     Ok((appends, ranges, keys))
+}
+
+/// `keys` widened by the keys of appended chunks with rows in the dirty source ranges (None,
+/// whole buckets, when such a chunk lacks a key).
+fn with_appended_keys(
+    view: &View,
+    mut keys: DirtyKeys,
+    appends: &[Arc<Chunk>],
+    dirty_src: &[(i64, i64)],
+) -> Result<DirtyKeys, Error> {
+    let (Some(k), Some(keyed)) = (&mut keys, &view.plan.keyed) else {
+        return Ok(keys);
+    };
+    for c in appends {
+        let overlaps = dirty_src
+            .iter()
+            .any(|&(lo, hi)| c.max_time >= lo && c.min_time <= hi);
+        let inside = overlaps
+            && time_values(&c.batch)?
+                .iter()
+                .any(|&t| dirty_src.iter().any(|&(lo, hi)| t >= lo && t <= hi));
+        if inside && !key_values(c, keyed, k)? {
+            return Ok(None);
+        }
+    }
+    Ok(keys)
 }
 
 /// The dirty windows, as whole output buckets, from a floor on: with `late = 'drop'` final
