@@ -23,6 +23,7 @@
 mod backfill;
 mod check;
 pub(crate) mod ddl;
+mod dirty;
 pub(crate) mod emit;
 mod error;
 mod load;

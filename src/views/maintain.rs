@@ -14,6 +14,7 @@ use datafusion::common::ScalarValue;
 use datafusion::execution::context::{SQLOptions, SessionContext};
 use datafusion::logical_expr::{col, lit};
 
+use super::dirty;
 use super::plan::{OutColumn, Strategy, TimeMap, ViewPlan, quote};
 use super::provider::DELETED;
 use super::{Change, PROGRESS_TABLE, View, Views};
@@ -113,29 +114,6 @@ pub(crate) async fn round(
     Ok(Some(out))
 }
 
-/// Adds the key tag values of `chunk` to `into`; false when a row lacks one (a null key:
-/// the caller then recomputes whole buckets).
-fn key_values(
-    chunk: &Chunk,
-    keyed: &super::plan::Keyed,
-    into: &mut [std::collections::BTreeSet<String>],
-) -> Result<bool, Error> {
-    for ((_, tag), set) in keyed.tags.iter().zip(into.iter_mut()) {
-        let Some(column) = chunk.batch.column_by_name(tag) else {
-            return Ok(false);
-        };
-        let text = cast(column, &DataType::Utf8)?;
-        let Some(text) = text.as_any().downcast_ref::<StringArray>() else {
-            return Ok(false);
-        };
-        if text.null_count() > 0 {
-            return Ok(false);
-        }
-        set.extend(text.iter().flatten().map(str::to_string));
-    }
-    Ok(true)
-}
-
 /// Merges overlapping or touching ranges.
 fn coalesce(mut ranges: Vec<(i64, i64)>) -> Vec<(i64, i64)> {
     ranges.sort_unstable();
@@ -148,10 +126,6 @@ fn coalesce(mut ranges: Vec<(i64, i64)>) -> Vec<(i64, i64)> {
     }
     out
 }
-
-/// Keys of a keyed aggregate view's dirty groups (one value set per key tag); None: whole
-/// buckets.
-type DirtyKeys = Option<Vec<std::collections::BTreeSet<String>>>;
 
 /// The incremental path: appended rows are transformed (and, for aggregates, their states
 /// merged into the stored ones); chunks that may overwrite, late ones and fenced ones mark
@@ -181,7 +155,7 @@ async fn incremental(
                 .count() as u64;
         }
     }
-    let (appends, ranges, keys) = classify(view, chunks, ranges, fences)?;
+    let (appends, ranges, keys) = dirty::classify(view, chunks, ranges, fences)?;
     if plan.time == TimeMap::None && !ranges.is_empty() {
         // Overwrites in a view without time buckets: everything is one window.
         return recompute_all(db, view, upto).await;
@@ -194,7 +168,7 @@ async fn incremental(
         .collect();
     // Appended rows inside a dirty window are left to its recompute: a recompute limited to
     // the dirty chunks' keys must cover their keys too.
-    let keys = with_appended_keys(view, keys, &appends, &dirty_src)?.map(|k| {
+    let keys = dirty::with_appended_keys(view, keys, &appends, &dirty_src)?.map(|k| {
         k.into_iter()
             .map(|s| s.into_iter().collect())
             .collect::<Vec<Vec<String>>>()
@@ -229,68 +203,6 @@ async fn incremental(
         all: false,
         rows,
     })
-}
-
-/// Splits a round's chunks into plain appends and dirty source ranges (added to `ranges`),
-/// with the keys of the dirty groups of a keyed aggregate view.
-#[allow(clippy::type_complexity)]
-fn classify(
-    view: &View,
-    chunks: Vec<Arc<Chunk>>,
-    mut ranges: Vec<(i64, i64)>,
-    fences: &[(i64, i64, u64)],
-) -> Result<(Vec<Arc<Chunk>>, Vec<(i64, i64)>, DirtyKeys), Error> {
-    let plan = &view.plan;
-    // Dirty windows come from chunks only (no pending or upstream ranges): an aggregate view
-    // keyed by source tags recomputes just the keys those chunks hold.
-    let mut keys: DirtyKeys = plan
-        .keyed
-        .as_ref()
-        .filter(|_| ranges.is_empty())
-        .map(|k| vec![Default::default(); k.tags.len()]);
-    let mut appends: Vec<Arc<Chunk>> = Vec::new();
-    for c in chunks {
-        let fenced = fences
-            .iter()
-            .any(|&(lo, hi, seq)| c.seq <= seq && c.max_time >= lo && c.min_time <= hi);
-        if plan.strategy == Strategy::Recompute || c.overlaps || c.over_persisted || fenced {
-            ranges.push((c.min_time, c.max_time));
-            if let (Some(k), Some(keyed)) = (&mut keys, &plan.keyed)
-                && !key_values(&c, keyed, k)?
-            {
-                keys = None;
-            }
-        } else {
-            appends.push(c);
-        }
-    }
-    Ok((appends, ranges, keys))
-}
-
-/// `keys` widened by the keys of appended chunks with rows in the dirty source ranges (None,
-/// whole buckets, when such a chunk lacks a key).
-fn with_appended_keys(
-    view: &View,
-    mut keys: DirtyKeys,
-    appends: &[Arc<Chunk>],
-    dirty_src: &[(i64, i64)],
-) -> Result<DirtyKeys, Error> {
-    let (Some(k), Some(keyed)) = (&mut keys, &view.plan.keyed) else {
-        return Ok(keys);
-    };
-    for c in appends {
-        let overlaps = dirty_src
-            .iter()
-            .any(|&(lo, hi)| c.max_time >= lo && c.min_time <= hi);
-        let inside = overlaps
-            && time_values(&c.batch)?
-                .iter()
-                .any(|&t| dirty_src.iter().any(|&(lo, hi)| t >= lo && t <= hi));
-        if inside && !key_values(c, keyed, k)? {
-            return Ok(None);
-        }
-    }
-    Ok(keys)
 }
 
 /// The dirty windows, as whole output buckets, from a floor on: with `late = 'drop'` final
