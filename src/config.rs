@@ -84,6 +84,11 @@ pub struct Config {
     /// `DISTINCT ON`, `first_value … ORDER BY time DESC`) from the last-point state, shown as
     /// `LastPointsExec` by `EXPLAIN`. Default: true.
     pub query_rewrites: bool,
+    /// Memory for segments kept decoded (the hot-segment cache): recently persisted and
+    /// compacted segments, and after a restart those queries read while there is room, so
+    /// queries over recent data do not decode Parquet again. Least recently used segments
+    /// leave first; 0 turns the cache off. Default: 1 GiB.
+    pub hot_cache_bytes: usize,
     /// Persist the buffer when the database is closed, so the next open replays nothing.
     /// Default: true. (False leaves the buffered writes to WAL replay: a faster close.)
     pub persist_on_close: bool,
@@ -147,6 +152,7 @@ impl Default for Config {
             persist_on_close: true,
             parquet_filter_pushdown: false,
             query_rewrites: true,
+            hot_cache_bytes: 1 << 30,
             view_wait: Duration::from_secs(30),
             view_backfill_slice: Duration::from_millis(100),
             view_queue_bytes: 256 << 20,

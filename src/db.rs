@@ -30,7 +30,8 @@ mod admin;
 mod background;
 mod open;
 
-pub use crate::storage::persist::{CompactReport, PersistReport};
+pub use crate::storage::compact::CompactReport;
+pub use crate::storage::persist::PersistReport;
 pub use crate::views::ViewError;
 
 /// How a line protocol write is interpreted.
@@ -109,6 +110,8 @@ pub struct DbStats {
     pub segments_scanned: u64,
     /// Live subscriptions.
     pub subscribers: usize,
+    /// The hot-segment cache (segments kept decoded).
+    pub hot_cache: crate::HotCacheStats,
 }
 
 pub(crate) struct DbInner {
@@ -422,6 +425,7 @@ impl Db {
             persisted_seq: engine.persisted_seq.load(Ordering::Acquire),
             segments_scanned: self.inner.query.segments_scanned(),
             subscribers: self.inner.subs.subscribers(),
+            hot_cache: engine.hot.stats(),
             ..DbStats::default()
         };
         for db in databases {

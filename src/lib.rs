@@ -62,6 +62,7 @@ pub use ingest::WriteError;
 pub use ingest::check::ImportCheck;
 pub use ingest::line_protocol::{self, LineError, Precision};
 pub use storage::catalog::{CatalogError, ColumnKind, FieldType};
+pub use storage::hot::HotCacheStats;
 pub use storage::io::{IoFaults, IoOp};
 pub use storage::segment::SegmentError;
 pub use storage::wal::{RecoveredSegment, ReplayReport, WalError, WalRecovery};

@@ -4,7 +4,9 @@
 pub(crate) mod buffer;
 pub(crate) mod catalog;
 pub(crate) mod commit;
+pub(crate) mod compact;
 pub(crate) mod engine;
+pub(crate) mod hot;
 pub(crate) mod io;
 pub(crate) mod last;
 pub(crate) mod layout;

@@ -511,16 +511,43 @@ impl TableProvider for BufferTableProvider {
             let df_schema = DFSchema::try_from(self.schema.arrow().as_ref().clone())?;
             let predicate = conjunction(filters.iter().cloned())
                 .and_then(|e| state.create_physical_expr(e, &df_schema).ok());
-            inputs.push(segment_scan::scan(
-                state.runtime_env(),
-                &self.schema,
-                &segments,
-                &columns,
-                predicate,
-                partitions,
-                self.pushdown(),
-                &self.table.settings.read().sort_key.clone(),
-            )?);
+            let sort_key = self.table.settings.read().sort_key.clone();
+            // Segments the hot cache holds decoded are read from memory; the others from their
+            // files (and decoded into the cache on the side while it has room).
+            let hot = &self.reader.engine.hot;
+            let mut decoded = Vec::new();
+            let mut files = Vec::new();
+            for s in segments {
+                match hot.get(s.meta.id) {
+                    Some(h) => decoded.push(h),
+                    None => {
+                        hot.fill_later(&s);
+                        files.push(s);
+                    }
+                }
+            }
+            if !decoded.is_empty() {
+                inputs.push(segment_scan::hot_scan(
+                    &self.schema,
+                    &decoded,
+                    &columns,
+                    predicate.clone(),
+                    partitions,
+                    &sort_key,
+                )?);
+            }
+            if !files.is_empty() {
+                inputs.push(segment_scan::scan(
+                    state.runtime_env(),
+                    &self.schema,
+                    &files,
+                    &columns,
+                    predicate,
+                    partitions,
+                    self.pushdown(),
+                    &sort_key,
+                )?);
+            }
         }
         if !batches.is_empty() || inputs.is_empty() {
             let mut parts: Vec<Vec<RecordBatch>> = vec![Vec::new(); partitions];

@@ -123,6 +123,21 @@ impl Metrics {
                 db.persisted_seq,
             ),
             ("rivulet_segments", "Segment files.", db.segments as u64),
+            (
+                "rivulet_hot_cache_bytes",
+                "Memory of the segments kept decoded (hot-segment cache).",
+                db.hot_cache.bytes as u64,
+            ),
+            (
+                "rivulet_hot_cache_limit_bytes",
+                "The hot-segment cache's limit (--hot-cache-bytes).",
+                db.hot_cache.limit_bytes as u64,
+            ),
+            (
+                "rivulet_hot_cache_segments",
+                "Segments kept decoded.",
+                db.hot_cache.segments as u64,
+            ),
             ("rivulet_segment_rows", "Rows in segments.", db.segment_rows),
             (
                 "rivulet_segment_bytes",
@@ -141,6 +156,28 @@ impl Metrics {
             "# HELP rivulet_segments_scanned_total Segment files opened by queries.\n# TYPE rivulet_segments_scanned_total counter\nrivulet_segments_scanned_total {}",
             db.segments_scanned
         );
+        for (name, help, value) in [
+            (
+                "rivulet_hot_cache_hits_total",
+                "Segment reads by queries answered from the hot-segment cache.",
+                db.hot_cache.hits,
+            ),
+            (
+                "rivulet_hot_cache_misses_total",
+                "Segment reads by queries that decoded the file.",
+                db.hot_cache.misses,
+            ),
+            (
+                "rivulet_hot_cache_evictions_total",
+                "Segments dropped from the hot-segment cache to stay under its limit.",
+                db.hot_cache.evictions,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP rivulet_wal_fsync_seconds WAL fsyncs and the time spent in them.\n# TYPE rivulet_wal_fsync_seconds summary\nrivulet_wal_fsync_seconds_sum {}\nrivulet_wal_fsync_seconds_count {}",

@@ -184,6 +184,8 @@ pub(crate) struct Engine {
     pub(crate) runtime: Arc<datafusion::execution::runtime_env::RuntimeEnv>,
     /// The storage I/O seam (fault hook).
     pub(crate) io: Io,
+    /// Recently persisted segments, decoded.
+    pub(crate) hot: Arc<super::hot::HotSegments>,
     replay: ReplayReport,
     /// User writes are refused (close has begun).
     closed: AtomicBool,
@@ -302,6 +304,7 @@ impl Engine {
             last_persist: Mutex::new(std::time::Instant::now()),
             runtime,
             io,
+            hot: Arc::new(super::hot::HotSegments::new(config.hot_cache_bytes)),
             replay,
             closed: AtomicBool::new(false),
             sealed: AtomicBool::new(false),
@@ -520,6 +523,7 @@ impl Engine {
             }
             for s in segments.iter() {
                 s.mark_obsolete();
+                self.hot.remove(s.meta.id);
             }
         }
         self.with_write_lock(|catalog| {

@@ -1,5 +1,5 @@
-//! Persistence, compaction and retention (the [`Engine`]'s): moving buffered rows into segments and keeping the
-//! segment set small and within its retention.
+//! Persistence (the [`Engine`]'s): moving buffered rows into segments (compaction and
+//! retention are in `compact.rs`).
 //!
 //! Persist (numbered as in docs/architecture.md):
 //! 1. under the write lock: take sequence `S` (every write up to it is applied), close the WAL
@@ -44,17 +44,6 @@ pub struct PersistReport {
     pub segments: usize,
     /// WAL segment files deleted.
     pub wal_files_removed: usize,
-}
-
-/// What a call to [`Db::compact`](crate::Db::compact) did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CompactReport {
-    /// Partitions compacted.
-    pub partitions: usize,
-    /// Segments merged away.
-    pub segments_in: usize,
-    /// Segments written.
-    pub segments_out: usize,
 }
 
 /// What step 1 froze: the persisted sequence, each table's frozen chunks and last-point state.
@@ -132,6 +121,8 @@ struct TableOutput {
     table: Arc<Table>,
     added: Vec<SegmentMeta>,
     removed: Vec<SegmentMeta>,
+    /// The rows of each added segment, by id, for the hot-segment cache.
+    decoded: Vec<(u64, RecordBatch)>,
 }
 
 impl Engine {
@@ -190,7 +181,14 @@ impl Engine {
             return Err(e.into());
         }
 
-        // 4. Swap frozen chunks for segments.
+        // 4. Swap frozen chunks for segments (decoded into the hot cache first, so no query
+        // finds a new segment missing there).
+        for out in &outputs {
+            for m in &out.removed {
+                self.hot.remove(m.id);
+            }
+            self.cache_decoded(&out.decoded);
+        }
         install(data_dir, outputs, seq);
         drop(merge_guard);
         rebase_last_points(rebases, seq)?;
@@ -205,6 +203,20 @@ impl Engine {
         self.recount_buffer();
         *self.last_persist.lock() = std::time::Instant::now();
         Ok(report)
+    }
+
+    /// Puts just-written segments' rows into the hot-segment cache.
+    fn cache_decoded(&self, decoded: &[(u64, RecordBatch)]) {
+        if self.config.hot_cache_bytes == 0 {
+            return;
+        }
+        for (id, batch) in decoded {
+            match super::hot::HotSegment::new(vec![batch.clone()]) {
+                Ok(hot) => self.hot.insert(*id, hot),
+                // Only a cache: the segment is read from its file instead.
+                Err(e) => tracing::warn!(segment = id, "hot-segment cache: {e}"),
+            }
+        }
     }
 
     /// Step 1, under the write lock: takes sequence `S` (every write up to it is applied),
@@ -297,6 +309,7 @@ impl Engine {
             table: table.clone(),
             added: Vec::new(),
             removed: Vec::new(),
+            decoded: Vec::new(),
         };
         for (partition, mut batch) in split_partitions(&rows, len)? {
             let (lo, hi) = crate::storage::buffer::min_max(time_values(&batch)?);
@@ -324,10 +337,11 @@ impl Engine {
                 table,
                 partition,
                 seq,
-                &[sorted],
+                std::slice::from_ref(&sorted),
                 &sort_key,
                 written,
             )?;
+            out.decoded.push((meta.id, sorted));
             out.added.push(meta);
         }
         Ok(out)
@@ -364,7 +378,7 @@ impl Engine {
     }
 
     /// A fresh segment id and its file: relative to the data directory, and absolute.
-    fn new_segment_path(
+    pub(super) fn new_segment_path(
         &self,
         data_dir: &Path,
         manifest: &crate::storage::manifest::Manifest,
@@ -450,178 +464,11 @@ impl Engine {
             .buffer_bytes
             .store(total, std::sync::atomic::Ordering::Relaxed);
     }
-
-    /// Compacts every partition holding at least `min_segments` segments into one segment.
-    pub(crate) fn compact(
-        &self,
-        min_segments: usize,
-        full: bool,
-    ) -> Result<CompactReport, StorageError> {
-        let (Some(manifest), Some(data_dir)) = (&self.manifest, &self.data_dir) else {
-            return Ok(CompactReport::default());
-        };
-        let _compacting = self.compact_lock.lock();
-        let mut report = CompactReport::default();
-        for db in self.catalog().databases() {
-            for table in db.tables() {
-                let segments = table.buffer.read().segments();
-                // Size tiers (rows, powers of 4) within each partition: merging segments of
-                // similar size keeps the rewrite cost of a growing partition logarithmic. A full
-                // compaction merges the whole partition.
-                let mut groups: BTreeMap<(i64, u32), Vec<Arc<Segment>>> = BTreeMap::new();
-                for s in segments.iter() {
-                    let tier = if full {
-                        0
-                    } else {
-                        s.meta.rows.max(1).ilog2() / 2
-                    };
-                    groups
-                        .entry((s.meta.partition, tier))
-                        .or_default()
-                        .push(s.clone());
-                }
-                for ((partition, _), inputs) in groups {
-                    if inputs.len() < min_segments.max(2) {
-                        continue;
-                    }
-                    let meta =
-                        self.compact_partition(data_dir, manifest, &table, partition, &inputs)?;
-                    if let Err(e) = manifest.commit(
-                        std::slice::from_ref(&meta),
-                        &inputs.iter().map(|s| s.meta.clone()).collect::<Vec<_>>(),
-                        None,
-                        &[],
-                    ) {
-                        // As in persist: sled may hold the change unflushed; stop writes.
-                        self.commit
-                            .poison(format!("the segment manifest could not be updated: {e}"));
-                        return Err(e.into());
-                    }
-                    let ids: Vec<u64> = inputs.iter().map(|s| s.meta.id).collect();
-                    table.buffer.write().replace_segments(
-                        &ids,
-                        vec![Arc::new(Segment::new(meta, data_dir))],
-                        None,
-                    );
-                    for s in &inputs {
-                        s.mark_obsolete();
-                    }
-                    report.partitions += 1;
-                    report.segments_in += inputs.len();
-                    report.segments_out += 1;
-                }
-            }
-        }
-        Ok(report)
-    }
-
-    /// Merges sorted, non-overlapping segments of one partition into one, streaming (bounded
-    /// memory): DataFusion's sort-preserving merge over one Parquet scan per segment.
-    fn compact_partition(
-        &self,
-        data_dir: &Path,
-        manifest: &crate::storage::manifest::Manifest,
-        table: &Arc<Table>,
-        partition: i64,
-        inputs: &[Arc<Segment>],
-    ) -> Result<SegmentMeta, StorageError> {
-        use futures::StreamExt;
-
-        let schema = table.schema();
-        let sort_key = table.settings.read().sort_key.clone();
-        let plan = super::segment_scan::merge_plan(&schema, &sort_key, inputs)?;
-        let max_seq = inputs.iter().map(|s| s.meta.max_seq).max().unwrap_or(0);
-        let (id, rel, path) = self.new_segment_path(data_dir, manifest, table, partition)?;
-        let mut writer = SegmentWriter::create(&self.io, &path, schema.arrow(), &sort_key)?;
-        // DataFusion needs a runtime; a scoped thread keeps this callable from async code too.
-        let streamed: Result<(), StorageError> = std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    let rt = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .map_err(|e| {
-                            StorageError::io("starting", Path::new("compaction runtime"), e)
-                        })?;
-                    rt.block_on(async {
-                        let ctx = datafusion::execution::TaskContext::default()
-                            .with_runtime(self.runtime.clone());
-                        let mut stream = plan.execute(0, Arc::new(ctx))?;
-                        while let Some(batch) = stream.next().await {
-                            writer.write(&batch?)?;
-                        }
-                        Ok::<(), StorageError>(())
-                    })
-                })
-                .join()
-                .unwrap_or_else(|_| {
-                    Err(StorageError::Config(
-                        "the compaction thread panicked".into(),
-                    ))
-                })
-        });
-        streamed?;
-        Ok(segment_meta(
-            id,
-            table.id,
-            partition,
-            max_seq,
-            &rel,
-            writer.finish()?,
-        ))
-    }
-
-    /// Drops the partitions of tables with a retention that lie wholly before now − retention.
-    pub(crate) fn apply_retention(&self) -> Result<usize, StorageError> {
-        let Some(manifest) = &self.manifest else {
-            return Ok(0);
-        };
-        let _compacting = self.compact_lock.lock();
-        let now = self.config.clock.now_ns();
-        let len = self.partition_len();
-        let mut dropped = 0;
-        for db in self.catalog().databases() {
-            for table in db.tables() {
-                let Some(retention) = table.settings.read().retention else {
-                    continue;
-                };
-                let cutoff = now.saturating_sub(retention);
-                let expired: Vec<Arc<Segment>> = table
-                    .buffer
-                    .read()
-                    .segments()
-                    .iter()
-                    .filter(|s| s.meta.partition.saturating_add(len) <= cutoff)
-                    .cloned()
-                    .collect();
-                if expired.is_empty() {
-                    continue;
-                }
-                let metas: Vec<SegmentMeta> = expired.iter().map(|s| s.meta.clone()).collect();
-                if let Err(e) = manifest.commit(&[], &metas, None, &[]) {
-                    // As in persist: sled may hold the change unflushed; stop writes.
-                    self.commit
-                        .poison(format!("the segment manifest could not be updated: {e}"));
-                    return Err(e.into());
-                }
-                let ids: Vec<u64> = metas.iter().map(|m| m.id).collect();
-                table
-                    .buffer
-                    .write()
-                    .replace_segments(&ids, Vec::new(), None);
-                for s in &expired {
-                    s.mark_obsolete();
-                }
-                dropped += expired.len();
-            }
-        }
-        Ok(dropped)
-    }
 }
 
 /// The manifest record of a finished segment file (`finished` as `SegmentWriter::finish`
 /// returns it: rows, min time, max time, bytes).
-fn segment_meta(
+pub(super) fn segment_meta(
     id: u64,
     table_id: u64,
     partition: i64,

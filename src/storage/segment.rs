@@ -133,6 +133,11 @@ impl Segment {
         self.obsolete.store(true, Ordering::Release);
     }
 
+    /// True once the manifest no longer lists it.
+    pub(crate) fn is_obsolete(&self) -> bool {
+        self.obsolete.load(Ordering::Acquire)
+    }
+
     /// True when the segment's rows may fall in `[lo, hi]`.
     pub(crate) fn overlaps(&self, lo: i64, hi: i64) -> bool {
         self.meta.max_time >= lo && self.meta.min_time <= hi

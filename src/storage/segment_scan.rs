@@ -3,8 +3,11 @@
 
 use std::sync::Arc;
 
+use arrow::array::RecordBatch;
 use arrow::compute::SortOptions;
+use arrow::datatypes::SchemaRef;
 use datafusion::datasource::listing::PartitionedFile;
+use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::physical_plan::parquet::CachedParquetFileReaderFactory;
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
 use datafusion::datasource::source::DataSourceExec;
@@ -12,10 +15,13 @@ use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::physical_expr::expressions::col;
 use datafusion::physical_expr::{LexOrdering, PhysicalExpr, PhysicalSortExpr};
+use datafusion::physical_optimizer::pruning::PruningPredicateBuilder;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
 
+use crate::storage::buffer::project_batch;
 use crate::storage::catalog::{TIME_COLUMN, TableSchema};
+use crate::storage::hot::HotSegment;
 use crate::storage::layout;
 use crate::storage::segment::Segment;
 
@@ -87,12 +93,59 @@ pub(crate) fn scan(
     Ok(DataSourceExec::from_data_source(config))
 }
 
+/// Scans decoded segments of the hot cache like [`scan`] scans files: the slices `predicate`
+/// rules out by their statistics are skipped, the rest projected onto `projection`; up to
+/// [`MAX_ORDERED_FILES`] segments one per partition with their sort order declared.
+pub(crate) fn hot_scan(
+    schema: &TableSchema,
+    segments: &[Arc<HotSegment>],
+    projection: &[usize],
+    predicate: Option<Arc<dyn PhysicalExpr>>,
+    partitions: usize,
+    sort_key: &[Arc<str>],
+) -> Result<Arc<dyn ExecutionPlan>> {
+    let pruning = predicate.and_then(|p| {
+        PruningPredicateBuilder::new()
+            .with_file_schema(schema.arrow().clone())
+            .try_build(p)
+            .ok()
+            .filter(|p| !p.always_true())
+    });
+    let out_schema = Arc::new(schema.arrow().project(projection)?);
+    let ordered = segments.len() <= MAX_ORDERED_FILES;
+    let n = if ordered {
+        segments.len().max(1)
+    } else {
+        partitions.max(1).min(segments.len().max(1))
+    };
+    let mut parts: Vec<Vec<RecordBatch>> = vec![Vec::new(); n];
+    for (i, hot) in segments.iter().enumerate() {
+        let keep = match &pruning {
+            // A statistic that cannot be evaluated keeps every slice.
+            Some(p) => p.prune(hot.as_ref()).ok(),
+            None => None,
+        };
+        for b in hot.batches(keep.as_deref()) {
+            parts[i % n].push(project_batch(&b, schema, projection, &out_schema)?);
+        }
+    }
+    let mut source = MemorySourceConfig::try_new(&parts, out_schema.clone(), None)?;
+    if ordered && let Some(order) = ordering_of(&out_schema, sort_key)? {
+        source = source.try_with_sort_information(vec![order])?;
+    }
+    Ok(DataSourceExec::from_data_source(source))
+}
+
 /// Up to this many segment files are scanned one per partition with their order declared.
 const MAX_ORDERED_FILES: usize = 8;
 
 /// The sort order of segment rows: the sort key's tags then `time`, ascending, nulls first.
 pub(crate) fn ordering(schema: &TableSchema, sort_key: &[Arc<str>]) -> Result<Option<LexOrdering>> {
-    let arrow = schema.arrow();
+    ordering_of(schema.arrow(), sort_key)
+}
+
+/// [`ordering`] over the columns of `arrow` (a table schema or a projection of it).
+fn ordering_of(arrow: &SchemaRef, sort_key: &[Arc<str>]) -> Result<Option<LexOrdering>> {
     let options = SortOptions {
         descending: false,
         nulls_first: true,

@@ -645,6 +645,10 @@ async fn metrics_count_writes_and_queries() {
         "rivulet_tables 1\n",
         "rivulet_last_sequence 1\n",
         "# TYPE rivulet_query_duration_seconds histogram\n",
+        // In memory nothing is persisted: the hot-segment cache is empty, its limit the default.
+        "rivulet_hot_cache_segments 0\n",
+        "rivulet_hot_cache_limit_bytes 1073741824\n",
+        "# TYPE rivulet_hot_cache_hits_total counter\n",
     ] {
         assert!(text.contains(expected), "missing {expected:?} in\n{text}");
     }
