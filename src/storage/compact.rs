@@ -78,10 +78,7 @@ impl Engine {
                         self.hot.remove(*id);
                     }
                     if keep_hot {
-                        match super::hot::HotSegment::new(rows) {
-                            Ok(hot) => self.hot.insert(meta.id, hot),
-                            Err(e) => tracing::warn!(segment = meta.id, "hot-segment cache: {e}"),
-                        }
+                        self.hot.insert(meta.id, super::hot::HotSegment::new(rows));
                     }
                     table.buffer.write().replace_segments(
                         &ids,

@@ -9,12 +9,10 @@
 //! a query's filters rule out, as the Parquet scan skips pages.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, UInt64Array};
-use arrow::datatypes::DataType;
-use arrow::error::ArrowError;
 use datafusion::common::pruning::PruningStatistics;
 use datafusion::common::{Column, ScalarValue};
 use datafusion::functions_aggregate::min_max::{MaxAccumulator, MinAccumulator};
@@ -36,8 +34,10 @@ pub(crate) struct HotSegment {
     batches: Vec<RecordBatch>,
     /// (batch, offset, rows) of each slice.
     slices: Vec<(usize, usize, usize)>,
-    /// By column name: per-slice minimums, maximums and null counts.
-    stats: HashMap<String, ColumnStats>,
+    /// By column name: per-slice minimums, maximums and null counts, computed by the first
+    /// scan that prunes (a persist only hands its rows over, so it costs what it did without
+    /// the cache).
+    stats: OnceLock<HashMap<String, ColumnStats>>,
     bytes: usize,
 }
 
@@ -49,9 +49,9 @@ struct ColumnStats {
 }
 
 impl HotSegment {
-    /// Cuts `batches` (a segment's rows in file order) into slices and computes their
-    /// statistics.
-    pub(crate) fn new(batches: Vec<RecordBatch>) -> Result<HotSegment, ArrowError> {
+    /// Cuts `batches` (a segment's rows in file order) into slices (their statistics are
+    /// computed when first needed).
+    pub(crate) fn new(batches: Vec<RecordBatch>) -> HotSegment {
         let batches: Vec<RecordBatch> = batches.into_iter().filter(|b| b.num_rows() > 0).collect();
         let mut slices = Vec::new();
         for (i, b) in batches.iter().enumerate() {
@@ -62,22 +62,31 @@ impl HotSegment {
                 offset += rows;
             }
         }
-        let mut stats = HashMap::new();
-        if let Some(first) = batches.first() {
-            for (c, field) in first.schema().fields().iter().enumerate() {
-                let columns: Vec<ArrayRef> = slices
-                    .iter()
-                    .map(|&(b, offset, rows)| batches[b].column(c).slice(offset, rows))
-                    .collect();
-                stats.insert(field.name().clone(), column_stats(&columns)?);
-            }
-        }
         let bytes = batches.iter().map(RecordBatch::get_array_memory_size).sum();
-        Ok(HotSegment {
+        HotSegment {
             batches,
             slices,
-            stats,
+            stats: OnceLock::new(),
             bytes,
+        }
+    }
+
+    /// The slice statistics, computed on first use.
+    fn stats(&self) -> &HashMap<String, ColumnStats> {
+        self.stats.get_or_init(|| {
+            let mut stats = HashMap::new();
+            let Some(first) = self.batches.first() else {
+                return stats;
+            };
+            for (c, field) in first.schema().fields().iter().enumerate() {
+                let columns: Vec<ArrayRef> = self
+                    .slices
+                    .iter()
+                    .map(|&(b, offset, rows)| self.batches[b].column(c).slice(offset, rows))
+                    .collect();
+                stats.insert(field.name().clone(), column_stats(&columns));
+            }
+            stats
         })
     }
 
@@ -123,36 +132,32 @@ impl HotSegment {
 }
 
 /// Per-slice min/max (None when the type has no min/max accumulator) and null counts.
-fn column_stats(columns: &[ArrayRef]) -> Result<ColumnStats, ArrowError> {
+fn column_stats(columns: &[ArrayRef]) -> ColumnStats {
     let nulls: ArrayRef = Arc::new(UInt64Array::from_iter_values(
         columns.iter().map(|c| c.null_count() as u64),
     ));
     let Some(first) = columns.first() else {
-        return Ok(ColumnStats {
+        return ColumnStats {
             min: None,
             max: None,
             nulls,
-        });
+        };
     };
-    // Dictionary columns get statistics of their values (pruning casts them back).
-    let value_type = match first.data_type() {
-        DataType::Dictionary(_, v) => Some(v.as_ref().clone()),
-        _ => None,
-    };
+    if let Some((min, max)) = dictionary_extremes(columns) {
+        return ColumnStats {
+            min: Some(min),
+            max: Some(max),
+            nulls,
+        };
+    }
     let extremes = || -> datafusion::error::Result<(ArrayRef, ArrayRef)> {
-        let t = value_type
-            .clone()
-            .unwrap_or_else(|| first.data_type().clone());
+        let t = first.data_type().clone();
         let (mut mins, mut maxs) = (Vec::new(), Vec::new());
         for c in columns {
-            let c = match &value_type {
-                Some(v) => arrow::compute::cast(c, v)?,
-                None => c.clone(),
-            };
             let mut min = MinAccumulator::try_new(&t)?;
             let mut max = MaxAccumulator::try_new(&t)?;
-            min.update_batch(std::slice::from_ref(&c))?;
-            max.update_batch(std::slice::from_ref(&c))?;
+            min.update_batch(std::slice::from_ref(c))?;
+            max.update_batch(std::slice::from_ref(c))?;
             mins.push(min.evaluate()?);
             maxs.push(max.evaluate()?);
         }
@@ -166,16 +171,57 @@ fn column_stats(columns: &[ArrayRef]) -> Result<ColumnStats, ArrowError> {
         Ok((min, max)) => (Some(min), Some(max)),
         Err(_) => (None, None),
     };
-    Ok(ColumnStats { min, max, nulls })
+    ColumnStats { min, max, nulls }
+}
+
+/// Per-slice min/max of dictionary-encoded strings (tags), as strings (pruning casts them
+/// back), read through the keys without materializing the strings; None for other columns.
+fn dictionary_extremes(columns: &[ArrayRef]) -> Option<(ArrayRef, ArrayRef)> {
+    use arrow::array::{DictionaryArray, StringArray};
+    use arrow::datatypes::Int32Type;
+    let mut mins: Vec<Option<String>> = Vec::with_capacity(columns.len());
+    let mut maxs: Vec<Option<String>> = Vec::with_capacity(columns.len());
+    for c in columns {
+        let dict = c.as_any().downcast_ref::<DictionaryArray<Int32Type>>()?;
+        let values = dict.values().as_any().downcast_ref::<StringArray>()?;
+        let (mut min, mut max): (Option<&str>, Option<&str>) = (None, None);
+        let mut last_key = None;
+        for key in dict.keys().iter().flatten() {
+            // Rows are sorted by tags: runs of one key are the rule.
+            if last_key == Some(key) {
+                continue;
+            }
+            last_key = Some(key);
+            let Ok(idx) = usize::try_from(key) else {
+                continue;
+            };
+            if idx >= values.len() || values.is_null(idx) {
+                continue;
+            }
+            let v = values.value(idx);
+            if min.is_none_or(|m| v < m) {
+                min = Some(v);
+            }
+            if max.is_none_or(|m| v > m) {
+                max = Some(v);
+            }
+        }
+        mins.push(min.map(str::to_string));
+        maxs.push(max.map(str::to_string));
+    }
+    Some((
+        Arc::new(StringArray::from(mins)),
+        Arc::new(StringArray::from(maxs)),
+    ))
 }
 
 impl PruningStatistics for HotSegment {
     fn min_values(&self, column: &Column) -> Option<ArrayRef> {
-        self.stats.get(column.name()).and_then(|s| s.min.clone())
+        self.stats().get(column.name()).and_then(|s| s.min.clone())
     }
 
     fn max_values(&self, column: &Column) -> Option<ArrayRef> {
-        self.stats.get(column.name()).and_then(|s| s.max.clone())
+        self.stats().get(column.name()).and_then(|s| s.max.clone())
     }
 
     fn num_containers(&self) -> usize {
@@ -183,7 +229,7 @@ impl PruningStatistics for HotSegment {
     }
 
     fn null_counts(&self, column: &Column) -> Option<ArrayRef> {
-        self.stats.get(column.name()).map(|s| s.nulls.clone())
+        self.stats().get(column.name()).map(|s| s.nulls.clone())
     }
 
     fn row_counts(&self) -> Option<ArrayRef> {
@@ -363,7 +409,7 @@ impl HotSegments {
             .spawn(move || {
                 match super::segment::read_segment(&segment.path)
                     .map_err(|e| e.to_string())
-                    .and_then(|b| HotSegment::new(b).map_err(|e| e.to_string()))
+                    .map(HotSegment::new)
                 {
                     Ok(hot) if !segment.is_obsolete() => cache.insert_if_room(segment.meta.id, hot),
                     Ok(_) => {}
@@ -403,7 +449,7 @@ mod tests {
             Arc::new(Int64Array::from_iter_values(values)) as ArrayRef,
         )])
         .expect("batch");
-        HotSegment::new(vec![batch]).expect("hot")
+        HotSegment::new(vec![batch])
     }
 
     #[test]

@@ -211,11 +211,8 @@ impl Engine {
             return;
         }
         for (id, batch) in decoded {
-            match super::hot::HotSegment::new(vec![batch.clone()]) {
-                Ok(hot) => self.hot.insert(*id, hot),
-                // Only a cache: the segment is read from its file instead.
-                Err(e) => tracing::warn!(segment = id, "hot-segment cache: {e}"),
-            }
+            self.hot
+                .insert(*id, super::hot::HotSegment::new(vec![batch.clone()]));
         }
     }
 
