@@ -65,10 +65,6 @@ pub(crate) struct OpenArgs {
         default_value_t = 1_000_000
     )]
     max_series_per_table: usize,
-    /// Memory for segments kept decoded, so queries over recent data skip Parquet decoding;
-    /// 0 turns it off (docs/limits.md).
-    #[arg(long, env = "RIVULET_HOT_CACHE_BYTES", default_value_t = 1 << 30)]
-    hot_cache_bytes: usize,
 }
 
 impl OpenArgs {
@@ -80,7 +76,6 @@ impl OpenArgs {
             max_tables_per_database: self.max_tables_per_database,
             max_columns_per_table: self.max_columns_per_table,
             max_series_per_table: self.max_series_per_table,
-            hot_cache_bytes: self.hot_cache_bytes,
             ..config
         }
     }
@@ -91,6 +86,9 @@ impl DataDirArgs {
     fn config(&self) -> rivulet::Config {
         self.open.apply(rivulet::Config {
             default_database: self.db.clone(),
+            // One-shot commands (`write`, `sql`) exit when done: segments kept decoded for
+            // later queries would only cost the import time and memory.
+            hot_cache_bytes: 0,
             ..rivulet::Config::with_dir(&self.data_dir)
         })
     }

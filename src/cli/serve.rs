@@ -86,6 +86,10 @@ pub(crate) struct ServeArgs {
         value_delimiter = ','
     )]
     cors_origins: Vec<String>,
+    /// Memory for segments kept decoded, so queries over recent data skip Parquet decoding
+    /// (least recently used first out; 0 turns it off; docs/limits.md).
+    #[arg(long, env = "RIVULET_HOT_CACHE_BYTES", default_value_t = 1 << 30)]
+    hot_cache_bytes: usize,
     /// How the directory is opened.
     #[command(flatten)]
     open: super::OpenArgs,
@@ -126,6 +130,7 @@ pub(crate) fn run(args: ServeArgs) -> CliResult {
         max_shared_views_per_token: args.max_shared_views_per_token,
         shared_view_grace: std::time::Duration::from_secs(args.shared_view_grace_secs),
         query_rewrites: !args.no_query_rewrites,
+        hot_cache_bytes: args.hot_cache_bytes,
         ..Config::with_dir(&args.data_dir)
     }))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
