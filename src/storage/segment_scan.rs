@@ -72,12 +72,7 @@ pub(crate) fn scan(
     // A few files: one per group, with their sort order declared (each file is sorted by the
     // sort key then time), so aggregations over a sort-key prefix can stream. Many files: spread
     // round-robin (a group of several files has no order).
-    let ordered = segments.len() <= MAX_ORDERED_FILES;
-    let n = if ordered {
-        segments.len().max(1)
-    } else {
-        partitions.max(1).min(segments.len().max(1))
-    };
+    let (ordered, n) = grouping(segments.len(), partitions);
     let mut groups: Vec<Vec<PartitionedFile>> = vec![Vec::new(); n];
     for (i, s) in segments.iter().enumerate() {
         groups[i % n].push(file(s)?);
@@ -112,12 +107,7 @@ pub(crate) fn hot_scan(
             .filter(|p| !p.always_true())
     });
     let out_schema = Arc::new(schema.arrow().project(projection)?);
-    let ordered = segments.len() <= MAX_ORDERED_FILES;
-    let n = if ordered {
-        segments.len().max(1)
-    } else {
-        partitions.max(1).min(segments.len().max(1))
-    };
+    let (ordered, n) = grouping(segments.len(), partitions);
     let mut parts: Vec<Vec<RecordBatch>> = vec![Vec::new(); n];
     for (i, hot) in segments.iter().enumerate() {
         let keep = match &pruning {
@@ -134,6 +124,18 @@ pub(crate) fn hot_scan(
         source = source.try_with_sort_information(vec![order])?;
     }
     Ok(DataSourceExec::from_data_source(source))
+}
+
+/// Whether `segments` segments are scanned one per partition with their order declared, and
+/// how many partitions they are spread over.
+fn grouping(segments: usize, partitions: usize) -> (bool, usize) {
+    let ordered = segments <= MAX_ORDERED_FILES;
+    let n = if ordered {
+        segments.max(1)
+    } else {
+        partitions.max(1).min(segments.max(1))
+    };
+    (ordered, n)
 }
 
 /// Up to this many segment files are scanned one per partition with their order declared.

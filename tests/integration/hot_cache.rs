@@ -4,6 +4,7 @@
 //! statistics prune by, must answer the same. Segments hold thousands of rows, so slices are
 //! really skipped.
 
+use crate::common::{host_runs, sorted_rows as rows};
 use proptest::prelude::*;
 use rivulet::{Config, Db, Durability, Precision};
 
@@ -55,25 +56,6 @@ fn lines(rng: &mut Rng, n: usize, with_note: bool) -> String {
         ));
     }
     out.join("\n")
-}
-
-fn rows(db: &Db, rt: &tokio::runtime::Runtime, sql: &str) -> Vec<String> {
-    let batches = rt
-        .block_on(db.sql(sql))
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    let mut out = Vec::new();
-    for batch in &batches {
-        for row in 0..batch.num_rows() {
-            let cells: Vec<String> = batch
-                .columns()
-                .iter()
-                .map(|c| arrow::util::display::array_value_to_string(c, row).expect("display"))
-                .collect();
-            out.push(cells.join("|"));
-        }
-    }
-    out.sort();
-    out
 }
 
 fn config(dir: &std::path::Path, hot: bool) -> Config {
@@ -195,13 +177,7 @@ fn a_tag_filter_skips_slices_of_a_hot_segment() {
         ..config(dir.path(), true)
     })
     .expect("open");
-    let mut text = String::new();
-    for h in 0..4 {
-        for t in 0..40_000 {
-            text.push_str(&format!("cpu,host=h{h} v={t}i {}\n", 1_704_067_200 + t));
-        }
-    }
-    db.write_lines("main", &text, Precision::Second)
+    db.write_lines("main", &host_runs(), Precision::Second)
         .expect("write");
     db.persist().expect("persist");
     assert_eq!(db.stats().hot_cache.segments, 1);

@@ -4,6 +4,7 @@
 //! database with rewrites and on one without (`Config::query_rewrites`). The answers must be
 //! equal; where the rewrite must apply, `EXPLAIN` must show `LastPointsExec`.
 
+use crate::common::sorted_rows as rows;
 use proptest::prelude::*;
 use rivulet::{Config, Db, Durability, Precision};
 
@@ -125,26 +126,6 @@ const QUERIES: &[(&str, bool)] = &[
         false,
     ),
 ];
-
-/// The rows of `sql`, each as text, sorted.
-fn rows(db: &Db, rt: &tokio::runtime::Runtime, sql: &str) -> Vec<String> {
-    let batches = rt
-        .block_on(db.sql(sql))
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    let mut out = Vec::new();
-    for batch in &batches {
-        for row in 0..batch.num_rows() {
-            let cells: Vec<String> = batch
-                .columns()
-                .iter()
-                .map(|c| arrow::util::display::array_value_to_string(c, row).expect("display"))
-                .collect();
-            out.push(cells.join("|"));
-        }
-    }
-    out.sort();
-    out
-}
 
 fn answered_from_state(db: &Db, rt: &tokio::runtime::Runtime, sql: &str) -> bool {
     rows(db, rt, &format!("EXPLAIN {sql}"))

@@ -501,13 +501,7 @@ fn a_tag_filter_prunes_row_groups_of_a_segment() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = open_cold(dir.path());
     // 4 hosts × 40,000 points: one segment of three 65,536-row row groups, sorted by host.
-    let mut text = String::new();
-    for h in 0..4 {
-        for t in 0..40_000 {
-            text.push_str(&format!("cpu,host=h{h} v={t}i {}\n", 1_704_067_200 + t));
-        }
-    }
-    db.write_lines("main", &text, Precision::Second)
+    db.write_lines("main", &crate::common::host_runs(), Precision::Second)
         .expect("write");
     db.persist().expect("persist");
     assert_eq!(db.stats().segments, 1);

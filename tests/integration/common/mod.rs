@@ -35,6 +35,38 @@ pub(crate) fn table(db: &Db, sql: &str) -> String {
     pretty(&batches)
 }
 
+/// The rows of `sql`, each as text (cells joined by `|`), sorted.
+pub(crate) fn sorted_rows(db: &Db, rt: &tokio::runtime::Runtime, sql: &str) -> Vec<String> {
+    let batches = rt
+        .block_on(db.sql(sql))
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let mut out = Vec::new();
+    for batch in &batches {
+        for row in 0..batch.num_rows() {
+            let cells: Vec<String> = batch
+                .columns()
+                .iter()
+                .map(|c| arrow::util::display::array_value_to_string(c, row).expect("display"))
+                .collect();
+            out.push(cells.join("|"));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// 4 hosts × 40,000 points (`cpu,host=hN v=T`, one a second from 2024-01-01): a segment of
+/// them spans several row groups and slices, sorted by host.
+pub(crate) fn host_runs() -> String {
+    let mut text = String::new();
+    for h in 0..4 {
+        for t in 0..40_000 {
+            text.push_str(&format!("cpu,host=h{h} v={t}i {}\n", 1_704_067_200 + t));
+        }
+    }
+    text
+}
+
 /// Batches as a pretty table.
 pub(crate) fn pretty(batches: &[RecordBatch]) -> String {
     pretty_format_batches(batches).expect("format").to_string()
