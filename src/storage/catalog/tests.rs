@@ -2,12 +2,13 @@
 use super::*;
 
 fn open(dir: &std::path::Path) -> Catalog {
-    let sled = sled::Config::new()
-        .path(dir)
-        .flush_every_ms(None)
-        .open()
-        .expect("sled");
-    Catalog::load(sled, Io::default()).expect("load")
+    Catalog::load(sled_at(dir), Io::default()).expect("load")
+}
+
+/// The catalog's sled database, opened as the engine opens it: sled lets go of its lock
+/// asynchronously, so a handle dropped a moment ago may still hold it.
+fn sled_at(dir: &std::path::Path) -> sled::Db {
+    crate::storage::open::open_sled(dir).expect("sled")
 }
 
 fn add_table(c: &Catalog, db: &Arc<Database>, name: &str) -> Arc<Table> {
@@ -74,8 +75,7 @@ fn another_catalog_version_is_refused() {
         c.tree.insert("meta/format", "7").expect("insert");
         c.flush().expect("flush");
     }
-    let sled = sled::Config::new().path(dir.path()).open().expect("sled");
-    let err = Catalog::load(sled, Io::default()).expect_err("version 7");
+    let err = Catalog::load(sled_at(dir.path()), Io::default()).expect_err("version 7");
     assert!(
         matches!(err, CatalogError::Version { found: 7, .. }),
         "{err}"
