@@ -9,6 +9,7 @@
 pub(crate) mod admin;
 mod catalog;
 mod functions;
+mod gapfill;
 mod insert;
 mod last_cache;
 mod rewrite;
@@ -141,6 +142,26 @@ impl Reader {
     }
 }
 
+/// DataFusion's physical planner, with Rivulet's plan nodes (gap filling).
+#[derive(Debug)]
+struct Planner;
+
+#[async_trait::async_trait]
+impl datafusion::execution::context::QueryPlanner for Planner {
+    async fn create_physical_plan(
+        &self,
+        logical_plan: &LogicalPlan,
+        session_state: &dyn datafusion::catalog::Session,
+    ) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>, DataFusionError> {
+        use datafusion::physical_planner::PhysicalPlanner as _;
+        datafusion::physical_planner::DefaultPhysicalPlanner::with_extension_planners(vec![
+            Arc::new(gapfill::GapFillPlanner),
+        ])
+        .create_physical_plan(logical_plan, session_state)
+        .await
+    }
+}
+
 /// Plans and runs SQL for one [`Db`](crate::Db).
 pub(crate) struct QueryEngine {
     template: SessionState,
@@ -181,16 +202,22 @@ impl QueryEngine {
         let mut builder = SessionStateBuilder::new()
             .with_config(config)
             .with_runtime_env(runtime)
-            .with_default_features();
+            .with_default_features()
+            .with_analyzer_rule(Arc::new(gapfill::GapFillRule))
+            .with_query_planner(Arc::new(Planner));
         if rewrites {
             // After DataFusion's rules: they leave projections and filters next to the scans.
             builder = builder.with_optimizer_rule(Arc::new(rewrite::LastPointRewrite));
         }
         let template = builder.build();
         let ctx = SessionContext::new_with_state(template);
-        ctx.register_udf(datafusion::logical_expr::ScalarUDF::from(
+        let time_bucket = Arc::new(datafusion::logical_expr::ScalarUDF::from(
             functions::TimeBucket::default(),
         ));
+        ctx.register_udf(time_bucket.as_ref().clone());
+        for f in gapfill::functions(time_bucket) {
+            ctx.register_udf(f);
+        }
         ctx.register_udtf(
             "last_cache",
             Arc::new(last_cache::LastCacheFunction {

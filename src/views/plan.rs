@@ -312,7 +312,13 @@ pub(crate) fn plan_facts(plan: &LogicalPlan, default_db: &str) -> Result<PlanFac
     let mut sources: Vec<(String, String)> = Vec::new();
     let mut clock = None;
     let mut subquery = false;
+    let mut gap_fill = false;
     plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::Extension(e) = node
+            && e.node.name() == "GapFill"
+        {
+            gap_fill = true;
+        }
         if let LogicalPlan::TableScan(scan) = node {
             let db = scan.table_name.schema().unwrap_or(default_db).to_string();
             let t = (db, scan.table_name.table().to_string());
@@ -337,6 +343,14 @@ pub(crate) fn plan_facts(plan: &LogicalPlan, default_db: &str) -> Result<PlanFac
                     {
                         clock = Some(f.name().to_string());
                     }
+                    DfExpr::ScalarFunction(f)
+                        if matches!(
+                            f.name(),
+                            "date_bin_gapfill" | "time_bucket_gapfill" | "locf" | "interpolate"
+                        ) =>
+                    {
+                        gap_fill = true;
+                    }
                     DfExpr::ScalarSubquery(_) | DfExpr::Exists(_) | DfExpr::InSubquery(_) => {
                         subquery = true;
                     }
@@ -348,6 +362,11 @@ pub(crate) fn plan_facts(plan: &LogicalPlan, default_db: &str) -> Result<PlanFac
         Ok(TreeNodeRecursion::Continue)
     })
     .map_err(|e| ViewError::Invalid(e.to_string()))?;
+    if gap_fill {
+        return Err(ViewError::Invalid(
+            "a view does not fill gaps: keep date_bin(…) buckets in the view and query it with date_bin_gapfill(…), locf() or interpolate()".to_string(),
+        ));
+    }
     Ok((sources, clock, subquery))
 }
 

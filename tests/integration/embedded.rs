@@ -868,3 +868,25 @@ fn a_full_disk_makes_the_database_read_only_until_space_returns() {
     }
     assert!(!out.contains("| 11.0 |"), "{out}");
 }
+
+#[test]
+fn explain_shows_the_gap_fill_with_its_buckets_and_fills() {
+    let db = crate::common::memory_db();
+    db.write_lines("main", fixture_lines(), Precision::Second)
+        .expect("write");
+    db.persist().expect("persist");
+    let sql = "SELECT date_bin_gapfill(INTERVAL '5 seconds', time) AS t, host, locf(avg(usage)), interpolate(max(n)) \
+               FROM cpu WHERE time >= '1970-01-01T00:00:00Z' AND time < '1970-01-01T00:00:30Z' GROUP BY 1, host";
+    let explain = table(&db, &format!("EXPLAIN {sql}"));
+    for part in [
+        "GapFill: date_bin_gapfill",
+        "aggregates=[locf(avg(cpu.usage)), interpolate(max(cpu.n))]",
+        "GapFillExec: time=",
+        "range=[1970-01-01T00:00:00Z, 1970-01-01T00:00:29.999999999Z]",
+    ] {
+        assert!(explain.contains(part), "{part} in {explain}");
+    }
+    // 6 buckets for each of the two hosts, from the persisted segment.
+    let rows = table(&db, &format!("SELECT count(*) AS n FROM ({sql}) s"));
+    assert!(rows.contains("| 12 |"), "{rows}");
+}
