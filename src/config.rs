@@ -82,7 +82,10 @@ pub struct Config {
     /// Answer queries from maintained state when the answer is provably the same: the newest
     /// row per series (`row_number() OVER (PARTITION BY tags ORDER BY time DESC) = 1`,
     /// `DISTINCT ON`, `first_value … ORDER BY time DESC`) from the last-point state, shown as
-    /// `LastPointsExec` by `EXPLAIN`. Default: true.
+    /// `LastPointsExec` by `EXPLAIN`; an aggregate over a table (`count`, `sum`, `min`, `max`,
+    /// `avg` by tags and time buckets) from a materialized view keeping it at equal or finer
+    /// buckets, plus the table's rows of partial buckets, shown as `answered_by_view` by
+    /// `EXPLAIN`. Default: true.
     pub query_rewrites: bool,
     /// Memory for segments kept decoded (the hot-segment cache): recently persisted and
     /// compacted segments, and after a restart those queries read while there is room, so

@@ -20,6 +20,7 @@
 //! 5. queries reading a view wait until it has applied every write visible when they started
 //!    ([`Views::plan_read`]).
 
+mod answer;
 mod backfill;
 mod check;
 pub(crate) mod ddl;

@@ -46,6 +46,11 @@ pub(crate) struct BufferTableProvider {
 }
 
 impl BufferTableProvider {
+    /// The table it reads.
+    pub(crate) fn table(&self) -> &Arc<Table> {
+        &self.table
+    }
+
     pub(crate) fn new(reader: Arc<Reader>, table: Arc<Table>) -> BufferTableProvider {
         let schema = table.schema();
         BufferTableProvider {

@@ -191,6 +191,13 @@ impl TableBuffer {
         }
     }
 
+    /// The sequence of the newest write the table holds (0: none).
+    pub(crate) fn latest_seq(&self) -> u64 {
+        let chunks = self.chunks.iter().chain(&self.frozen).map(|c| c.seq);
+        let segments = self.segments.iter().map(|s| s.meta.max_seq);
+        chunks.chain(segments).max().unwrap_or(0)
+    }
+
     /// The segments.
     pub(crate) fn segments(&self) -> Arc<[Arc<Segment>]> {
         self.segments.clone()

@@ -15,7 +15,8 @@ use crate::query::QuerySnapshot;
 impl Views {
     /// Plans `sql` (a query; statements are the caller's) with `db` as the default database,
     /// touching only `databases` (None: any), reading up to the sequence visible now, then
-    /// waits for the views it reads. `allow_dml` lets `INSERT` through.
+    /// waits for the views it reads, and lets views answer aggregates they keep
+    /// ([`Views::answer_from_views`]). `allow_dml` lets `INSERT` through.
     pub(crate) async fn plan_read(
         &self,
         db: &str,
@@ -23,8 +24,11 @@ impl Views {
         allow_dml: bool,
         databases: Option<&[String]>,
     ) -> Result<DataFrame, Error> {
-        self.plan_read_reaching(db, sql, allow_dml, databases, false)
-            .await
+        let df = self
+            .plan_read_reaching(db, sql, allow_dml, databases, false)
+            .await?;
+        // Queries only: a subscription's snapshot keeps the sequence it was planned at.
+        self.answer_from_views(df).await
     }
 
     /// [`plan_read`](Self::plan_read); with `subscription_views`, the subscription layer's

@@ -1,8 +1,9 @@
-//! Query rewrites against the plain plan: every TSBS query, and the latest-row shapes the
-//! last-point rewrite recognises (and some it must not), on random write sequences (out of
-//! order, overwrites, several series per host, persists and a reopen in the middle), run on a
-//! database with rewrites and on one without (`Config::query_rewrites`). The answers must be
-//! equal; where the rewrite must apply, `EXPLAIN` must show `LastPointsExec`.
+//! Query rewrites against the plain plan: every TSBS query, the latest-row shapes the
+//! last-point rewrite recognises and the aggregates a materialized view answers (and some
+//! each must not), on random write sequences (out of order, overwrites, several series per
+//! host, persists and a reopen in the middle), run on a database with rewrites and on one
+//! without (`Config::query_rewrites`), both with the same views. The answers must be equal;
+//! where a rewrite must apply, `EXPLAIN` must show `LastPointsExec` or the view's scan.
 
 use crate::common::sorted_rows as rows;
 use proptest::prelude::*;
@@ -127,6 +128,76 @@ const QUERIES: &[(&str, bool)] = &[
     ),
 ];
 
+/// The views both databases keep (one made before the writes, one backfilled after them).
+const VIEWS: &[&str] = &[
+    "CREATE MATERIALIZED VIEW cpu_1m AS SELECT date_bin(INTERVAL '1 minute', time) AS time, hostname, max(usage_user) AS mx, avg(usage_user) AS av, count(usage_user) AS n, min(usage_system) AS mn, sum(usage_system) AS sm, count(*) AS points FROM cpu GROUP BY 1, hostname",
+    "CREATE MATERIALIZED VIEW cpu_10m AS SELECT hostname, region, date_bin(INTERVAL '10 minutes', time) AS time, max(usage_user) AS mx, count(*) AS points FROM cpu GROUP BY hostname, region, 3",
+];
+
+/// Aggregates over `cpu`, and whether a view must answer them.
+const VIEW_QUERIES: &[(&str, bool)] = &[
+    // TSBS single-groupby, double-groupby and groupby-orderby-limit (as in QUERIES).
+    (
+        "SELECT CAST(extract(epoch FROM date_bin(INTERVAL '1 minute', time, TIMESTAMP '1970-01-01')) AS BIGINT) AS t, max(usage_user) FROM cpu WHERE hostname = 'host_1' AND time >= TIMESTAMP '1970-01-01 00:10:00' AND time < TIMESTAMP '1970-01-01 01:10:00' GROUP BY 1 ORDER BY 1",
+        true,
+    ),
+    (
+        "SELECT hostname, CAST(extract(epoch FROM date_bin(INTERVAL '1 hour', time, TIMESTAMP '1970-01-01')) AS BIGINT) AS t, avg(usage_user) FROM cpu WHERE time >= TIMESTAMP '1970-01-01 00:00:00' AND time < TIMESTAMP '1970-01-01 02:00:00' GROUP BY 1, 2 ORDER BY 1, 2",
+        true,
+    ),
+    (
+        "SELECT CAST(extract(epoch FROM date_bin(INTERVAL '1 minute', time, TIMESTAMP '1970-01-01')) AS BIGINT) AS t, max(usage_user) FROM cpu WHERE time < TIMESTAMP '1970-01-01 01:30:00' GROUP BY 1 ORDER BY 1 DESC LIMIT 5",
+        true,
+    ),
+    // Bounds off the buckets: the partial buckets at both ends come from the table.
+    (
+        "SELECT hostname, date_bin(INTERVAL '5 minutes', time) AS t, count(usage_user), sum(usage_system), min(usage_system), count(*) FROM cpu WHERE time >= TIMESTAMP '1970-01-01 00:03:17' AND time <= TIMESTAMP '1970-01-01 01:42:05' GROUP BY 1, 2",
+        true,
+    ),
+    (
+        "SELECT max(usage_user), avg(usage_user), count(*) FROM cpu WHERE hostname IN ('host_1', 'host_3') AND time > TIMESTAMP '1970-01-01 00:20:00'",
+        true,
+    ),
+    (
+        "SELECT hostname, avg(usage_user), count(*) FROM cpu GROUP BY hostname",
+        true,
+    ),
+    // The coarser view, and a tag only it keys by.
+    (
+        "SELECT region, date_bin(INTERVAL '30 minutes', time) AS t, max(usage_user), count(*) FROM cpu WHERE time BETWEEN TIMESTAMP '1970-01-01 00:05:00' AND TIMESTAMP '1970-01-01 01:55:00' GROUP BY 1, 2",
+        true,
+    ),
+    // Not answered: a tag no view keys by, a field filter, buckets that cut view buckets, a
+    // range inside one bucket, an aggregate no view keeps.
+    ("SELECT rack, max(usage_user) FROM cpu GROUP BY rack", false),
+    (
+        "SELECT hostname, max(usage_user) FROM cpu WHERE usage_user > 50 GROUP BY hostname",
+        false,
+    ),
+    (
+        "SELECT date_bin(INTERVAL '1 minute', time, TIMESTAMP '1970-01-01 00:00:30') AS t, max(usage_user) FROM cpu GROUP BY 1",
+        false,
+    ),
+    (
+        "SELECT date_bin(INTERVAL '90 seconds', time) AS t, max(usage_user) FROM cpu GROUP BY 1",
+        false,
+    ),
+    (
+        "SELECT hostname, max(usage_user) FROM cpu WHERE time >= TIMESTAMP '1970-01-01 00:10:10' AND time < TIMESTAMP '1970-01-01 00:10:50' GROUP BY 1",
+        false,
+    ),
+    (
+        "SELECT hostname, stddev(usage_user) FROM cpu GROUP BY hostname",
+        false,
+    ),
+];
+
+fn answered_by_view(db: &Db, rt: &tokio::runtime::Runtime, sql: &str) -> bool {
+    rows(db, rt, &format!("EXPLAIN {sql}"))
+        .iter()
+        .any(|r| r.contains("answered_by_view"))
+}
+
 fn answered_from_state(db: &Db, rt: &tokio::runtime::Runtime, sql: &str) -> bool {
     rows(db, rt, &format!("EXPLAIN {sql}"))
         .iter()
@@ -159,9 +230,19 @@ proptest! {
         let mut off = Db::open_with(config(dir_off.path(), false)).expect("open");
         let chunks: Vec<&[Point]> = points.chunks(batch).collect();
         for (i, chunk) in chunks.iter().enumerate() {
+            // A view kept from the first write on, one backfilled half way.
+            let create: &[&str] = match (i, chunks.len() / 2) {
+                (0, 0) => VIEWS,
+                (0, _) => &VIEWS[..1],
+                (i, half) if i == half => &VIEWS[1..],
+                _ => &[],
+            };
             let body: Vec<String> = chunk.iter().map(line).collect();
             for db in [&on, &off] {
                 db.write_lines("main", &body.join("\n"), Precision::Second).expect("write");
+                for view in create {
+                    rt.block_on(db.sql(view)).expect("view");
+                }
             }
             if persist_at.iter().any(|&p| i == p % chunks.len()) {
                 on.persist().expect("persist");
@@ -174,10 +255,17 @@ proptest! {
                 off = Db::open_with(config(dir_off.path(), false)).expect("reopen");
             }
         }
+        on.sync_views().expect("sync");
+        off.sync_views().expect("sync");
         for (sql, rewritten) in QUERIES {
             prop_assert_eq!(rows(&on, &rt, sql), rows(&off, &rt, sql), "{}", sql);
             prop_assert_eq!(answered_from_state(&on, &rt, sql), *rewritten, "EXPLAIN {}", sql);
             prop_assert!(!answered_from_state(&off, &rt, sql), "rewrites off: {}", sql);
+        }
+        for (sql, rewritten) in VIEW_QUERIES {
+            prop_assert_eq!(rows(&on, &rt, sql), rows(&off, &rt, sql), "{}", sql);
+            prop_assert_eq!(answered_by_view(&on, &rt, sql), *rewritten, "EXPLAIN {}", sql);
+            prop_assert!(!answered_by_view(&off, &rt, sql), "rewrites off: {}", sql);
         }
     }
 }
