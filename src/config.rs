@@ -85,7 +85,8 @@ pub struct Config {
     /// `LastPointsExec` by `EXPLAIN`; an aggregate over a table (`count`, `sum`, `min`, `max`,
     /// `avg` by tags and time buckets) from a materialized view keeping it at equal or finer
     /// buckets, plus the table's rows of partial buckets, shown as `answered_by_view` by
-    /// `EXPLAIN`. Default: true.
+    /// `EXPLAIN`; and `… GROUP BY <bucket> ORDER BY <bucket> DESC LIMIT k` first over the newest
+    /// buckets only (`LatestBuckets`). Default: true.
     pub query_rewrites: bool,
     /// Memory for segments kept decoded (the hot-segment cache): recently persisted and
     /// compacted segments, and after a restart those queries read while there is room, so

@@ -7,11 +7,13 @@
 //! like line protocol names and InfluxDB 3.
 
 pub(crate) mod admin;
+pub(crate) mod bounds;
 mod catalog;
 mod functions;
 mod gapfill;
 mod insert;
 mod last_cache;
+mod latest;
 mod rewrite;
 mod system;
 mod table;
@@ -156,6 +158,7 @@ impl datafusion::execution::context::QueryPlanner for Planner {
         use datafusion::physical_planner::PhysicalPlanner as _;
         datafusion::physical_planner::DefaultPhysicalPlanner::with_extension_planners(vec![
             Arc::new(gapfill::GapFillPlanner),
+            Arc::new(latest::LatestBucketsPlanner),
         ])
         .create_physical_plan(logical_plan, session_state)
         .await
@@ -357,6 +360,17 @@ impl QueryEngine {
             ));
         }
         Ok(df)
+    }
+
+    /// Lets `ORDER BY <bucket> DESC LIMIT k` queries over an aggregate read the newest buckets
+    /// first ([`latest`]), unless rewrites are off.
+    pub(crate) fn bound_latest_buckets(&self, df: DataFrame) -> Result<DataFrame, DataFusionError> {
+        if !self.reader.engine.config.query_rewrites {
+            return Ok(df);
+        }
+        let (state, plan) = df.into_parts();
+        let plan = latest::bound_latest_buckets(plan)?;
+        Ok(DataFrame::new(state, plan))
     }
 }
 

@@ -198,6 +198,25 @@ impl TableBuffer {
         chunks.chain(segments).max().unwrap_or(0)
     }
 
+    /// An upper bound of the latest time before `before` (exclusive) the table holds: the
+    /// largest such time any chunk or segment whose range starts before it may hold.
+    pub(crate) fn latest_time_before(&self, before: i64) -> Option<i64> {
+        let chunks = self
+            .chunks
+            .iter()
+            .chain(&self.frozen)
+            .map(|c| (c.min_time, c.max_time));
+        let segments = self
+            .segments
+            .iter()
+            .map(|s| (s.meta.min_time, s.meta.max_time));
+        chunks
+            .chain(segments)
+            .filter(|(lo, _)| *lo < before)
+            .map(|(_, hi)| hi.min(before.saturating_sub(1)))
+            .max()
+    }
+
     /// The segments.
     pub(crate) fn segments(&self) -> Arc<[Arc<Segment>]> {
         self.segments.clone()

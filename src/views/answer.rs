@@ -39,19 +39,17 @@ use datafusion::dataframe::DataFrame;
 use datafusion::datasource::{provider_as_source, source_as_provider};
 use datafusion::error::DataFusionError;
 use datafusion::functions_aggregate::expr_fn::{count, max, min, sum};
-use datafusion::logical_expr::simplify::SimplifyContext;
 use datafusion::logical_expr::utils::{conjunction, split_conjunction};
 use datafusion::logical_expr::{
-    Aggregate, BinaryExpr, Expr, LogicalPlan, LogicalPlanBuilder, Operator, TableScan, cast, col,
-    lit,
+    Aggregate, Expr, LogicalPlan, LogicalPlanBuilder, TableScan, cast, col, lit,
 };
-use datafusion::optimizer::simplify_expressions::ExprSimplifier;
 
 use super::ddl::Late;
 use super::plan::{Agg, OutColumn, Strategy, TimeMap, ViewPlan, parse_query};
 use super::provider::DELETED;
 use super::{View, Views};
 use crate::error::Error;
+use crate::query::bounds::{time_bound, time_bucket};
 use crate::query::{BufferTableProvider, QuerySnapshot};
 use crate::storage::catalog::{ColumnKind, TIME_COLUMN};
 use crate::storage::table::Table;
@@ -602,109 +600,6 @@ fn date_bin(stride: i64, time: Expr, origin: i64) -> Expr {
             Some("UTC".into()),
         )),
     ])
-}
-
-/// A constant evaluated now (time literals, `now() - INTERVAL …`), as nanoseconds or an
-/// interval's fixed length.
-fn constant(e: &Expr, as_type: Option<DataType>) -> Option<ScalarValue> {
-    if !e.column_refs().is_empty() || e.is_volatile() {
-        return None;
-    }
-    let e = match as_type {
-        Some(t) => cast(e.clone(), t),
-        None => e.clone(),
-    };
-    let context = SimplifyContext::builder().with_current_time().build();
-    match ExprSimplifier::new(context).simplify(e).ok()? {
-        Expr::Literal(v, _) if !v.is_null() => Some(v),
-        _ => None,
-    }
-}
-
-fn timestamp(e: &Expr) -> Option<i64> {
-    match constant(e, Some(DataType::Timestamp(TimeUnit::Nanosecond, None)))? {
-        ScalarValue::TimestampNanosecond(Some(v), _) => Some(v),
-        _ => None,
-    }
-}
-
-/// `[lo, hi)` of a constant bound on `time` (None: not one).
-fn time_bound(c: &Expr) -> Option<(i64, i64)> {
-    let is_time = |e: &Expr| matches!(e, Expr::Column(c) if c.name == TIME_COLUMN);
-    match c {
-        Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
-            let (value, op) = if is_time(left) {
-                (right.as_ref(), *op)
-            } else if is_time(right) {
-                (left.as_ref(), op.swap()?)
-            } else {
-                return None;
-            };
-            let v = timestamp(value)?;
-            match op {
-                Operator::GtEq => Some((v, i64::MAX)),
-                Operator::Gt => Some((v.checked_add(1)?, i64::MAX)),
-                Operator::Lt => Some((i64::MIN, v)),
-                Operator::LtEq => Some((i64::MIN, v.checked_add(1)?)),
-                _ => None,
-            }
-        }
-        Expr::Between(b) if !b.negated && is_time(&b.expr) => {
-            Some((timestamp(&b.low)?, timestamp(&b.high)?.checked_add(1)?))
-        }
-        _ => None,
-    }
-}
-
-/// `(stride, origin)` of a group expression that depends on `time` only through one
-/// `date_bin(stride, time [, origin])` with constant arguments.
-fn time_bucket(e: &Expr) -> Option<(i64, i64)> {
-    let mut found: Option<(i64, i64)> = None;
-    let mut ok = true;
-    let stripped = e
-        .clone()
-        .transform_down(|e| {
-            if let Expr::ScalarFunction(f) = &e
-                && f.func.name() == "date_bin"
-                && matches!(f.args.get(1), Some(Expr::Column(c)) if c.name == TIME_COLUMN)
-            {
-                let stride = f.args.first().and_then(stride_of);
-                let origin = match f.args.get(2) {
-                    Some(o) => timestamp(o),
-                    None => Some(0),
-                };
-                match (stride, origin) {
-                    (Some(s), Some(o)) if found.is_none_or(|f| f == (s, o)) => found = Some((s, o)),
-                    _ => ok = false,
-                }
-                return Ok(Transformed::new(
-                    lit(0i64),
-                    true,
-                    datafusion::common::tree_node::TreeNodeRecursion::Jump,
-                ));
-            }
-            Ok(Transformed::no(e))
-        })
-        .ok()?
-        .data;
-    // Nothing else may read `time` (or any other column).
-    (ok && stripped.column_refs().is_empty())
-        .then_some(found)
-        .flatten()
-}
-
-fn stride_of(e: &Expr) -> Option<i64> {
-    let ns =
-        match constant(e, None)? {
-            ScalarValue::IntervalMonthDayNano(Some(i)) if i.months == 0 => (i.days as i64)
-                .checked_mul(86_400_000_000_000)?
-                .checked_add(i.nanoseconds)?,
-            ScalarValue::IntervalDayTime(Some(i)) => (i.days as i64)
-                .checked_mul(86_400_000_000_000)?
-                .checked_add((i.milliseconds as i64).checked_mul(1_000_000)?)?,
-            _ => return None,
-        };
-    (ns > 0).then_some(ns)
 }
 
 /// The mergeable aggregate `e` is (None: not one a view keeps).

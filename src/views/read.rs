@@ -28,7 +28,8 @@ impl Views {
             .plan_read_reaching(db, sql, allow_dml, databases, false)
             .await?;
         // Queries only: a subscription's snapshot keeps the sequence it was planned at.
-        self.answer_from_views(df).await
+        let df = self.answer_from_views(df).await?;
+        Ok(self.query.bound_latest_buckets(df)?)
     }
 
     /// [`plan_read`](Self::plan_read); with `subscription_views`, the subscription layer's

@@ -890,3 +890,48 @@ fn explain_shows_the_gap_fill_with_its_buckets_and_fills() {
     let rows = table(&db, &format!("SELECT count(*) AS n FROM ({sql}) s"));
     assert!(rows.contains("| 12 |"), "{rows}");
 }
+
+#[test]
+fn the_newest_buckets_are_read_first_and_the_whole_range_only_when_they_fall_short() {
+    let rt = rt();
+    let on = crate::common::memory_db();
+    let off = Db::open_with(Config {
+        durability: Durability::None,
+        query_rewrites: false,
+        ..Config::default()
+    })
+    .expect("open");
+    // Dense: a point every 10 s for two hours; sparse: two points an hour apart.
+    let dense: Vec<String> = (0..720)
+        .map(|i| format!("cpu,host=h{} v={} {}", i % 3, i % 17, i * 10))
+        .collect();
+    let sparse = "mem,host=a v=1 0\nmem,host=a v=2 3600\n";
+    // The answer's older bucket is the oldest the bounded plan reads (the newest bucket but one
+    // is empty), with a point at its very start: the bound must be on the bucket boundary.
+    let edge = "gap,host=a v=1 0\ngap,host=a v=2 480\ngap,host=a v=3 530\ngap,host=a v=4 600\n";
+    for db in [&on, &off] {
+        db.write_lines("main", &dense.join("\n"), Precision::Second)
+            .expect("write");
+        db.write_lines("main", sparse, Precision::Second)
+            .expect("write");
+        db.write_lines("main", edge, Precision::Second)
+            .expect("write");
+    }
+    for (table, fell_back) in [
+        ("cpu", "fell_back=0"),
+        ("mem", "fell_back=1"),
+        ("gap", "fell_back=0"),
+    ] {
+        let sql = format!(
+            "SELECT date_bin(INTERVAL '1 minute', time) AS t, max(v), count(*) FROM {table} GROUP BY 1 ORDER BY 1 DESC LIMIT 2"
+        );
+        assert_eq!(table_of(&on, &rt, &sql), table_of(&off, &rt, &sql), "{sql}");
+        let explain = table_of(&on, &rt, &format!("EXPLAIN ANALYZE {sql}"));
+        assert!(explain.contains("LatestBucketsExec"), "{explain}");
+        assert!(explain.contains(fell_back), "{fell_back} in {explain}");
+    }
+}
+
+fn table_of(db: &Db, rt: &tokio::runtime::Runtime, sql: &str) -> String {
+    crate::common::pretty(&rt.block_on(db.sql(sql)).expect(sql))
+}
