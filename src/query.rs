@@ -363,13 +363,15 @@ impl QueryEngine {
     }
 
     /// Lets `ORDER BY <bucket> DESC LIMIT k` queries over an aggregate read the newest buckets
-    /// first ([`latest`]), unless rewrites are off.
+    /// first, and aggregates grouped by a function of a bucket group by the bucket
+    /// ([`latest`]), unless rewrites are off.
     pub(crate) fn bound_latest_buckets(&self, df: DataFrame) -> Result<DataFrame, DataFusionError> {
         if !self.reader.engine.config.query_rewrites {
             return Ok(df);
         }
         let (state, plan) = df.into_parts();
         let plan = latest::bound_latest_buckets(plan)?;
+        let plan = latest::group_by_bucket(plan)?;
         Ok(DataFrame::new(state, plan))
     }
 }

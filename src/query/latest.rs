@@ -17,7 +17,8 @@
 //! keys may come after the bucket; the aggregates are any.
 //!
 //! `EXPLAIN` shows `LatestBuckets`; [`Config::query_rewrites`](crate::Config::query_rewrites)
-//! turns it off.
+//! turns it off (and [`group_by_bucket`], which groups by the bucket itself rather than by an
+//! expression of it).
 
 use std::fmt;
 use std::sync::Arc;
@@ -406,4 +407,78 @@ impl ExecutionPlan for LatestBucketsExec {
             stream.boxed(),
         )))
     }
+}
+
+/// Groups by the `date_bin` bucket itself where a query groups by an expression that grows
+/// strictly with it (TSBS's `CAST(extract(epoch FROM date_bin(…)) AS BIGINT)`): the same
+/// groups, with the expression computed once per group above the aggregate instead of once per
+/// row below it.
+pub(crate) fn group_by_bucket(plan: LogicalPlan) -> Result<LogicalPlan> {
+    if !plan.exists(|p| Ok(matches!(p, LogicalPlan::Aggregate(_))))? {
+        return Ok(plan);
+    }
+    Ok(plan
+        .transform_up_with_subqueries(|p| match p {
+            LogicalPlan::Aggregate(agg) => bucket_groups(agg),
+            other => Ok(Transformed::no(other)),
+        })?
+        .data)
+}
+
+fn bucket_groups(agg: Aggregate) -> Result<Transformed<LogicalPlan>> {
+    let mut group_expr = agg.group_expr.clone();
+    let mut above: Vec<Option<Expr>> = vec![None; group_expr.len()];
+    for (i, g) in agg.group_expr.iter().enumerate() {
+        let Some((stride, _)) = time_bucket(g) else {
+            continue;
+        };
+        if matches!(g, Expr::ScalarFunction(f) if f.func.name() == "date_bin")
+            || !increases_with_bucket(g, stride)
+        {
+            continue;
+        }
+        let name = format!("__bucket{i}");
+        let mut inner = None;
+        let outer = g.clone().transform_down(|e| match e {
+            Expr::ScalarFunction(f) if f.func.name() == "date_bin" => {
+                inner = Some(Expr::ScalarFunction(f));
+                Ok(Transformed::new(
+                    Expr::Column(datafusion::common::Column::from_name(&name)),
+                    true,
+                    TreeNodeRecursion::Jump,
+                ))
+            }
+            other => Ok(Transformed::no(other)),
+        })?;
+        let Some(inner) = inner else { continue };
+        group_expr[i] = inner.alias(&name);
+        above[i] = Some(outer.data);
+    }
+    if above.iter().all(Option::is_none) {
+        return Ok(Transformed::no(LogicalPlan::Aggregate(agg)));
+    }
+    let schema = agg.schema.clone();
+    let bucketed = Aggregate::try_new(agg.input.clone(), group_expr, agg.aggr_expr.clone())?;
+    let new_schema = bucketed.schema.clone();
+    let mut exprs = Vec::with_capacity(schema.fields().len());
+    for i in 0..schema.fields().len() {
+        let (q, f) = schema.qualified_field(i);
+        match above.get(i).cloned().flatten() {
+            Some(e) => exprs.push(e.alias_qualified(q.cloned(), f.name())),
+            None => {
+                let (nq, nf) = new_schema.qualified_field(i);
+                let c = Expr::Column(datafusion::common::Column::new(nq.cloned(), nf.name()));
+                if nq == q && nf.name() == f.name() {
+                    exprs.push(c);
+                } else {
+                    exprs.push(c.alias_qualified(q.cloned(), f.name()));
+                }
+            }
+        }
+    }
+    let projection = datafusion::logical_expr::Projection::try_new(
+        exprs,
+        Arc::new(LogicalPlan::Aggregate(bucketed)),
+    )?;
+    Ok(Transformed::yes(LogicalPlan::Projection(projection)))
 }
