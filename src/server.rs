@@ -8,6 +8,7 @@
 mod auth;
 mod body;
 mod error;
+mod flight;
 mod metrics;
 mod origin;
 mod query;
@@ -25,7 +26,6 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use futures::StreamExt;
 
 use crate::Db;
 
@@ -119,6 +119,12 @@ pub fn router(db: Db, config: ServerConfig) -> Router {
         .route("/health", get(health))
         .route("/ping", get(ping).head(ping))
         .route("/metrics", get(metrics_text))
+        .route_service(
+            "/arrow.flight.protocol.FlightService/{*method}",
+            arrow_flight::flight_service_server::FlightServiceServer::new(flight::Flight {
+                state: state.clone(),
+            }),
+        )
         .layer(middleware::from_fn_with_state(
             state.clone(),
             limit_requests,
@@ -165,12 +171,13 @@ async fn limit_requests(State(state): State<AppState>, request: Request, next: N
     // Held until the response body is finished (streamed results included) or dropped.
     let guard = InFlight::new(state.metrics.clone(), _permit);
     let response = next.run(request).await;
+    // Frame by frame, so trailers (gRPC's status) pass too.
     response.map(|body| {
-        let stream = body.into_data_stream().map(move |chunk| {
+        use http_body_util::BodyExt as _;
+        axum::body::Body::new(body.map_frame(move |frame| {
             let _held = &guard;
-            chunk
-        });
-        axum::body::Body::from_stream(stream)
+            frame
+        }))
     })
 }
 
@@ -373,11 +380,18 @@ pub async fn serve_with(
                     .insert(Stopping(stop_for_requests.clone()));
                 app.clone().oneshot(request)
             });
-        let mut builder = hyper::server::conn::http1::Builder::new();
+        // HTTP/1.1, and HTTP/2 for gRPC (Arrow Flight) on the same port.
+        let mut builder =
+            hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
         builder
+            .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_read_timeout)
             .max_buf_size(limits.max_head_bytes.max(8192));
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(limits.max_head_bytes.max(8192) as u32);
         let mut stop = stop_rx.clone();
         let done = done_tx.clone();
         let open_count = open.0.clone();
@@ -410,9 +424,8 @@ pub async fn serve_with(
             // With upgrades: WebSocket connections start as HTTP requests.
             let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
             stream.set_write_timeout(Some(write_timeout));
-            let conn = builder
-                .serve_connection(TokioIo::new(Box::pin(stream)), service)
-                .with_upgrades();
+            let conn =
+                builder.serve_connection_with_upgrades(TokioIo::new(Box::pin(stream)), service);
             let mut conn = std::pin::pin!(conn);
             tokio::select! {
                 result = conn.as_mut() => {

@@ -56,7 +56,8 @@ impl Tls {
                 )
             })?;
         let mut config = config;
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // h2 for gRPC (Arrow Flight); browsers and HTTP/1 clients pick http/1.1.
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Tls {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
         })

@@ -7,6 +7,7 @@
 //! - `views`, `views_oracle`: materialized views with storage, and against plain DataFusion;
 //! - `subscribe`: embedded subscriptions (snapshot, changes, resume, conflation, lagged);
 //! - `http`, `subscribe_http`: the HTTP API and subscriptions over SSE, WebSocket, long-poll;
+//! - `flight`: Arrow Flight on the HTTP port (InfluxDB 3 tickets) with arrow-flight's client;
 //! - `hot_cache`: the hot-segment cache against the files (proptest), its limit;
 //! - `rewrite_oracle`: query rewrites (the last-point state) against the plain plan (proptest);
 //! - `fault_sweep`: every storage I/O call of a workload failing in turn;
@@ -18,6 +19,7 @@ mod crash;
 mod dedup_oracle;
 mod embedded;
 mod fault_sweep;
+mod flight;
 mod hot_cache;
 mod http;
 mod rewrite_oracle;

@@ -1,0 +1,279 @@
+//! Arrow Flight on the HTTP port, as InfluxDB 3 serves it: gRPC (HTTP/2) requests to
+//! `/arrow.flight.protocol.FlightService/*` on the same listener as the HTTP API, so a client
+//! given the server's URL just works.
+//!
+//! `DoGet` takes InfluxDB 3's JSON ticket, what the v3 client libraries (influxdb3-python,
+//! -go, -java, …) send:
+//! `{"database": "main", "sql_query": "SELECT …", "query_type": "sql"}` (`"namespace_name"`,
+//! `"bucket"` and `"db"` are accepted for the database; `"params"` are refused, named). The
+//! token comes in the `authorization` metadata (`Bearer …` or `Token …`), checked with the
+//! same scopes, database limits and read-only rules as `/api/v3/query_sql`; the query runs
+//! with the same timeout and streams batch by batch. Errors become gRPC codes in
+//! [`status`], the one place: bad SQL or ticket → `InvalidArgument` with the message, no or a
+//! wrong token → `Unauthenticated`, a database outside the token's → `PermissionDenied`,
+//! the query timeout → `DeadlineExceeded`.
+//!
+//! Flight SQL (statement queries, prepared statements, catalogs) is not served yet: those
+//! calls answer `Unimplemented` naming what works.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::error::FlightError;
+use arrow_flight::flight_service_server::FlightService;
+use arrow_flight::{
+    Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightInfo,
+    HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
+};
+use axum::extract::ConnectInfo;
+use axum::http::StatusCode;
+use futures::{Stream, StreamExt, TryStreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::auth::Scope;
+use super::error::ApiError;
+use super::{AppState, Metrics};
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// The Flight service over one server's state.
+#[derive(Clone)]
+pub(crate) struct Flight {
+    pub(crate) state: AppState,
+}
+
+/// InfluxDB 3's `DoGet` ticket.
+#[derive(Debug, serde::Deserialize)]
+struct InfluxTicket {
+    #[serde(alias = "namespace_name", alias = "bucket", alias = "db")]
+    database: Option<String>,
+    sql_query: String,
+    #[serde(default)]
+    query_type: Option<String>,
+    #[serde(default)]
+    params: Option<serde_json::Value>,
+}
+
+/// An HTTP error as the gRPC status a Flight client expects (the one place this is decided).
+pub(crate) fn status(e: ApiError) -> Status {
+    let message = e.message().to_string();
+    match e.status() {
+        StatusCode::BAD_REQUEST
+        | StatusCode::PAYLOAD_TOO_LARGE
+        | StatusCode::UNPROCESSABLE_ENTITY
+        | StatusCode::UNSUPPORTED_MEDIA_TYPE => Status::invalid_argument(message),
+        StatusCode::UNAUTHORIZED => Status::unauthenticated(message),
+        StatusCode::FORBIDDEN => Status::permission_denied(message),
+        StatusCode::NOT_FOUND => Status::not_found(message),
+        StatusCode::GATEWAY_TIMEOUT | StatusCode::REQUEST_TIMEOUT => {
+            Status::deadline_exceeded(message)
+        }
+        StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => {
+            Status::unavailable(message)
+        }
+        StatusCode::INSUFFICIENT_STORAGE => Status::resource_exhausted(message),
+        _ => {
+            tracing::warn!(error = %message, "Flight request failed");
+            Status::internal("the server could not answer; see its log")
+        }
+    }
+}
+
+fn flight_error(e: FlightError) -> Status {
+    match e {
+        FlightError::Tonic(s) => *s,
+        FlightError::ExternalError(e) => match e.downcast::<datafusion::error::DataFusionError>() {
+            Ok(e) => status(crate::Error::from(*e).into()),
+            Err(e) => Status::internal(e.to_string()),
+        },
+        other => Status::internal(other.to_string()),
+    }
+}
+
+fn unimplemented(what: &str) -> Status {
+    Status::unimplemented(format!(
+        "{what} is not served yet; query with DoGet and an InfluxDB 3 ticket \
+         ({{\"database\": …, \"sql_query\": …, \"query_type\": \"sql\"}})"
+    ))
+}
+
+impl Flight {
+    async fn query(
+        &self,
+        headers: &axum::http::HeaderMap,
+        peer: SocketAddr,
+        ticket: &[u8],
+    ) -> Result<BoxStream<FlightData>, Status> {
+        let state = &self.state;
+        let ticket: InfluxTicket = serde_json::from_slice(ticket).map_err(|e| {
+            Status::invalid_argument(format!(
+                "the ticket is not an InfluxDB 3 query ticket ({{\"database\": …, \"sql_query\": …, \"query_type\": \"sql\"}}): {e}"
+            ))
+        })?;
+        match ticket.query_type.as_deref() {
+            None | Some("sql") => {}
+            Some(other) => {
+                return Err(Status::invalid_argument(format!(
+                    "query_type '{other}' is not supported; Rivulet answers \"sql\""
+                )));
+            }
+        }
+        if ticket.params.as_ref().is_some_and(|p| !p.is_null()) {
+            return Err(Status::invalid_argument(
+                "query parameters (\"params\") are not supported in tickets yet; put the values in the SQL",
+            ));
+        }
+        let db = ticket.database.unwrap_or_else(|| "main".to_string());
+        let access = state
+            .authorize(headers, None, Scope::Read, Some(&db), peer, "query")
+            .map_err(status)?;
+        if ticket.sql_query.trim().is_empty() {
+            return Err(Status::invalid_argument("the ticket's sql_query is empty"));
+        }
+        Metrics::add(&state.metrics.queries, 1);
+        let started = std::time::Instant::now();
+        let timeout = state.config.query_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let planned = async {
+            let df = state
+                .db
+                .plan_within(&db, &ticket.sql_query, false, access.databases.as_deref())
+                .await?;
+            Ok::<_, crate::Error>(df.execute_stream().await?)
+        };
+        let stream = match tokio::time::timeout_at(deadline, planned).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                Metrics::add(&state.metrics.query_errors, 1);
+                return Err(status(e.into()));
+            }
+            Err(_) => {
+                Metrics::add(&state.metrics.query_errors, 1);
+                return Err(Status::deadline_exceeded(format!(
+                    "the query ran longer than the limit of {} s and was cancelled",
+                    timeout.as_secs_f64()
+                )));
+            }
+        };
+        state.metrics.observe_query(started.elapsed());
+        let schema = stream.schema();
+        let batches = stream.map_err(|e| FlightError::ExternalError(Box::new(e)));
+        let batches =
+            futures::stream::unfold((batches, false), move |(mut batches, done)| async move {
+                if done {
+                    return None;
+                }
+                match tokio::time::timeout_at(deadline, batches.next()).await {
+                    Ok(Some(item)) => Some((item, (batches, false))),
+                    Ok(None) => None,
+                    Err(_) => Some((
+                        Err(FlightError::Tonic(Box::new(Status::deadline_exceeded(
+                            "the query ran longer than its time limit and was cancelled",
+                        )))),
+                        (batches, true),
+                    )),
+                }
+            });
+        let encoded = FlightDataEncoderBuilder::new()
+            .with_schema(schema)
+            .build(batches)
+            .map_err(flight_error);
+        Ok(Box::pin(encoded))
+    }
+}
+
+#[tonic::async_trait]
+impl FlightService for Flight {
+    type HandshakeStream = BoxStream<HandshakeResponse>;
+    type ListFlightsStream = BoxStream<FlightInfo>;
+    type DoGetStream = BoxStream<FlightData>;
+    type DoPutStream = BoxStream<PutResult>;
+    type DoExchangeStream = BoxStream<FlightData>;
+    type DoActionStream = BoxStream<arrow_flight::Result>;
+    type ListActionsStream = BoxStream<ActionType>;
+
+    async fn handshake(
+        &self,
+        _request: Request<Streaming<HandshakeRequest>>,
+    ) -> Result<Response<Self::HandshakeStream>, Status> {
+        // Tokens travel with every call; there is no session to set up.
+        Ok(Response::new(Box::pin(futures::stream::once(async {
+            Ok(HandshakeResponse::default())
+        }))))
+    }
+
+    async fn list_flights(
+        &self,
+        _request: Request<Criteria>,
+    ) -> Result<Response<Self::ListFlightsStream>, Status> {
+        Err(unimplemented("ListFlights"))
+    }
+
+    async fn get_flight_info(
+        &self,
+        _request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        Err(unimplemented("GetFlightInfo (Flight SQL)"))
+    }
+
+    async fn poll_flight_info(
+        &self,
+        _request: Request<FlightDescriptor>,
+    ) -> Result<Response<PollInfo>, Status> {
+        Err(unimplemented("PollFlightInfo"))
+    }
+
+    async fn get_schema(
+        &self,
+        _request: Request<FlightDescriptor>,
+    ) -> Result<Response<SchemaResult>, Status> {
+        Err(unimplemented("GetSchema"))
+    }
+
+    async fn do_get(
+        &self,
+        request: Request<Ticket>,
+    ) -> Result<Response<Self::DoGetStream>, Status> {
+        let peer = request
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0)
+            .ok_or_else(|| Status::internal("no peer address"))?;
+        let headers = request.metadata().clone().into_headers();
+        let stream = self
+            .query(&headers, peer, &request.get_ref().ticket)
+            .await?;
+        Ok(Response::new(stream))
+    }
+
+    async fn do_put(
+        &self,
+        _request: Request<Streaming<FlightData>>,
+    ) -> Result<Response<Self::DoPutStream>, Status> {
+        Err(unimplemented(
+            "DoPut (write with line protocol or Arrow over HTTP)",
+        ))
+    }
+
+    async fn do_exchange(
+        &self,
+        _request: Request<Streaming<FlightData>>,
+    ) -> Result<Response<Self::DoExchangeStream>, Status> {
+        Err(unimplemented("DoExchange"))
+    }
+
+    async fn do_action(
+        &self,
+        _request: Request<Action>,
+    ) -> Result<Response<Self::DoActionStream>, Status> {
+        Err(unimplemented("DoAction"))
+    }
+
+    async fn list_actions(
+        &self,
+        _request: Request<Empty>,
+    ) -> Result<Response<Self::ListActionsStream>, Status> {
+        Ok(Response::new(Box::pin(futures::stream::empty())))
+    }
+}

@@ -1,0 +1,156 @@
+//! Arrow Flight on the HTTP port with a real Flight client (arrow-flight's `FlightClient` over
+//! a tonic channel): InfluxDB 3's JSON ticket, tokens and their scopes, errors as gRPC codes.
+
+use arrow::array::RecordBatch;
+use arrow_flight::{FlightClient, Ticket};
+use futures::TryStreamExt;
+use rivulet::Precision;
+use rivulet::server::ServerConfig;
+use tonic::Code;
+
+use crate::common::{Server, memory_db, pretty, rt};
+
+async fn client(s: &Server, token: Option<&str>) -> FlightClient {
+    let channel = tonic::transport::Channel::from_shared(s.url(""))
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = FlightClient::new(channel);
+    if let Some(t) = token {
+        client
+            .add_header("authorization", &format!("Bearer {t}"))
+            .expect("header");
+    }
+    client
+}
+
+fn ticket(db: &str, sql: &str) -> Ticket {
+    Ticket::new(
+        serde_json::json!({"database": db, "sql_query": sql, "query_type": "sql"}).to_string(),
+    )
+}
+
+async fn get(client: &mut FlightClient, t: Ticket) -> Result<Vec<RecordBatch>, tonic::Status> {
+    let stream = client.do_get(t).await.map_err(status)?;
+    stream.try_collect().await.map_err(status)
+}
+
+fn status(e: arrow_flight::error::FlightError) -> tonic::Status {
+    match e {
+        arrow_flight::error::FlightError::Tonic(s) => *s,
+        other => tonic::Status::unknown(other.to_string()),
+    }
+}
+
+#[test]
+fn influxdb3_tickets_query_over_flight_on_the_http_port() {
+    rt().block_on(async {
+        let db = memory_db();
+        let lines: Vec<String> = (0..5000)
+            .map(|i| format!("cpu,host=h{} usage={} {}", i % 7, i % 100, i))
+            .collect();
+        db.write_lines("main", &lines.join("\n"), Precision::Second)
+            .expect("write");
+        let s = Server::start(db, ServerConfig::default()).await;
+        let mut c = client(&s, None).await;
+        let batches = get(
+            &mut c,
+            ticket(
+                "main",
+                "SELECT host, count(*) AS n FROM cpu GROUP BY host ORDER BY host",
+            ),
+        )
+        .await
+        .expect("query");
+        let table = pretty(&batches);
+        assert!(table.contains("| h0   | 715 |"), "{table}");
+        // Every row arrives, batch by batch.
+        let all = get(&mut c, ticket("main", "SELECT * FROM cpu"))
+            .await
+            .expect("all");
+        assert_eq!(all.iter().map(|b| b.num_rows()).sum::<usize>(), 5000);
+        // The same listener still serves HTTP.
+        assert_eq!(s.get("/health").await.status(), 200);
+
+        // Bad SQL and bad tickets: InvalidArgument with the message.
+        let e = get(&mut c, ticket("main", "SELECT nope FROM cpu"))
+            .await
+            .expect_err("bad sql");
+        assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+        assert!(e.message().contains("nope"), "{e}");
+        let e = get(&mut c, Ticket::new("not json"))
+            .await
+            .expect_err("bad ticket");
+        assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+        assert!(e.message().contains("InfluxDB 3 query ticket"), "{e}");
+        let e = get(
+            &mut c,
+            Ticket::new(
+                r#"{"database": "main", "sql_query": "SELECT 1", "query_type": "influxql"}"#,
+            ),
+        )
+        .await
+        .expect_err("influxql");
+        assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+        // Statements are not queries.
+        let e = get(&mut c, ticket("main", "DROP TABLE cpu"))
+            .await
+            .expect_err("ddl");
+        assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+        // What is not served says so.
+        let e = c
+            .get_flight_info(arrow_flight::FlightDescriptor::new_cmd("SELECT 1"))
+            .await
+            .expect_err("flight sql");
+        assert_eq!(status(e).code(), Code::Unimplemented);
+        s.stop().await;
+    });
+}
+
+#[test]
+fn flight_queries_need_a_token_with_the_database_in_scope() {
+    rt().block_on(async {
+        let db = memory_db();
+        db.write_lines("main", "cpu,host=a usage=1 1", Precision::Second)
+            .expect("write");
+        db.write_lines("other", "mem,host=a used=2 1", Precision::Second)
+            .expect("write");
+        let config = ServerConfig {
+            auth: rivulet::server::Auth::new(vec![
+                "read:main-reader-0123456789:main".parse().expect("token"),
+            ])
+            .expect("auth"),
+            ..ServerConfig::default()
+        };
+        let s = Server::start(db, config).await;
+        let e = get(
+            &mut client(&s, None).await,
+            ticket("main", "SELECT * FROM cpu"),
+        )
+        .await
+        .expect_err("no token");
+        assert_eq!(e.code(), Code::Unauthenticated, "{e}");
+        let e = get(
+            &mut client(&s, Some("wrong-token-0123456789")).await,
+            ticket("main", "SELECT * FROM cpu"),
+        )
+        .await
+        .expect_err("wrong token");
+        assert_eq!(e.code(), Code::Unauthenticated, "{e}");
+        let mut reader = client(&s, Some("main-reader-0123456789")).await;
+        let rows = get(&mut reader, ticket("main", "SELECT usage FROM cpu"))
+            .await
+            .expect("in scope");
+        assert_eq!(rows.iter().map(|b| b.num_rows()).sum::<usize>(), 1);
+        let e = get(&mut reader, ticket("other", "SELECT * FROM mem"))
+            .await
+            .expect_err("database out of scope");
+        assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+        let e = get(&mut reader, ticket("main", "SELECT * FROM other.mem"))
+            .await
+            .expect_err("naming another database");
+        assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+        s.stop().await;
+    });
+}
