@@ -32,8 +32,20 @@ pub(crate) fn constant(e: &Expr, as_type: Option<DataType>) -> Option<ScalarValu
 
 /// A constant timestamp, in nanoseconds.
 pub(crate) fn timestamp(e: &Expr) -> Option<i64> {
-    match constant(e, Some(DataType::Timestamp(TimeUnit::Nanosecond, None)))? {
-        ScalarValue::TimestampNanosecond(Some(v), _) => Some(v),
+    scalar_ns(&constant(
+        e,
+        Some(DataType::Timestamp(TimeUnit::Nanosecond, None)),
+    )?)
+}
+
+/// Nanoseconds since the epoch of a timestamp value of any unit (None: not a timestamp, NULL,
+/// or out of range).
+pub(crate) fn scalar_ns(v: &ScalarValue) -> Option<i64> {
+    match v {
+        ScalarValue::TimestampNanosecond(Some(n), _) => Some(*n),
+        ScalarValue::TimestampMicrosecond(Some(n), _) => n.checked_mul(1_000),
+        ScalarValue::TimestampMillisecond(Some(n), _) => n.checked_mul(1_000_000),
+        ScalarValue::TimestampSecond(Some(n), _) => n.checked_mul(1_000_000_000),
         _ => None,
     }
 }

@@ -372,14 +372,8 @@ struct Overwrite {
 
 /// Nanoseconds of a timestamp literal.
 fn literal_ns(expr: &Expr) -> Option<i64> {
-    let Expr::Literal(value, _) = expr else {
-        return None;
-    };
-    match value {
-        ScalarValue::TimestampNanosecond(Some(v), _) => Some(*v),
-        ScalarValue::TimestampMicrosecond(Some(v), _) => v.checked_mul(1_000),
-        ScalarValue::TimestampMillisecond(Some(v), _) => v.checked_mul(1_000_000),
-        ScalarValue::TimestampSecond(Some(v), _) => v.checked_mul(1_000_000_000),
+    match expr {
+        Expr::Literal(value, _) => super::bounds::scalar_ns(value),
         _ => None,
     }
 }

@@ -31,6 +31,7 @@ use datafusion::physical_planner::{ExtensionPlanner, PhysicalPlanner};
 use futures::{StreamExt, TryStreamExt};
 
 use super::{Bound, FillStrategy, GapFillNode};
+use crate::query::bounds::{bin, scalar_ns};
 
 const NS_PER_DAY: i64 = 86_400_000_000_000;
 
@@ -74,7 +75,7 @@ impl ExtensionPlanner for GapFillPlanner {
             }
         };
         let stride = stride_ns(&value(&node.stride, "stride")?, &node.function)?;
-        let origin = timestamp_ns(&value(&node.origin, "origin")?).ok_or_else(|| {
+        let origin = scalar_ns(&value(&node.origin, "origin")?).ok_or_else(|| {
             DataFusionError::Plan(format!(
                 "{}: the origin must be a timestamp (a time zone is not supported when filling gaps)",
                 node.function
@@ -82,7 +83,7 @@ impl ExtensionPlanner for GapFillPlanner {
         })?;
         let bound = |b: &Bound| -> Result<i64> {
             let v = value(&b.expr, "time bound")?;
-            timestamp_ns(&v).ok_or_else(|| {
+            scalar_ns(&v).ok_or_else(|| {
                 DataFusionError::Plan(format!(
                     "{}: the time bound {} is not a timestamp",
                     node.function, b.expr
@@ -139,23 +140,6 @@ fn stride_ns(v: &ScalarValue, function: &str) -> Result<i64> {
     }
 }
 
-fn timestamp_ns(v: &ScalarValue) -> Option<i64> {
-    match v {
-        ScalarValue::TimestampNanosecond(Some(n), _) => Some(*n),
-        ScalarValue::TimestampMicrosecond(Some(n), _) => n.checked_mul(1_000),
-        ScalarValue::TimestampMillisecond(Some(n), _) => n.checked_mul(1_000_000),
-        ScalarValue::TimestampSecond(Some(n), _) => n.checked_mul(1_000_000_000),
-        _ => None,
-    }
-}
-
-/// The bucket of `t`: `origin + floor((t - origin) / stride) * stride`, as `date_bin`.
-fn bin(t: i64, origin: i64, stride: i64) -> Option<i64> {
-    let d = t as i128 - origin as i128;
-    let b = origin as i128 + d.div_euclid(stride as i128) * stride as i128;
-    i64::try_from(b).ok()
-}
-
 /// What a [`GapFillExec`] fills, in numbers.
 #[derive(Debug, Clone)]
 struct Spec {
@@ -177,8 +161,8 @@ impl Spec {
             return Ok((0, 0));
         }
         let (Some(first), Some(last)) = (
-            bin(self.lo, self.origin, self.stride),
-            bin(self.hi, self.origin, self.stride),
+            bin(self.lo, self.stride, self.origin),
+            bin(self.hi, self.stride, self.origin),
         ) else {
             return exec_err!("{}: the time range is out of bounds", self.function);
         };
