@@ -121,9 +121,11 @@ pub fn router(db: Db, config: ServerConfig) -> Router {
         .route("/metrics", get(metrics_text))
         .route_service(
             "/arrow.flight.protocol.FlightService/{*method}",
-            arrow_flight::flight_service_server::FlightServiceServer::new(flight::Flight {
-                state: state.clone(),
-            }),
+            arrow_flight::flight_service_server::FlightServiceServer::new(flight::Front(Arc::new(
+                flight::Flight {
+                    state: state.clone(),
+                },
+            ))),
         )
         .layer(middleware::from_fn_with_state(
             state.clone(),

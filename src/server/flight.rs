@@ -13,8 +13,11 @@
 //! wrong token → `Unauthenticated`, a database outside the token's → `PermissionDenied`,
 //! the query timeout → `DeadlineExceeded`.
 //!
-//! Flight SQL (statement queries, prepared statements, catalogs) is not served yet: those
-//! calls answer `Unimplemented` naming what works.
+//! Flight SQL statement queries work as Flight SQL clients (ADBC, JDBC, Grafana's InfluxDB SQL
+//! mode) send them: `GetFlightInfo` with `CommandStatementQuery` (the database from the
+//! `database`, `bucket-name` or `iox-namespace-name` header, as InfluxDB 3 accepts) answers the
+//! schema and a ticket; `DoGet` with that ticket runs the query. Prepared statements, SQL info
+//! and the catalog calls are not served yet (`Unimplemented`).
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -22,13 +25,16 @@ use std::pin::Pin;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_server::FlightService;
+use arrow_flight::sql::server::FlightSqlService;
+use arrow_flight::sql::{CommandStatementQuery, ProstMessageExt, SqlInfo, TicketStatementQuery};
 use arrow_flight::{
-    Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightInfo,
+    Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightEndpoint, FlightInfo,
     HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
 };
 use axum::extract::ConnectInfo;
 use axum::http::StatusCode;
 use futures::{Stream, StreamExt, TryStreamExt};
+use prost::Message as _;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::Scope;
@@ -94,7 +100,8 @@ fn flight_error(e: FlightError) -> Status {
 fn unimplemented(what: &str) -> Status {
     Status::unimplemented(format!(
         "{what} is not served yet; query with DoGet and an InfluxDB 3 ticket \
-         ({{\"database\": …, \"sql_query\": …, \"query_type\": \"sql\"}})"
+         ({{\"database\": …, \"sql_query\": …, \"query_type\": \"sql\"}}) or a Flight SQL \
+         statement (GetFlightInfo, then DoGet)"
     ))
 }
 
@@ -183,8 +190,117 @@ impl Flight {
     }
 }
 
+fn peer_of<T>(request: &Request<T>) -> Result<SocketAddr, Status> {
+    request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0)
+        .ok_or_else(|| Status::internal("no peer address"))
+}
+
+/// The database of a Flight SQL call: the `database` header (or `bucket-name`,
+/// `iox-namespace-name`, as InfluxDB 3 accepts), else `main`.
+fn database_of<T>(request: &Request<T>) -> String {
+    ["database", "bucket-name", "iox-namespace-name"]
+        .iter()
+        .find_map(|h| {
+            request
+                .metadata()
+                .get(*h)?
+                .to_str()
+                .ok()
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "main".to_string())
+}
+
+/// The schema batches of `schema` arrive in: the encoder sends dictionary columns (tags) as
+/// their values, and Flight SQL clients check the announced schema against the stream's.
+fn hydrated(schema: &arrow::datatypes::Schema) -> arrow::datatypes::Schema {
+    let fields: Vec<arrow::datatypes::Field> = schema
+        .fields()
+        .iter()
+        .map(|f| match f.data_type() {
+            arrow::datatypes::DataType::Dictionary(_, value) => {
+                f.as_ref().clone().with_data_type(value.as_ref().clone())
+            }
+            _ => f.as_ref().clone(),
+        })
+        .collect();
+    arrow::datatypes::Schema::new_with_metadata(fields, schema.metadata().clone())
+}
+
+/// Flight SQL: statement queries (`GetFlightInfo` with `CommandStatementQuery`, then `DoGet`
+/// with the statement ticket, which holds the same JSON as an InfluxDB 3 ticket).
 #[tonic::async_trait]
-impl FlightService for Flight {
+impl FlightSqlService for Flight {
+    type FlightService = Flight;
+
+    async fn do_handshake(
+        &self,
+        _request: Request<Streaming<HandshakeRequest>>,
+    ) -> Result<Response<BoxStream<HandshakeResponse>>, Status> {
+        // Tokens travel with every call; there is no session to set up.
+        Ok(Response::new(Box::pin(futures::stream::once(async {
+            Ok(HandshakeResponse::default())
+        }))))
+    }
+
+    async fn get_flight_info_statement(
+        &self,
+        query: CommandStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let peer = peer_of(&request)?;
+        let db = database_of(&request);
+        let headers = request.metadata().clone().into_headers();
+        let access = self
+            .state
+            .authorize(&headers, None, Scope::Read, Some(&db), peer, "query")
+            .map_err(status)?;
+        // Planned once for the schema; DoGet plans it again to run it.
+        let df = self
+            .state
+            .db
+            .plan_within(&db, &query.query, false, access.databases.as_deref())
+            .await
+            .map_err(|e| status(e.into()))?;
+        let schema = hydrated(df.schema().as_arrow());
+        let handle =
+            serde_json::json!({"database": db, "sql_query": query.query, "query_type": "sql"});
+        let ticket = TicketStatementQuery {
+            statement_handle: handle.to_string().into_bytes().into(),
+        };
+        let endpoint =
+            FlightEndpoint::new().with_ticket(Ticket::new(ticket.as_any().encode_to_vec()));
+        let info = FlightInfo::new()
+            .try_with_schema(&schema)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .with_endpoint(endpoint)
+            .with_descriptor(request.into_inner());
+        Ok(Response::new(info))
+    }
+
+    async fn do_get_statement(
+        &self,
+        ticket: TicketStatementQuery,
+        request: Request<Ticket>,
+    ) -> Result<Response<BoxStream<FlightData>>, Status> {
+        let peer = peer_of(&request)?;
+        let headers = request.metadata().clone().into_headers();
+        let stream = self.query(&headers, peer, &ticket.statement_handle).await?;
+        Ok(Response::new(stream))
+    }
+
+    async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
+}
+
+/// What is routed: InfluxDB 3's JSON tickets first, Flight SQL for the rest.
+#[derive(Clone)]
+pub(crate) struct Front(pub(crate) std::sync::Arc<Flight>);
+
+#[tonic::async_trait]
+impl FlightService for Front {
     type HandshakeStream = BoxStream<HandshakeResponse>;
     type ListFlightsStream = BoxStream<FlightInfo>;
     type DoGetStream = BoxStream<FlightData>;
@@ -195,12 +311,9 @@ impl FlightService for Flight {
 
     async fn handshake(
         &self,
-        _request: Request<Streaming<HandshakeRequest>>,
+        request: Request<Streaming<HandshakeRequest>>,
     ) -> Result<Response<Self::HandshakeStream>, Status> {
-        // Tokens travel with every call; there is no session to set up.
-        Ok(Response::new(Box::pin(futures::stream::once(async {
-            Ok(HandshakeResponse::default())
-        }))))
+        FlightService::handshake(self.0.as_ref(), request).await
     }
 
     async fn list_flights(
@@ -212,9 +325,9 @@ impl FlightService for Flight {
 
     async fn get_flight_info(
         &self,
-        _request: Request<FlightDescriptor>,
+        request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        Err(unimplemented("GetFlightInfo (Flight SQL)"))
+        FlightService::get_flight_info(self.0.as_ref(), request).await
     }
 
     async fn poll_flight_info(
@@ -235,13 +348,29 @@ impl FlightService for Flight {
         &self,
         request: Request<Ticket>,
     ) -> Result<Response<Self::DoGetStream>, Status> {
-        let peer = request
-            .extensions()
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0)
-            .ok_or_else(|| Status::internal("no peer address"))?;
+        let json = request
+            .get_ref()
+            .ticket
+            .iter()
+            .find(|b| !b.is_ascii_whitespace())
+            == Some(&b'{');
+        if !json {
+            return FlightService::do_get(self.0.as_ref(), request)
+                .await
+                .map_err(|e| match e.code() {
+                    tonic::Code::InvalidArgument if e.message().contains("DecodeError") => {
+                        Status::invalid_argument(format!(
+                            "the ticket is neither an InfluxDB 3 query ticket ({{\"database\": …, \"sql_query\": …, \"query_type\": \"sql\"}}) nor a Flight SQL ticket: {}",
+                            e.message()
+                        ))
+                    }
+                    _ => e,
+                });
+        }
+        let peer = peer_of(&request)?;
         let headers = request.metadata().clone().into_headers();
         let stream = self
+            .0
             .query(&headers, peer, &request.get_ref().ticket)
             .await?;
         Ok(Response::new(stream))
@@ -265,9 +394,9 @@ impl FlightService for Flight {
 
     async fn do_action(
         &self,
-        _request: Request<Action>,
+        request: Request<Action>,
     ) -> Result<Response<Self::DoActionStream>, Status> {
-        Err(unimplemented("DoAction"))
+        FlightService::do_action(self.0.as_ref(), request).await
     }
 
     async fn list_actions(
