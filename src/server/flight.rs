@@ -16,8 +16,10 @@
 //! Flight SQL statement queries work as Flight SQL clients (ADBC, JDBC, Grafana's InfluxDB SQL
 //! mode) send them: `GetFlightInfo` with `CommandStatementQuery` (the database from the
 //! `database`, `bucket-name` or `iox-namespace-name` header, as InfluxDB 3 accepts) answers the
-//! schema and a ticket; `DoGet` with that ticket runs the query. Prepared statements, SQL info
-//! and the catalog calls are not served yet (`Unimplemented`).
+//! schema and a ticket; `DoGet` with that ticket runs the query. `GetCatalogs`,
+//! `GetDbSchemas`, `GetTables` (with the tables' schemas when asked) and `GetTableTypes` list
+//! what the token may read, from `information_schema` through the same scoped planning (ADBC's
+//! `get_objects`). Prepared statements and SQL info are not served yet (`Unimplemented`).
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -26,7 +28,10 @@ use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_server::FlightService;
 use arrow_flight::sql::server::FlightSqlService;
-use arrow_flight::sql::{CommandStatementQuery, ProstMessageExt, SqlInfo, TicketStatementQuery};
+use arrow_flight::sql::{
+    CommandGetCatalogs, CommandGetDbSchemas, CommandGetTableTypes, CommandGetTables,
+    CommandStatementQuery, ProstMessageExt, SqlInfo, TicketStatementQuery,
+};
 use arrow_flight::{
     Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightEndpoint, FlightInfo,
     HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
@@ -292,7 +297,230 @@ impl FlightSqlService for Flight {
         Ok(Response::new(stream))
     }
 
+    async fn get_flight_info_catalogs(
+        &self,
+        query: CommandGetCatalogs,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let schema = query.into_builder().schema();
+        metadata_info(query.as_any(), &schema, request)
+    }
+
+    async fn do_get_catalogs(
+        &self,
+        query: CommandGetCatalogs,
+        request: Request<Ticket>,
+    ) -> Result<Response<BoxStream<FlightData>>, Status> {
+        let mut builder = query.into_builder();
+        let mut seen = std::collections::BTreeSet::new();
+        for t in self.tables(&request).await? {
+            if seen.insert(t.catalog.clone()) {
+                builder.append(t.catalog);
+            }
+        }
+        one_batch(builder.build())
+    }
+
+    async fn get_flight_info_schemas(
+        &self,
+        query: CommandGetDbSchemas,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let schema = query.clone().into_builder().schema();
+        metadata_info(query.as_any(), &schema, request)
+    }
+
+    async fn do_get_schemas(
+        &self,
+        query: CommandGetDbSchemas,
+        request: Request<Ticket>,
+    ) -> Result<Response<BoxStream<FlightData>>, Status> {
+        let mut builder = query.into_builder();
+        let mut seen = std::collections::BTreeSet::new();
+        for t in self.tables(&request).await? {
+            if seen.insert((t.catalog.clone(), t.schema.clone())) {
+                builder.append(t.catalog, t.schema);
+            }
+        }
+        one_batch(builder.build())
+    }
+
+    async fn get_flight_info_tables(
+        &self,
+        query: CommandGetTables,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let schema = query.clone().into_builder().schema();
+        metadata_info(query.as_any(), &schema, request)
+    }
+
+    async fn do_get_tables(
+        &self,
+        query: CommandGetTables,
+        request: Request<Ticket>,
+    ) -> Result<Response<BoxStream<FlightData>>, Status> {
+        let with_schema = query.include_schema;
+        let mut builder = query.into_builder();
+        for t in self.tables(&request).await? {
+            let schema = if with_schema {
+                self.table_schema(&request, &t).await?
+            } else {
+                arrow::datatypes::Schema::empty()
+            };
+            builder
+                .append(&t.catalog, &t.schema, &t.name, &t.kind, &schema)
+                .map_err(|e| Status::internal(e.to_string()))?;
+        }
+        one_batch(builder.build())
+    }
+
+    async fn get_flight_info_table_types(
+        &self,
+        query: CommandGetTableTypes,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let schema = query.into_builder().schema();
+        metadata_info(query.as_any(), &schema, request)
+    }
+
+    async fn do_get_table_types(
+        &self,
+        query: CommandGetTableTypes,
+        _request: Request<Ticket>,
+    ) -> Result<Response<BoxStream<FlightData>>, Status> {
+        let mut builder = query.into_builder();
+        for kind in ["BASE TABLE", "VIEW"] {
+            builder.append(kind);
+        }
+        one_batch(builder.build())
+    }
+
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
+}
+
+/// One table as `information_schema.tables` lists it.
+struct TableName {
+    catalog: String,
+    schema: String,
+    name: String,
+    kind: String,
+}
+
+impl Flight {
+    /// The tables the caller's token may read (`information_schema.tables`, planned through the
+    /// same scoped path as queries).
+    async fn tables<T>(&self, request: &Request<T>) -> Result<Vec<TableName>, Status> {
+        let batches = self
+            .collect(
+                request,
+                "SELECT table_catalog, table_schema, table_name, table_type FROM information_schema.tables ORDER BY 1, 2, 3",
+            )
+            .await?;
+        let mut out = Vec::new();
+        for b in &batches {
+            let col = |i: usize| {
+                arrow::compute::cast(b.column(i), &arrow::datatypes::DataType::Utf8)
+                    .map_err(|e| Status::internal(e.to_string()))
+            };
+            let (c, s, n, k) = (col(0)?, col(1)?, col(2)?, col(3)?);
+            let text = |a: &arrow::array::ArrayRef, i: usize| {
+                use arrow::array::AsArray as _;
+                a.as_string::<i32>().value(i).to_string()
+            };
+            for i in 0..b.num_rows() {
+                out.push(TableName {
+                    catalog: text(&c, i),
+                    schema: text(&s, i),
+                    name: text(&n, i),
+                    kind: text(&k, i),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// A table's schema as its rows arrive over Flight.
+    async fn table_schema<T>(
+        &self,
+        request: &Request<T>,
+        t: &TableName,
+    ) -> Result<arrow::datatypes::Schema, Status> {
+        let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+        let sql = format!(
+            "SELECT * FROM {}.{}.{} LIMIT 0",
+            quote(&t.catalog),
+            quote(&t.schema),
+            quote(&t.name)
+        );
+        let (db, access, headers) = self.access(request)?;
+        let _ = headers;
+        let df = self
+            .state
+            .db
+            .plan_within(&db, &sql, false, access.databases.as_deref())
+            .await
+            .map_err(|e| status(e.into()))?;
+        Ok(hydrated(df.schema().as_arrow()))
+    }
+
+    fn access<T>(
+        &self,
+        request: &Request<T>,
+    ) -> Result<(String, super::auth::Access, axum::http::HeaderMap), Status> {
+        let peer = peer_of(request)?;
+        let db = database_of(request);
+        let headers = request.metadata().clone().into_headers();
+        let access = self
+            .state
+            .authorize(&headers, None, Scope::Read, Some(&db), peer, "query")
+            .map_err(status)?;
+        Ok((db, access, headers))
+    }
+
+    async fn collect<T>(
+        &self,
+        request: &Request<T>,
+        sql: &str,
+    ) -> Result<Vec<arrow::array::RecordBatch>, Status> {
+        let (db, access, _) = self.access(request)?;
+        let df = self
+            .state
+            .db
+            .plan_within(&db, sql, false, access.databases.as_deref())
+            .await
+            .map_err(|e| status(e.into()))?;
+        df.collect()
+            .await
+            .map_err(|e| status(crate::Error::from(e).into()))
+    }
+}
+
+/// The `FlightInfo` of a metadata command: its result schema and a ticket repeating it.
+fn metadata_info(
+    command: arrow_flight::sql::Any,
+    schema: &arrow::datatypes::Schema,
+    request: Request<FlightDescriptor>,
+) -> Result<Response<FlightInfo>, Status> {
+    let endpoint = FlightEndpoint::new().with_ticket(Ticket::new(command.encode_to_vec()));
+    let info = FlightInfo::new()
+        .try_with_schema(schema)
+        .map_err(|e| Status::internal(e.to_string()))?
+        .with_endpoint(endpoint)
+        .with_descriptor(request.into_inner());
+    Ok(Response::new(info))
+}
+
+/// One built batch as a Flight stream.
+fn one_batch(
+    batch: Result<arrow::array::RecordBatch, impl std::fmt::Display>,
+) -> Result<Response<BoxStream<FlightData>>, Status> {
+    let batch = batch.map_err(|e| Status::internal(e.to_string()))?;
+    let schema = batch.schema();
+    let stream = FlightDataEncoderBuilder::new()
+        .with_schema(schema)
+        .build(futures::stream::once(async move { Ok(batch) }))
+        .map_err(flight_error);
+    Ok(Response::new(Box::pin(stream)))
 }
 
 /// What is routed: InfluxDB 3's JSON tickets first, Flight SQL for the rest.

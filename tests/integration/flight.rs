@@ -215,6 +215,45 @@ fn flight_sql_statement_queries_take_the_database_from_a_header() {
         let table = pretty(&rows);
         assert!(table.contains("| a    | 1.0   |"), "{table}");
         assert!(table.contains("| b    | 2.0   |"), "{table}");
+        // Catalog calls list what the token may read (ADBC's get_objects, Grafana's pickers).
+        async fn rows_of(
+            sql: &mut arrow_flight::sql::client::FlightSqlServiceClient<tonic::transport::Channel>,
+            info: arrow_flight::FlightInfo,
+        ) -> String {
+            let mut out = Vec::new();
+            for endpoint in info.endpoint {
+                let batches: Vec<RecordBatch> = sql
+                    .do_get(endpoint.ticket.expect("ticket"))
+                    .await
+                    .expect("do_get")
+                    .try_collect()
+                    .await
+                    .expect("batches");
+                out.extend(batches);
+            }
+            pretty(&out)
+        }
+        let info = sql.get_catalogs().await.expect("catalogs");
+        assert!(rows_of(&mut sql, info).await.contains("rivulet"));
+        let info = sql
+            .get_db_schemas(arrow_flight::sql::CommandGetDbSchemas::default())
+            .await
+            .expect("schemas");
+        let schemas = rows_of(&mut sql, info).await;
+        assert!(schemas.contains("main"), "{schemas}");
+        assert!(!schemas.contains("other"), "{schemas}");
+        let info = sql
+            .get_tables(arrow_flight::sql::CommandGetTables {
+                include_schema: true,
+                ..Default::default()
+            })
+            .await
+            .expect("tables");
+        let tables = rows_of(&mut sql, info).await;
+        assert!(tables.contains("| cpu "), "{tables}");
+        assert!(!tables.contains("mem"), "{tables}");
+        let info = sql.get_table_types().await.expect("table types");
+        assert!(rows_of(&mut sql, info).await.contains("BASE TABLE"));
         // Bad SQL: the planning error as InvalidArgument; the database header is scoped.
         let e = sql
             .execute("SELECT nope FROM cpu".to_string(), None)
