@@ -108,22 +108,28 @@ fn influxdb3_tickets_query_over_flight_on_the_http_port() {
     });
 }
 
+/// A server with `main_lines` in `main`, a table in `other`, and one token that may read
+/// `main` only.
+async fn scoped_server(main_lines: &str) -> Server {
+    let db = memory_db();
+    db.write_lines("main", main_lines, Precision::Second)
+        .expect("write");
+    db.write_lines("other", "mem,host=a used=7 1", Precision::Second)
+        .expect("write");
+    let config = ServerConfig {
+        auth: rivulet::server::Auth::new(vec![
+            "read:main-reader-0123456789:main".parse().expect("token"),
+        ])
+        .expect("auth"),
+        ..ServerConfig::default()
+    };
+    Server::start(db, config).await
+}
+
 #[test]
 fn flight_queries_need_a_token_with_the_database_in_scope() {
     rt().block_on(async {
-        let db = memory_db();
-        db.write_lines("main", "cpu,host=a usage=1 1", Precision::Second)
-            .expect("write");
-        db.write_lines("other", "mem,host=a used=2 1", Precision::Second)
-            .expect("write");
-        let config = ServerConfig {
-            auth: rivulet::server::Auth::new(vec![
-                "read:main-reader-0123456789:main".parse().expect("token"),
-            ])
-            .expect("auth"),
-            ..ServerConfig::default()
-        };
-        let s = Server::start(db, config).await;
+        let s = scoped_server("cpu,host=a usage=1 1").await;
         let e = get(
             &mut client(&s, None).await,
             ticket("main", "SELECT * FROM cpu"),
@@ -158,23 +164,7 @@ fn flight_queries_need_a_token_with_the_database_in_scope() {
 #[test]
 fn flight_sql_statement_queries_take_the_database_from_a_header() {
     rt().block_on(async {
-        let db = memory_db();
-        db.write_lines(
-            "main",
-            "cpu,host=a usage=1 1\ncpu,host=b usage=2 2",
-            Precision::Second,
-        )
-        .expect("write");
-        db.write_lines("other", "mem,host=a used=7 1", Precision::Second)
-            .expect("write");
-        let config = ServerConfig {
-            auth: rivulet::server::Auth::new(vec![
-                "read:main-reader-0123456789:main".parse().expect("token"),
-            ])
-            .expect("auth"),
-            ..ServerConfig::default()
-        };
-        let s = Server::start(db, config).await;
+        let s = scoped_server("cpu,host=a usage=1 1\ncpu,host=b usage=2 2").await;
         let channel = tonic::transport::Channel::from_shared(s.url(""))
             .expect("url")
             .connect()
