@@ -18,6 +18,8 @@ pub(crate) struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once at start-up: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Serve the HTTP API (InfluxDB-compatible writes, SQL queries) on a data directory.
     Serve(serve::ServeArgs),

@@ -317,6 +317,20 @@ impl Db {
         allow_dml: bool,
         databases: Option<&[String]>,
     ) -> Result<datafusion::dataframe::DataFrame, Error> {
+        self.plan_with(db, query, allow_dml, databases, Default::default())
+            .await
+    }
+
+    /// [`plan_within`](Self::plan_within), reading the SQL as a Postgres client's and with
+    /// values for its placeholders as `options` say.
+    pub(crate) async fn plan_with(
+        &self,
+        db: &str,
+        query: &str,
+        allow_dml: bool,
+        databases: Option<&[String]>,
+        options: crate::query::PlanOptions<'_>,
+    ) -> Result<datafusion::dataframe::DataFrame, Error> {
         self.inner.check_open()?;
         self.inner.views.shared.wait_loaded();
         if let Some(statement) = crate::views::ddl::parse(query) {
@@ -339,8 +353,25 @@ impl Db {
         }
         self.inner
             .views
-            .plan_read(db, query, allow_dml, databases)
+            .plan_read(db, query, allow_dml, databases, options)
             .await
+    }
+
+    /// A Postgres connection's `pg_catalog` over the databases it may use (None: any): kept for
+    /// the connection's life, so its object ids stay the same from query to query.
+    pub(crate) fn postgres_session(
+        &self,
+        databases: Option<&[String]>,
+    ) -> Result<crate::query::PgSession, Error> {
+        Ok(self.inner.query.postgres_session(databases)?)
+    }
+
+    /// The statements of a Postgres simple-query string.
+    pub(crate) fn postgres_statements(
+        &self,
+        sql: &str,
+    ) -> Result<Vec<crate::query::PgStatement>, Error> {
+        Ok(self.inner.query.postgres_statements(sql)?)
     }
 
     /// Subscribes to `sql`: a snapshot of its result, then every change to it (see

@@ -14,10 +14,12 @@ mod gapfill;
 mod insert;
 mod last_cache;
 mod latest;
+mod postgres;
 mod rewrite;
 mod system;
 mod table;
 
+pub(crate) use postgres::{PgSession, PgStatement};
 pub(crate) use table::BufferTableProvider;
 
 use std::sync::atomic::AtomicU64;
@@ -169,6 +171,18 @@ impl datafusion::execution::context::QueryPlanner for Planner {
 pub(crate) struct QueryEngine {
     template: SessionState,
     reader: Arc<Reader>,
+    /// Postgres compatibility, built when the first Postgres client connects.
+    postgres: OnceLock<Arc<postgres::PgCompat>>,
+}
+
+/// How to plan a query besides its text: as a Postgres client's SQL, and with values for its
+/// `$1` placeholders.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct PlanOptions<'a> {
+    /// Read the SQL as Postgres SQL with this connection's `pg_catalog`.
+    pub(crate) postgres: Option<&'a PgSession>,
+    /// Values of the placeholders (`$1`, …), filled in before any rewrite looks at the plan.
+    pub(crate) params: Option<&'a datafusion::common::ParamValues>,
 }
 
 impl QueryEngine {
@@ -234,7 +248,35 @@ impl QueryEngine {
         Ok(QueryEngine {
             template: ctx.state(),
             reader,
+            postgres: OnceLock::new(),
         })
+    }
+
+    /// Postgres compatibility (built on first use).
+    fn postgres(&self) -> Result<Arc<postgres::PgCompat>, DataFusionError> {
+        if let Some(pg) = self.postgres.get() {
+            return Ok(pg.clone());
+        }
+        let pg = Arc::new(postgres::PgCompat::new(&self.template)?);
+        // Two first clients may race: both built one, the first stored wins.
+        Ok(self.postgres.get_or_init(|| pg).clone())
+    }
+
+    /// A Postgres connection's `pg_catalog` over the databases it may use (None: any).
+    pub(crate) fn postgres_session(
+        &self,
+        databases: Option<&[String]>,
+    ) -> Result<PgSession, DataFusionError> {
+        self.postgres()?
+            .session(self.reader.clone(), databases.map(Into::into))
+    }
+
+    /// The statements of a Postgres simple-query string.
+    pub(crate) fn postgres_statements(
+        &self,
+        sql: &str,
+    ) -> Result<Vec<PgStatement>, DataFusionError> {
+        Ok(self.postgres()?.statements(sql))
     }
 
     /// Installs the extension that reads views and the `system` schema (once).
@@ -278,28 +320,36 @@ impl QueryEngine {
 
     /// A session with `db` as the default database, reading `snapshot`.
     pub(crate) fn context(&self, db: &str, snapshot: QuerySnapshot) -> SessionContext {
-        self.scoped_context(db, snapshot, None, false)
+        self.scoped_context(db, snapshot, None, false, None)
     }
 
     /// [`context`](Self::context) for a reader limited to `databases`: its catalog lists only
     /// those (`information_schema` too), `system` tables hold only their rows, and naming
     /// another database fails planning with [`Denied`]. `subscription_views`: the
-    /// subscription layer's internal views resolve (no user plan sets it).
+    /// subscription layer's internal views resolve (no user plan sets it). `postgres`: a
+    /// Postgres session, with its functions and its `pg_catalog`.
     fn scoped_context(
         &self,
         db: &str,
         snapshot: QuerySnapshot,
         databases: Option<&[String]>,
         subscription_views: bool,
+        postgres: Option<(&postgres::PgCompat, &PgSession)>,
     ) -> SessionContext {
-        let mut state = self.template.clone();
-        if databases.is_some() || subscription_views {
+        let mut state = match postgres {
+            Some((pg, _)) => pg.template().clone(),
+            None => self.template.clone(),
+        };
+        if databases.is_some() || subscription_views || postgres.is_some() {
             use datafusion::catalog::CatalogProviderList as _;
             let list = datafusion::catalog::MemoryCatalogProviderList::new();
             let mut catalog =
                 catalog::RivuletCatalog::scoped(self.reader.clone(), databases.map(Into::into));
             if subscription_views {
                 catalog = catalog.with_subscription_views();
+            }
+            if let Some((_, session)) = postgres {
+                catalog = catalog.with_pg_catalog(session.pg_catalog.clone());
             }
             list.register_catalog(CATALOG_NAME.to_string(), Arc::new(catalog));
             state = SessionStateBuilder::new_from_existing(state)
@@ -310,7 +360,13 @@ impl QueryEngine {
         // One visible sequence for the whole query: every table scan reads up to it, so a
         // query sees a write to several tables entirely or not at all.
         state.config_mut().set_extension(Arc::new(snapshot));
-        SessionContext::new_with_state(state)
+        let ctx = SessionContext::new_with_state(state);
+        if postgres.is_some() {
+            for f in postgres::session_functions(db) {
+                ctx.register_udf(f);
+            }
+        }
+        ctx
     }
 
     /// Plans `sql` with `db` as the default database. DDL, session statements and `COPY` are
@@ -322,13 +378,22 @@ impl QueryEngine {
         allow_dml: bool,
         visible_seq: u64,
     ) -> Result<DataFrame, DataFusionError> {
-        self.plan_reaching(db, sql, allow_dml, visible_seq, None, false)
-            .await
+        self.plan_reaching(
+            db,
+            sql,
+            allow_dml,
+            visible_seq,
+            None,
+            false,
+            PlanOptions::default(),
+        )
+        .await
     }
 
     /// [`plan`](Self::plan) for a reader limited to `databases` (None: any); with
     /// `subscription_views`, the subscription layer's internal views resolve too (its plans
     /// over the view it made for a query).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn plan_reaching(
         &self,
         db: &str,
@@ -337,18 +402,41 @@ impl QueryEngine {
         visible_seq: u64,
         databases: Option<&[String]>,
         subscription_views: bool,
+        options: PlanOptions<'_>,
     ) -> Result<DataFrame, DataFusionError> {
+        let pg = match options.postgres {
+            Some(session) => Some((self.postgres()?, session)),
+            None => None,
+        };
         let ctx = self.scoped_context(
             db,
             QuerySnapshot::new(visible_seq),
             databases,
             subscription_views,
+            pg.as_ref()
+                .map(|(compat, session)| (compat.as_ref(), *session)),
         );
-        let options = SQLOptions::new()
+        let sql_options = SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_statements(false)
             .with_allow_dml(allow_dml);
-        let df = ctx.sql_with_options(sql, options).await?;
+        let mut df = match &pg {
+            None => ctx.sql_with_options(sql, sql_options).await?,
+            Some((compat, _)) => {
+                let statement = compat.parse(sql)?;
+                let plan = ctx
+                    .state()
+                    .statement_to_plan(datafusion::sql::parser::Statement::Statement(Box::new(
+                        statement,
+                    )))
+                    .await?;
+                sql_options.verify_plan(&plan)?;
+                ctx.execute_logical_plan(plan).await?
+            }
+        };
+        if let Some(params) = options.params {
+            df = df.with_param_values(params.clone())?;
+        }
         // DataFusion counts `COPY … TO 'file'` as DML; it would write arbitrary files. Look at the
         // whole plan: `EXPLAIN ANALYZE COPY …` runs it too.
         let has_copy = df
@@ -414,11 +502,12 @@ pub(crate) fn databases_outside(
             LogicalPlan::Dml(dml) => Some(&dml.table_name),
             _ => None,
         };
-        // `system` and `information_schema` are scoped by the reader's catalog.
+        // `system`, `information_schema` and `pg_catalog` are scoped by the reader's catalog.
         if let Some(schema) = table.and_then(|t| t.schema())
             && !allowed.iter().any(|a| a == schema)
             && schema != catalog::SYSTEM_SCHEMA
             && schema != "information_schema"
+            && schema != postgres::PG_CATALOG
         {
             outside = Some(schema.to_string());
             return Ok(TreeNodeRecursion::Stop);

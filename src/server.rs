@@ -9,8 +9,10 @@ mod auth;
 mod body;
 mod error;
 mod flight;
+mod front;
 mod metrics;
 mod origin;
+mod pg;
 mod query;
 mod subscribe;
 mod tls;
@@ -31,6 +33,7 @@ use crate::Db;
 
 pub use auth::{Auth, Scope, Token};
 pub use error::ApiError;
+pub use pg::Postgres;
 pub use tls::Tls;
 
 use metrics::Metrics;
@@ -96,6 +99,12 @@ pub(crate) struct AppState {
 
 /// The server's routes over `db`. Serve it with [`serve`] (handlers read the client address).
 pub fn router(db: Db, config: ServerConfig) -> Router {
+    services(db, config).0
+}
+
+/// The HTTP routes and the Postgres front end over one state: the same tokens, limits and
+/// metrics. Serve them with [`serve`] and [`serve_postgres`].
+pub fn services(db: Db, config: ServerConfig) -> (Router, Postgres) {
     let limit = config.max_body_bytes;
     let state = AppState {
         db,
@@ -104,7 +113,7 @@ pub fn router(db: Db, config: ServerConfig) -> Router {
         config: Arc::new(config),
         metrics: Arc::new(Metrics::default()),
     };
-    Router::new()
+    let app = Router::new()
         .route("/write", post(write::v1))
         .route("/api/v2/write", post(write::v2))
         .route("/api/v3/write_lp", post(write::v3))
@@ -134,7 +143,54 @@ pub fn router(db: Db, config: ServerConfig) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), origin::guard))
         // Bodies are read with our own limit (it also applies after decompression).
         .layer(DefaultBodyLimit::max(limit.saturating_add(1)))
-        .with_state(state)
+        .with_state(state.clone());
+    (app, Postgres::new(state))
+}
+
+/// Serves the Postgres wire protocol on `listener` until `shutdown` completes (then open
+/// connections are closed). TLS when `tls` is given (a client's `SSLRequest` is refused
+/// cleanly, with `N`, when not); at most `limits.max_connections` connections at once.
+pub async fn serve_postgres(
+    listener: tokio::net::TcpListener,
+    postgres: Postgres,
+    limits: ConnectionLimits,
+    tls: Option<Tls>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let acceptor = tls.map(|t| t.postgres_acceptor());
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            // Reap finished connections as they end.
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Postgres accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "connection limit reached; closing the new Postgres connection");
+            drop(stream);
+            continue;
+        };
+        let postgres = postgres.clone();
+        let acceptor = acceptor.clone();
+        tasks.spawn(async move {
+            let _permit = permit;
+            if let Err(e) = postgres.serve_connection(stream, acceptor).await {
+                tracing::debug!(%peer, error = %e, "Postgres connection ended with an error");
+            }
+        });
+    }
+    tasks.shutdown().await;
+    Ok(())
 }
 
 impl AppState {

@@ -3,7 +3,9 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use rivulet::server::{Auth, ConnectionLimits, ServerConfig, Tls, Token, router, serve_with};
+use rivulet::server::{
+    Auth, ConnectionLimits, ServerConfig, Tls, Token, serve_postgres, serve_with, services,
+};
 use rivulet::{Config, Db, Durability};
 
 use super::CliResult;
@@ -90,6 +92,11 @@ pub(crate) struct ServeArgs {
     /// (least recently used first out; 0 turns it off; docs/limits.md).
     #[arg(long, env = "RIVULET_HOT_CACHE_BYTES", default_value_t = 1 << 30)]
     hot_cache_bytes: usize,
+    /// Address of the Postgres wire protocol (psql, Grafana's PostgreSQL data source, any
+    /// Postgres driver: the password is a token, the database the Rivulet database), or `off`.
+    /// Default: 127.0.0.1:5433 (loopback; skipped with a warning when the port is taken).
+    #[arg(long, env = "RIVULET_PG_BIND")]
+    pg_bind: Option<String>,
     /// How the directory is opened.
     #[command(flatten)]
     open: super::OpenArgs,
@@ -114,6 +121,27 @@ pub(crate) fn run(args: ServeArgs) -> CliResult {
             "refusing to listen on {} without authentication: give --token SCOPE:SECRET, or \
              --insecure-no-auth to serve anyone who can reach it",
             args.bind
+        )
+        .into());
+    }
+    let pg_bind: Option<(SocketAddr, bool)> = match args.pg_bind.as_deref() {
+        Some("off") => None,
+        Some(addr) => Some((
+            addr.parse().map_err(|e| {
+                format!("--pg-bind '{addr}' is not an address (IP:PORT) or 'off': {e}")
+            })?,
+            true,
+        )),
+        None => Some((SocketAddr::from(([127, 0, 0, 1], 5433)), false)),
+    };
+    if let Some((addr, _)) = pg_bind
+        && !addr.ip().is_loopback()
+        && !auth.enabled()
+        && !args.insecure_no_auth
+    {
+        return Err(format!(
+            "refusing to serve Postgres on {addr} without authentication: give --token \
+             SCOPE:SECRET, or --insecure-no-auth to serve anyone who can reach it"
         )
         .into());
     }
@@ -174,7 +202,31 @@ pub(crate) fn run(args: ServeArgs) -> CliResult {
         println!(
             "  curl{cacert}{auth_header} -N -H 'Accept: text/event-stream' '{scheme}://{addr}/api/v1/subscribe?db=main&q=SELECT+*+FROM+cpu'"
         );
-        let app = router(
+        let pg_listener = match pg_bind {
+            None => None,
+            Some((addr, explicit)) => match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => Some(l),
+                Err(e) if !explicit => {
+                    eprintln!(
+                        "rivulet: Postgres wire protocol not served: cannot listen on {addr}: {e} \
+                         (choose another address with --pg-bind, or --pg-bind off)"
+                    );
+                    None
+                }
+                Err(e) => return Err(format!("cannot listen on {addr} (--pg-bind): {e}").into()),
+            },
+        };
+        if let Some(l) = &pg_listener {
+            let pg_addr = l.local_addr()?;
+            let password = if auth.enabled() { " password=YOUR_TOKEN" } else { "" };
+            let ssl = if tls.is_some() { " sslmode=require" } else { "" };
+            println!(
+                "Postgres wire protocol on {pg_addr}: psql \"host={} port={} dbname=main user=rivulet{password}{ssl}\"",
+                pg_addr.ip(),
+                pg_addr.port()
+            );
+        }
+        let (app, postgres) = services(
             db.clone(),
             ServerConfig {
                 max_body_bytes: args.max_body_bytes,
@@ -194,7 +246,32 @@ pub(crate) fn run(args: ServeArgs) -> CliResult {
             write_timeout: std::time::Duration::from_secs(args.write_timeout_secs.max(1)),
             ..ConnectionLimits::default()
         };
-        serve_with(listener, app, limits, tls, shutdown_signal()).await?;
+        // One signal stops both servers.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        });
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let pg_task = pg_listener.map(|l| {
+            tokio::spawn(serve_postgres(
+                l,
+                postgres,
+                limits.clone(),
+                tls.clone(),
+                stopped(stop_rx.clone()),
+            ))
+        });
+        serve_with(listener, app, limits, tls, stopped(stop_rx)).await?;
+        if let Some(task) = pg_task {
+            match task.await {
+                Ok(Err(e)) => tracing::warn!(error = %e, "the Postgres server stopped with an error"),
+                Err(e) => tracing::warn!(error = %e, "the Postgres server task failed"),
+                Ok(Ok(())) => {}
+            }
+        }
         Ok::<(), Box<dyn std::error::Error>>(())
     })?;
     // In-flight requests have finished: sync the WAL and the catalog.

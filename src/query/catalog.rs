@@ -23,6 +23,8 @@ pub(crate) struct RivuletCatalog {
     /// Subscription views (`__rivulet_sub_…`) resolve: only the subscription layer's own
     /// plans over the view it made set this.
     subscription_views: bool,
+    /// Postgres clients' `pg_catalog` schema (a pgwire session's, see `query::postgres`).
+    pg_catalog: Option<Arc<dyn SchemaProvider>>,
 }
 
 impl RivuletCatalog {
@@ -31,6 +33,7 @@ impl RivuletCatalog {
             reader,
             scope: None,
             subscription_views: false,
+            pg_catalog: None,
         }
     }
 
@@ -42,12 +45,19 @@ impl RivuletCatalog {
             reader,
             scope: databases,
             subscription_views: false,
+            pg_catalog: None,
         }
     }
 
     /// Lets subscription views resolve (the subscription layer reading the view it made).
     pub(crate) fn with_subscription_views(mut self) -> RivuletCatalog {
         self.subscription_views = true;
+        self
+    }
+
+    /// Serves `schema` as `pg_catalog` (a Postgres session's catalog tables).
+    pub(crate) fn with_pg_catalog(mut self, schema: Arc<dyn SchemaProvider>) -> RivuletCatalog {
+        self.pg_catalog = Some(schema);
         self
     }
 
@@ -66,6 +76,11 @@ impl CatalogProvider for RivuletCatalog {
     }
 
     fn schema(&self, name: &str) -> Option<Arc<dyn SchemaProvider>> {
+        if name == super::postgres::PG_CATALOG
+            && let Some(pg) = &self.pg_catalog
+        {
+            return Some(pg.clone());
+        }
         if name == SYSTEM_SCHEMA {
             return Some(Arc::new(SystemSchema {
                 reader: self.reader.clone(),

@@ -31,6 +31,9 @@ pub struct ApiError {
     message: String,
     data: Option<Value>,
     dialect: Dialect,
+    /// The Postgres SQLSTATE of a query error, where the status says too little (which kind
+    /// of bad SQL); the Postgres front end falls back to one per status.
+    sqlstate: Option<&'static str>,
 }
 
 impl ApiError {
@@ -45,7 +48,18 @@ impl ApiError {
             message: message.into(),
             data: None,
             dialect: Dialect::V3,
+            sqlstate: None,
         }
+    }
+
+    pub(crate) fn with_sqlstate(mut self, code: &'static str) -> ApiError {
+        self.sqlstate = Some(code);
+        self
+    }
+
+    /// The SQLSTATE the query layer's error implies, if it said.
+    pub(crate) fn sqlstate(&self) -> Option<&'static str> {
+        self.sqlstate
     }
 
     pub(crate) fn bad_request(message: impl Into<String>) -> ApiError {
@@ -148,17 +162,27 @@ pub(crate) fn classify(e: &Error) -> ApiError {
 }
 
 fn from_datafusion(q: &DataFusionError, whole: &Error) -> ApiError {
+    use datafusion::common::SchemaError;
+    let bad = |code: &'static str| ApiError::bad_request(whole.to_string()).with_sqlstate(code);
     match q.find_root() {
-        DataFusionError::SQL(..)
-        | DataFusionError::Plan(_)
-        | DataFusionError::SchemaError(..)
-        | DataFusionError::NotImplemented(_)
-        | DataFusionError::Configuration(_)
-        | DataFusionError::Execution(_)
-        // Arrow errors in a query are the query's: division by zero, a failed cast, …
-        | DataFusionError::ArrowError(..) => ApiError::bad_request(whole.to_string()),
+        DataFusionError::SQL(..) => bad("42601"),
+        DataFusionError::SchemaError(e, _) => match e.as_ref() {
+            SchemaError::FieldNotFound { .. } => bad("42703"),
+            SchemaError::AmbiguousReference { .. } => bad("42702"),
+            _ => bad("42P01"),
+        },
+        DataFusionError::Plan(m) if m.contains("not found") && m.contains("table") => bad("42P01"),
+        DataFusionError::Plan(_) | DataFusionError::Configuration(_) => bad("42000"),
+        DataFusionError::NotImplemented(_) => bad("0A000"),
+        DataFusionError::ArrowError(e, _)
+            if matches!(e.as_ref(), arrow::error::ArrowError::DivideByZero) =>
+        {
+            bad("22012")
+        }
+        // Arrow errors in a query are the query's: a failed cast, …
+        DataFusionError::Execution(_) | DataFusionError::ArrowError(..) => bad("22000"),
         DataFusionError::ResourcesExhausted(_) => {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, whole.to_string())
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, whole.to_string()).with_sqlstate("53000")
         }
         // An INSERT's write failed inside the query: classify the write's own error.
         DataFusionError::External(inner) => match inner.downcast_ref::<Error>() {

@@ -38,13 +38,13 @@ use arrow_flight::{
 };
 use axum::extract::ConnectInfo;
 use axum::http::StatusCode;
-use futures::{Stream, StreamExt, TryStreamExt};
+use futures::{Stream, TryStreamExt};
 use prost::Message as _;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::AppState;
 use super::auth::Scope;
 use super::error::ApiError;
-use super::{AppState, Metrics};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -137,56 +137,20 @@ impl Flight {
             ));
         }
         let db = ticket.database.unwrap_or_else(|| "main".to_string());
-        let access = state
-            .authorize(headers, None, Scope::Read, Some(&db), peer, "query")
+        let admitted = state
+            .admit(headers, None, Scope::Read, &db, peer)
             .map_err(status)?;
         if ticket.sql_query.trim().is_empty() {
             return Err(Status::invalid_argument("the ticket's sql_query is empty"));
         }
-        Metrics::add(&state.metrics.queries, 1);
-        let started = std::time::Instant::now();
-        let timeout = state.config.query_timeout;
-        let deadline = tokio::time::Instant::now() + timeout;
-        let planned = async {
-            let df = state
-                .db
-                .plan_within(&db, &ticket.sql_query, false, access.databases.as_deref())
-                .await?;
-            Ok::<_, crate::Error>(df.execute_stream().await?)
-        };
-        let stream = match tokio::time::timeout_at(deadline, planned).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                Metrics::add(&state.metrics.query_errors, 1);
-                return Err(status(e.into()));
-            }
-            Err(_) => {
-                Metrics::add(&state.metrics.query_errors, 1);
-                return Err(Status::deadline_exceeded(format!(
-                    "the query ran longer than the limit of {} s and was cancelled",
-                    timeout.as_secs_f64()
-                )));
-            }
-        };
-        state.metrics.observe_query(started.elapsed());
-        let schema = stream.schema();
-        let batches = stream.map_err(|e| FlightError::ExternalError(Box::new(e)));
-        let batches =
-            futures::stream::unfold((batches, false), move |(mut batches, done)| async move {
-                if done {
-                    return None;
-                }
-                match tokio::time::timeout_at(deadline, batches.next()).await {
-                    Ok(Some(item)) => Some((item, (batches, false))),
-                    Ok(None) => None,
-                    Err(_) => Some((
-                        Err(FlightError::Tonic(Box::new(Status::deadline_exceeded(
-                            "the query ran longer than its time limit and was cancelled",
-                        )))),
-                        (batches, true),
-                    )),
-                }
-            });
+        let running = admitted
+            .run(&ticket.sql_query, Default::default())
+            .await
+            .map_err(status)?;
+        let schema = running.schema;
+        let batches = running
+            .batches
+            .map_err(|e| FlightError::Tonic(Box::new(status(e))));
         let encoded = FlightDataEncoderBuilder::new()
             .with_schema(schema)
             .build(batches)
@@ -256,20 +220,13 @@ impl FlightSqlService for Flight {
         query: CommandStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let peer = peer_of(&request)?;
-        let db = database_of(&request);
-        let headers = request.metadata().clone().into_headers();
-        let access = self
-            .state
-            .authorize(&headers, None, Scope::Read, Some(&db), peer, "query")
-            .map_err(status)?;
+        let admitted = self.access(&request)?;
+        let db = admitted.db().to_string();
         // Planned once for the schema; DoGet plans it again to run it.
-        let df = self
-            .state
-            .db
-            .plan_within(&db, &query.query, false, access.databases.as_deref())
+        let df = admitted
+            .plan(&query.query, Default::default())
             .await
-            .map_err(|e| status(e.into()))?;
+            .map_err(status)?;
         let schema = hydrated(df.schema().as_arrow());
         let handle =
             serde_json::json!({"database": db, "sql_query": query.query, "query_type": "sql"});
@@ -452,29 +409,22 @@ impl Flight {
             quote(&t.schema),
             quote(&t.name)
         );
-        let (db, access, headers) = self.access(request)?;
-        let _ = headers;
         let df = self
-            .state
-            .db
-            .plan_within(&db, &sql, false, access.databases.as_deref())
+            .access(request)?
+            .plan(&sql, Default::default())
             .await
-            .map_err(|e| status(e.into()))?;
+            .map_err(status)?;
         Ok(hydrated(df.schema().as_arrow()))
     }
 
-    fn access<T>(
-        &self,
-        request: &Request<T>,
-    ) -> Result<(String, super::auth::Access, axum::http::HeaderMap), Status> {
+    /// The caller's token checked for reading the call's database.
+    fn access<T>(&self, request: &Request<T>) -> Result<super::front::Admitted, Status> {
         let peer = peer_of(request)?;
         let db = database_of(request);
         let headers = request.metadata().clone().into_headers();
-        let access = self
-            .state
-            .authorize(&headers, None, Scope::Read, Some(&db), peer, "query")
-            .map_err(status)?;
-        Ok((db, access, headers))
+        self.state
+            .admit(&headers, None, Scope::Read, &db, peer)
+            .map_err(status)
     }
 
     async fn collect<T>(
@@ -482,13 +432,11 @@ impl Flight {
         request: &Request<T>,
         sql: &str,
     ) -> Result<Vec<arrow::array::RecordBatch>, Status> {
-        let (db, access, _) = self.access(request)?;
         let df = self
-            .state
-            .db
-            .plan_within(&db, sql, false, access.databases.as_deref())
+            .access(request)?
+            .plan(sql, Default::default())
             .await
-            .map_err(|e| status(e.into()))?;
+            .map_err(status)?;
         df.collect()
             .await
             .map_err(|e| status(crate::Error::from(e).into()))

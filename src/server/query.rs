@@ -2,7 +2,6 @@
 //! (statements: `INSERT` and queries).
 
 use std::net::SocketAddr;
-use std::time::Instant;
 
 use futures::StreamExt;
 
@@ -17,7 +16,7 @@ use super::AppState;
 use super::auth::Scope;
 use super::body::read_json;
 use super::error::ApiError;
-use super::metrics::Metrics;
+use super::front::Running;
 
 /// Media type of an Arrow IPC stream.
 const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
@@ -135,15 +134,14 @@ fn encode(batches: &[RecordBatch], format: Format) -> Result<(Vec<u8>, &'static 
 
 /// Collects a result that a response must hold whole, failing once it holds more than
 /// `limit` bytes of Arrow memory (so no such response can take the server's memory).
-async fn collect_within(
-    df: datafusion::dataframe::DataFrame,
-    limit: usize,
-) -> Result<Vec<RecordBatch>, crate::Error> {
-    let schema = std::sync::Arc::new(df.schema().as_arrow().clone());
-    let mut stream = df.execute_stream().await?;
-    let mut batches = Vec::new();
+async fn collect_within(running: Running, limit: usize) -> Result<Vec<RecordBatch>, ApiError> {
+    let Running {
+        schema,
+        mut batches,
+    } = running;
+    let mut out = Vec::new();
     let mut bytes = 0usize;
-    while let Some(batch) = stream.next().await {
+    while let Some(batch) = batches.next().await {
         let batch = batch?;
         bytes = bytes.saturating_add(batch_bytes(&batch));
         if bytes > limit {
@@ -152,14 +150,15 @@ async fn collect_within(
                  (format=pretty or parquet, /api/v1/sql) (--max-result-bytes, \
                  ServerConfig::max_result_bytes): use a streamed format (json, jsonl, csv, \
                  arrow), add a LIMIT, or raise the limit"
-            )));
+            ))
+            .into());
         }
-        batches.push(batch);
+        out.push(batch);
     }
-    if batches.is_empty() {
-        batches.push(RecordBatch::new_empty(schema));
+    if out.is_empty() {
+        out.push(RecordBatch::new_empty(schema));
     }
-    Ok(batches)
+    Ok(out)
 }
 
 /// Bytes of the Arrow buffers `batch` uses (its slices, not whole shared buffers).
@@ -269,105 +268,54 @@ async fn run(
     peer: SocketAddr,
 ) -> Result<Response, ApiError> {
     let db = params.db.clone().unwrap_or_else(|| "main".to_string());
-    let access = state.authorize(&headers, None, Scope::Read, Some(&db), peer, "query")?;
-    let databases = access.databases.as_deref();
+    let admitted = state.admit(&headers, None, Scope::Read, &db, peer)?;
     let format = format(&params, &headers)?;
     let q = params
         .q
         .filter(|q| !q.trim().is_empty())
         .ok_or_else(|| ApiError::bad_request("missing query (parameter q)"))?;
-    let started = Instant::now();
-    let timeout = state.config.query_timeout;
-    let deadline = tokio::time::Instant::now() + timeout;
-    let timed_out = || {
-        ApiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            format!(
-                "the query ran longer than the limit of {} s and was cancelled",
-                timeout.as_secs_f64()
-            ),
-        )
-    };
-    Metrics::add(&state.metrics.queries, 1);
-    let metrics = state.metrics.clone();
-    let failed = |e: ApiError| {
-        Metrics::add(&metrics.query_errors, 1);
-        metrics.observe_query(started.elapsed());
-        e
-    };
-
-    let Some(mut encoder) = StreamEncoder::new(format) else {
-        // Formats that need the whole result.
-        let planned = async {
-            let df = state.db.plan_within(&db, &q, false, databases).await?;
-            collect_within(df, state.config.max_result_bytes).await
-        };
-        let batches = match tokio::time::timeout_at(deadline, planned).await {
-            Ok(Ok(b)) => b,
-            Ok(Err(e)) => return Err(failed(e.into())),
-            Err(_) => return Err(failed(timed_out())),
-        };
-        metrics.observe_query(started.elapsed());
-        let (body, content_type) = encode(&batches, format).map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("encoding the result failed: {e}"),
-            )
-        })?;
-        return Ok(([(header::CONTENT_TYPE, content_type)], body).into_response());
-    };
-
-    // Streamed formats: plan, then wait for the first batch so that errors found when the
-    // query starts still get a proper status; later batches are sent as they are computed.
-    let planned = async {
-        let df = state.db.plan_within(&db, &q, false, databases).await?;
-        Ok::<_, crate::Error>(df.execute_stream().await?)
-    };
-    let mut stream = match tokio::time::timeout_at(deadline, planned).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(failed(e.into())),
-        Err(_) => return Err(failed(timed_out())),
-    };
-    let first = match tokio::time::timeout_at(deadline, stream.next()).await {
-        Ok(Some(Ok(b))) => Some(b),
-        Ok(Some(Err(e))) => return Err(failed(crate::Error::from(e).into())),
-        Ok(None) => None,
-        Err(_) => return Err(failed(timed_out())),
-    };
-    metrics.observe_query(started.elapsed());
-    let mut head = Vec::new();
-    let empty = RecordBatch::new_empty(stream.schema());
-    let first = first.unwrap_or(empty);
-    head.extend(encoder.batch(&first).map_err(|e| {
+    let running = admitted.run(&q, Default::default()).await?;
+    let encoding_failed = |e: String| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("encoding the result failed: {e}"),
         )
-    })?);
+    };
+
+    let Some(mut encoder) = StreamEncoder::new(format) else {
+        // Formats that need the whole result.
+        let batches = collect_within(running, state.config.max_result_bytes).await?;
+        let (body, content_type) = encode(&batches, format).map_err(encoding_failed)?;
+        return Ok(([(header::CONTENT_TYPE, content_type)], body).into_response());
+    };
+
+    // Streamed formats: the first batch has arrived (or the result is empty), so errors found
+    // when the query starts got a proper status; later batches are sent as they are computed.
+    let Running {
+        schema,
+        mut batches,
+    } = running;
+    let first = match batches.next().await {
+        Some(batch) => batch?,
+        None => RecordBatch::new_empty(schema),
+    };
+    let head = encoder.batch(&first).map_err(encoding_failed)?;
     let rest = futures::stream::unfold(
-        (stream, encoder, false),
-        move |(mut stream, mut encoder, done)| async move {
+        (batches, encoder, false),
+        move |(mut batches, mut encoder, done)| async move {
             if done {
                 return None;
             }
-            let next = match tokio::time::timeout_at(deadline, stream.next()).await {
-                Ok(next) => next,
-                Err(_) => {
-                    tracing::warn!("streamed query cancelled at its timeout");
-                    let e = std::io::Error::other("query timeout");
-                    return Some((Err(e), (stream, encoder, true)));
-                }
-            };
-            let (chunk, done) = match next {
+            let (chunk, done) = match batches.next().await {
                 Some(Ok(batch)) => (encoder.batch(&batch), false),
-                Some(Err(e)) => (Err(e.to_string()), true),
+                Some(Err(e)) => (Err(e.message().to_string()), true),
                 None => (encoder.finish(), true),
             };
             // An error after the status was sent can only cut the response short.
             let item = chunk
                 .map(axum::body::Bytes::from)
                 .map_err(std::io::Error::other);
-            Some((item, (stream, encoder, done)))
+            Some((item, (batches, encoder, done)))
         },
     );
     let body =
@@ -440,23 +388,9 @@ pub(crate) async fn statement(
     let body: StatementBody =
         authorized_json(&state, &headers, body, Scope::Admin, peer, "statement").await?;
     let db = body.db.unwrap_or_else(|| "main".to_string());
-    let access = state.authorize(&headers, None, Scope::Admin, Some(&db), peer, "statement")?;
-    tracing::warn!(target: "rivulet::audit", %peer, db, statement = %body.q, "statement");
-    let run = async {
-        let df = state
-            .db
-            .plan_within(&db, &body.q, true, access.databases.as_deref())
-            .await?;
-        collect_within(df, state.config.max_result_bytes).await
-    };
-    let batches = tokio::time::timeout(state.config.query_timeout, run)
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                "the statement ran longer than the query timeout and was cancelled",
-            )
-        })??;
+    let admitted = state.admit(&headers, None, Scope::Admin, &db, peer)?;
+    let running = admitted.run(&body.q, Default::default()).await?;
+    let batches = collect_within(running, state.config.max_result_bytes).await?;
     let (out, content_type) = encode(&batches, Format::Json).map_err(|e| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -12,6 +12,7 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 #[derive(Clone)]
 pub struct Tls {
     pub(crate) acceptor: tokio_rustls::TlsAcceptor,
+    config: Arc<rustls::ServerConfig>,
 }
 
 impl std::fmt::Debug for Tls {
@@ -55,11 +56,19 @@ impl Tls {
                     cert.display()
                 )
             })?;
-        let mut config = config;
+        let mut http = config.clone();
         // h2 for gRPC (Arrow Flight); browsers and HTTP/1 clients pick http/1.1.
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        http.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Tls {
-            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(http)),
+            config: Arc::new(config),
         })
+    }
+
+    /// The same certificate for the Postgres port (libpq 17 asks for ALPN `postgresql`).
+    pub(crate) fn postgres_acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        let mut config = self.config.as_ref().clone();
+        config.alpn_protocols = vec![b"postgresql".to_vec()];
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
     }
 }

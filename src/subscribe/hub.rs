@@ -135,7 +135,14 @@ impl Hub {
             .into());
         }
         self.views
-            .plan_read_reaching(db, sql, false, databases, subscription_view)
+            .plan_read_reaching(
+                db,
+                sql,
+                false,
+                databases,
+                subscription_view,
+                Default::default(),
+            )
             .await
     }
 

@@ -10,7 +10,7 @@ use datafusion::logical_expr::LogicalPlan;
 use super::error::ViewError;
 use super::{View, Views};
 use crate::error::Error;
-use crate::query::QuerySnapshot;
+use crate::query::{PlanOptions, QuerySnapshot};
 
 impl Views {
     /// Plans `sql` (a query; statements are the caller's) with `db` as the default database,
@@ -23,9 +23,10 @@ impl Views {
         sql: &str,
         allow_dml: bool,
         databases: Option<&[String]>,
+        options: PlanOptions<'_>,
     ) -> Result<DataFrame, Error> {
         let df = self
-            .plan_read_reaching(db, sql, allow_dml, databases, false)
+            .plan_read_reaching(db, sql, allow_dml, databases, false, options)
             .await?;
         // Queries only: a subscription's snapshot keeps the sequence it was planned at.
         let df = self.answer_from_views(df).await?;
@@ -41,6 +42,7 @@ impl Views {
         allow_dml: bool,
         databases: Option<&[String]>,
         subscription_views: bool,
+        options: PlanOptions<'_>,
     ) -> Result<DataFrame, Error> {
         if self.engine.is_closed() {
             return Err(Error::Closed);
@@ -55,6 +57,7 @@ impl Views {
                 self.engine.visible_seq(),
                 databases,
                 subscription_views,
+                options,
             )
             .await
             .map_err(|e| match crate::query::Denied::find(&e) {

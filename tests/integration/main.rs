@@ -8,6 +8,7 @@
 //! - `subscribe`: embedded subscriptions (snapshot, changes, resume, conflation, lagged);
 //! - `http`, `subscribe_http`: the HTTP API and subscriptions over SSE, WebSocket, long-poll;
 //! - `flight`: Arrow Flight on the HTTP port (InfluxDB 3 tickets) with arrow-flight's client;
+//! - `pg`: the Postgres wire protocol with tokio-postgres (parameters, binary, errors, scopes);
 //! - `hot_cache`: the hot-segment cache against the files (proptest), its limit;
 //! - `rewrite_oracle`: query rewrites (the last-point state) against the plain plan (proptest);
 //! - `fault_sweep`: every storage I/O call of a workload failing in turn;
@@ -22,6 +23,7 @@ mod fault_sweep;
 mod flight;
 mod hot_cache;
 mod http;
+mod pg;
 mod rewrite_oracle;
 mod segments;
 mod subscribe;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use arrow::array::RecordBatch;
 use arrow::util::pretty::pretty_format_batches;
 use reqwest::StatusCode;
-use rivulet::server::{ConnectionLimits, ServerConfig, router, serve};
+use rivulet::server::{ConnectionLimits, ServerConfig, serve, serve_postgres, services};
 use rivulet::{Config, Db, Durability};
 use serde_json::Value;
 
@@ -84,6 +84,8 @@ pub(crate) fn memory_db() -> Db {
 /// A server on 127.0.0.1:0 over a database, with an HTTP client.
 pub(crate) struct Server {
     pub(crate) addr: SocketAddr,
+    /// The Postgres wire protocol's address (the same state: tokens, limits).
+    pub(crate) pg_addr: SocketAddr,
     pub(crate) client: reqwest::Client,
     pub(crate) db: Db,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
@@ -97,13 +99,35 @@ impl Server {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
+        let pg_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let pg_addr = pg_listener.local_addr().expect("addr");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let app = router(db.clone(), config);
-        let task = tokio::spawn(serve(listener, app, ConnectionLimits::default(), async {
-            let _ = rx.await;
-        }));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let (app, postgres) = services(db.clone(), config);
+        tokio::spawn(serve_postgres(
+            pg_listener,
+            postgres,
+            ConnectionLimits::default(),
+            None,
+            async move {
+                let mut stop = stop_rx;
+                let _ = stop.wait_for(|s| *s).await;
+            },
+        ));
+        let task = tokio::spawn(serve(
+            listener,
+            app,
+            ConnectionLimits::default(),
+            async move {
+                let _ = rx.await;
+                let _ = stop_tx.send(true);
+            },
+        ));
         Server {
             addr,
+            pg_addr,
             client: reqwest::Client::new(),
             db,
             shutdown: Some(tx),
