@@ -79,6 +79,11 @@ impl Admitted {
         self.access.databases.as_deref()
     }
 
+    /// The token, for per-token quotas (None: authentication is off).
+    pub(crate) fn owner(&self) -> Option<std::sync::Arc<str>> {
+        self.access.owner.clone()
+    }
+
     /// The database unqualified names are in.
     pub(crate) fn db(&self) -> &str {
         &self.db

@@ -13,8 +13,7 @@ use std::sync::Arc;
 use std::collections::HashMap;
 
 use arrow::array::RecordBatch;
-use arrow::datatypes::DataType;
-use arrow_pg::datatypes::{arrow_schema_to_pg_fields, encode_recordbatch, into_pg_type};
+use arrow_pg::datatypes::{arrow_schema_to_pg_fields, encode_recordbatch};
 use async_trait::async_trait;
 use axum::http::{HeaderMap, StatusCode};
 use futures::sink::Sink;
@@ -24,15 +23,14 @@ use pgwire::api::auth::{
     protocol_negotiation, save_startup_parameters_to_metadata,
 };
 use pgwire::api::cancel::CancelHandler;
-use pgwire::api::portal::{Format, Portal};
+use pgwire::api::portal::Format;
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
-use pgwire::api::results::{DataRowEncoder, FieldInfo, QueryResponse, Response, Tag};
-use pgwire::api::stmt::QueryParser;
+use pgwire::api::results::{FieldInfo, QueryResponse, Response, Tag};
 use pgwire::api::store::PortalStore;
 use pgwire::api::{
     ClientInfo, ClientPortalStore, ConnectionHandle, ConnectionManager, ErrorHandler,
     PgWireConnectionState, PgWireServerHandlers, PidSecretKeyGenerator,
-    RandomPidSecretKeyGenerator, Type,
+    RandomPidSecretKeyGenerator,
 };
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use pgwire::messages::cancel::CancelRequest;
@@ -41,6 +39,10 @@ use pgwire::messages::startup::Authentication;
 use pgwire::messages::startup::SecretKey;
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use pgwire::types::format::FormatOptions;
+
+mod extended;
+mod settings;
+mod subscribe;
 
 use super::AppState;
 use super::auth::Scope;
@@ -70,7 +72,7 @@ impl Postgres {
         });
         let queries = Arc::new(Queries {
             state: state.clone(),
-            parser: Arc::new(Parser),
+            parser: Arc::new(extended::Parser),
         });
         Postgres {
             handlers: Arc::new(Handlers {
@@ -343,7 +345,7 @@ fn is_write(sql: &str) -> bool {
 
 struct Queries {
     state: AppState,
-    parser: Arc<Parser>,
+    parser: Arc<extended::Parser>,
 }
 
 impl Queries {
@@ -455,61 +457,6 @@ fn rows(
         .boxed()
 }
 
-/// A one-row, one-column text result (`SHOW`).
-fn one_value(name: &str, value: &str) -> PgWireResult<Response> {
-    let fields = Arc::new(vec![FieldInfo::new(
-        name.to_string(),
-        None,
-        None,
-        Type::TEXT,
-        pgwire::api::results::FieldFormat::Text,
-    )]);
-    let mut encoder = DataRowEncoder::new(fields.clone());
-    encoder.encode_field(&Some(value))?;
-    let row = encoder.take_row();
-    Ok(Response::Query(QueryResponse::new(
-        fields,
-        stream::iter(vec![Ok(row)]),
-    )))
-}
-
-/// The value `SHOW name` answers: what the client set, else the server's.
-fn setting<C: ClientInfo + ?Sized>(client: &C, name: &str) -> PgWireResult<String> {
-    let lower = name.to_ascii_lowercase();
-    if let Some((_, v)) = client
-        .metadata()
-        .iter()
-        .find(|(k, _)| k.to_ascii_lowercase() == lower)
-    {
-        return Ok(v.clone());
-    }
-    let value = match lower.as_str() {
-        "server_version" => format!("16.0 (Rivulet {})", env!("CARGO_PKG_VERSION")),
-        "server_version_num" => "160000".to_string(),
-        "server_encoding" | "client_encoding" => "UTF8".to_string(),
-        "datestyle" => "ISO, MDY".to_string(),
-        "timezone" => "UTC".to_string(),
-        "intervalstyle" => "postgres".to_string(),
-        "integer_datetimes" | "standard_conforming_strings" => "on".to_string(),
-        "transaction_isolation" | "default_transaction_isolation" => "read committed".to_string(),
-        "transaction_read_only" | "default_transaction_read_only" => "off".to_string(),
-        "search_path" => session(client)?.db.clone(),
-        "max_identifier_length" => "63".to_string(),
-        "lc_collate" | "lc_ctype" => "C".to_string(),
-        "application_name" => String::new(),
-        "statement_timeout" | "lock_timeout" | "idle_in_transaction_session_timeout" => {
-            "0".to_string()
-        }
-        _ => {
-            return Err(user_error(
-                "42704",
-                format!("unrecognized configuration parameter \"{name}\""),
-            ));
-        }
-    };
-    Ok(value)
-}
-
 #[async_trait]
 impl SimpleQueryHandler for Queries {
     async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
@@ -522,6 +469,9 @@ impl SimpleQueryHandler for Queries {
         if query.trim().trim_end_matches(';').trim().is_empty() {
             return Ok(vec![Response::EmptyQuery]);
         }
+        if let Some(request) = subscribe::parse(query) {
+            return Ok(vec![self.subscribe(client, request?).await?]);
+        }
         let statements = self
             .state
             .db
@@ -531,7 +481,7 @@ impl SimpleQueryHandler for Queries {
         for statement in statements {
             let response = match statement {
                 PgStatement::Query(sql) => self.run(client, &sql, None, &Format::UnifiedText).await,
-                other => control(client, other),
+                other => settings::control(client, other),
             };
             match response {
                 Ok(r) => out.push(r),
@@ -544,182 +494,5 @@ impl SimpleQueryHandler for Queries {
             }
         }
         Ok(out)
-    }
-}
-
-/// `SET`, `SHOW` and transaction statements (Rivulet has no transactions: each statement is
-/// atomic on its own, as in autocommit mode).
-fn control<C: ClientInfo + ?Sized>(
-    client: &mut C,
-    statement: PgStatement,
-) -> PgWireResult<Response> {
-    match statement {
-        PgStatement::Set { name, value } => {
-            client.metadata_mut().insert(name, value);
-            Ok(Response::Execution(Tag::new("SET")))
-        }
-        PgStatement::Show(name) => one_value(&name, &setting(client, &name)?),
-        PgStatement::Begin => Ok(Response::TransactionStart(Tag::new("BEGIN"))),
-        PgStatement::Commit => Ok(Response::TransactionEnd(Tag::new("COMMIT"))),
-        PgStatement::Rollback => Ok(Response::TransactionEnd(Tag::new("ROLLBACK"))),
-        PgStatement::Query(_) => Err(user_error("XX000", "not a control statement")),
-    }
-}
-
-/// A statement prepared with `Parse`.
-#[derive(Debug, Clone)]
-pub(crate) struct Prepared {
-    statement: PgStatement,
-    /// Placeholder types (`$1`, …), as planned.
-    params: Vec<Option<DataType>>,
-    /// The result's columns (none for statements without rows).
-    schema: Option<arrow::datatypes::SchemaRef>,
-}
-
-struct Parser;
-
-#[async_trait]
-impl QueryParser for Parser {
-    type Statement = Prepared;
-
-    async fn parse_sql<C>(
-        &self,
-        client: &C,
-        sql: &str,
-        _types: &[Option<Type>],
-    ) -> PgWireResult<Option<Prepared>>
-    where
-        C: ClientInfo + Unpin + Send + Sync,
-    {
-        let state = client
-            .session_extensions()
-            .get::<AppState>()
-            .ok_or_else(|| user_error("08P01", "the connection has not logged in"))?;
-        if sql.trim().trim_end_matches(';').trim().is_empty() {
-            return Ok(None);
-        }
-        let mut statements = state
-            .db
-            .postgres_statements(sql)
-            .map_err(|e| pg_error(e.into()))?;
-        if statements.len() != 1 {
-            return Err(user_error(
-                "42601",
-                "a prepared statement holds exactly one statement",
-            ));
-        }
-        let statement = statements.remove(0);
-        let PgStatement::Query(text) = &statement else {
-            let schema = matches!(statement, PgStatement::Show(_)).then(|| {
-                let name = match &statement {
-                    PgStatement::Show(n) => n.clone(),
-                    _ => String::new(),
-                };
-                Arc::new(arrow::datatypes::Schema::new(vec![
-                    arrow::datatypes::Field::new(name, DataType::Utf8, true),
-                ]))
-            });
-            return Ok(Some(Prepared {
-                statement,
-                params: Vec::new(),
-                schema,
-            }));
-        };
-        let session = session(client)?;
-        let queries = Queries {
-            state: (*state).clone(),
-            parser: Arc::new(Parser),
-        };
-        let admitted = queries.admit(&session, text)?;
-        let df = admitted
-            .plan(
-                text,
-                PlanOptions {
-                    postgres: Some(&session.pg),
-                    params: None,
-                },
-            )
-            .await
-            .map_err(pg_error)?;
-        let types = df
-            .logical_plan()
-            .get_parameter_types()
-            .map_err(|e| pg_error(crate::Error::from(e).into()))?;
-        let mut numbered: Vec<(usize, Option<DataType>)> = types
-            .into_iter()
-            .filter_map(|(k, v)| Some((k.trim_start_matches('$').parse::<usize>().ok()?, v)))
-            .collect();
-        numbered.sort_by_key(|(n, _)| *n);
-        let count = numbered.last().map_or(0, |(n, _)| *n);
-        let mut params = vec![None; count];
-        for (n, t) in numbered {
-            if n >= 1 {
-                params[n - 1] = t;
-            }
-        }
-        let schema = (!is_write(text)).then(|| Arc::new(df.schema().as_arrow().clone()));
-        Ok(Some(Prepared {
-            statement,
-            params,
-            schema,
-        }))
-    }
-
-    fn get_parameter_types(&self, stmt: &Prepared) -> PgWireResult<Vec<Type>> {
-        stmt.params
-            .iter()
-            .map(|t| match t {
-                Some(t) => into_pg_type(t),
-                None => Ok(Type::UNKNOWN),
-            })
-            .collect()
-    }
-
-    fn get_result_schema(
-        &self,
-        stmt: &Prepared,
-        column_format: Option<&Format>,
-    ) -> PgWireResult<Vec<FieldInfo>> {
-        match &stmt.schema {
-            Some(schema) => arrow_schema_to_pg_fields(
-                schema,
-                column_format.unwrap_or(&Format::UnifiedText),
-                None,
-            ),
-            None => Ok(Vec::new()),
-        }
-    }
-}
-
-#[async_trait]
-impl ExtendedQueryHandler for Queries {
-    type Statement = Prepared;
-    type QueryParser = Parser;
-
-    fn query_parser(&self) -> Arc<Parser> {
-        self.parser.clone()
-    }
-
-    async fn do_query<C>(
-        &self,
-        client: &mut C,
-        portal: &Portal<Prepared>,
-        _max_rows: usize,
-    ) -> PgWireResult<Response>
-    where
-        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
-        C::PortalStore: PortalStore,
-        C::Error: Debug,
-        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
-    {
-        let prepared = &portal.statement.statement;
-        let PgStatement::Query(sql) = &prepared.statement else {
-            return control(client, prepared.statement.clone());
-        };
-        let inferred: Vec<Option<&DataType>> = prepared.params.iter().map(Option::as_ref).collect();
-        let params = arrow_pg::datatypes::df::deserialize_parameters(portal, &inferred)?;
-        let params = (!prepared.params.is_empty()).then_some(params);
-        self.run(client, sql, params.as_ref(), &portal.result_column_format)
-            .await
     }
 }

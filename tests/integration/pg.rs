@@ -274,3 +274,102 @@ fn postgres_logins_use_tokens_and_their_database_scope() {
         s.stop().await;
     });
 }
+
+/// Reads COPY data until `lines` lines have arrived.
+async fn read_lines(
+    stream: &mut std::pin::Pin<Box<tokio_postgres::CopyOutStream>>,
+    lines: usize,
+) -> Vec<String> {
+    use futures::StreamExt;
+    let mut out: Vec<String> = Vec::new();
+    while out.len() < lines {
+        let chunk = tokio::time::timeout(Duration::from_secs(20), stream.next())
+            .await
+            .expect("a change in time")
+            .expect("the stream goes on")
+            .expect("copy data");
+        let text = String::from_utf8(chunk.to_vec()).expect("utf-8");
+        out.extend(text.lines().map(str::to_string));
+    }
+    out
+}
+
+#[test]
+fn subscribe_over_postgres_streams_the_snapshot_then_every_change_until_cancelled() {
+    rt().block_on(async {
+        let db = memory_db();
+        db.write_lines(
+            "main",
+            "cpu,host=a usage=10 60\ncpu,host=a usage=20 70\ncpu,host=b usage=5 60",
+            Precision::Second,
+        )
+        .expect("write");
+        db.sql(
+            "CREATE MATERIALIZED VIEW cpu_1m AS SELECT host, date_bin(INTERVAL '1 minute', time) AS time, \
+             avg(usage) AS usage, count(*) AS n FROM cpu GROUP BY host, date_bin(INTERVAL '1 minute', time)",
+        )
+        .await
+        .expect("view");
+        db.sync_views().expect("views");
+        let s = Server::start(db.clone(), ServerConfig::default()).await;
+        let c = connect(&s, "main", None).await.expect("connect");
+
+        // The snapshot: `seq`, `op`, then the view's columns, ordered by key.
+        let stream = c
+            .copy_out("SUBSCRIBE TO SELECT host, time, usage, n FROM cpu_1m")
+            .await
+            .expect("subscribe");
+        let mut stream = Box::pin(stream);
+        let mut snapshot = read_lines(&mut stream, 2).await;
+        snapshot.sort();
+        let fields: Vec<Vec<&str>> = snapshot.iter().map(|l| l.split('\t').collect()).collect();
+        assert_eq!(fields[0][1..], ["upsert", "a", "1970-01-01T00:01:00Z", "15.0", "2"]);
+        assert_eq!(fields[1][1..], ["upsert", "b", "1970-01-01T00:01:00Z", "5.0", "1"]);
+
+        // A write moves one row: one line, with a later sequence.
+        db.write_lines("main", "cpu,host=b usage=7 80", Precision::Second)
+            .expect("write");
+        let change = read_lines(&mut stream, 1).await;
+        let f: Vec<&str> = change[0].split('\t').collect();
+        assert_eq!(f[1..], ["upsert", "b", "1970-01-01T00:01:00Z", "6.0", "2"]);
+        let first_seq: u64 = fields[0][0].parse().expect("seq");
+        assert!(f[0].parse::<u64>().expect("seq") > first_seq);
+
+        // A CancelRequest ends it with SQLSTATE 57014; the connection stays usable.
+        c.cancel_token().cancel_query(NoTls).await.expect("cancel");
+        let end = tokio::time::timeout(Duration::from_secs(20), async {
+            use futures::StreamExt;
+            loop {
+                match stream.next().await {
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => return Some(e),
+                    None => return None,
+                }
+            }
+        })
+        .await
+        .expect("ends after the cancel")
+        .expect("with an error");
+        assert_eq!(code(&end), Some(&SqlState::QUERY_CANCELED), "{end:?}");
+        assert_eq!(simple(&c, "SELECT count(*) FROM cpu").await, [["4"]]);
+        // Errors before the stream starts are plain errors.
+        let Err(e) = c.copy_out("SUBSCRIBE TO SELECT nope FROM cpu").await else {
+            panic!("a bad column must fail");
+        };
+        assert_eq!(code(&e), Some(&SqlState::UNDEFINED_COLUMN), "{e:?}");
+
+        // Without the snapshot, with progress: only what happens from now on.
+        let stream = c
+            .copy_out("SUBSCRIBE cpu WITH (snapshot = false)")
+            .await
+            .expect("subscribe to a table");
+        let mut stream = Box::pin(stream);
+        db.write_lines("main", "cpu,host=z usage=1 90", Precision::Second)
+            .expect("write");
+        let rows = read_lines(&mut stream, 1).await;
+        assert!(rows[0].contains("\tinsert\tz\t"), "{rows:?}");
+
+        drop(stream);
+        s.stop().await;
+    });
+}
