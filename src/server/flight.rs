@@ -5,7 +5,8 @@
 //! `DoGet` takes InfluxDB 3's JSON ticket, what the v3 client libraries (influxdb3-python,
 //! -go, -java, …) send:
 //! `{"database": "main", "sql_query": "SELECT …", "query_type": "sql"}` (`"namespace_name"`,
-//! `"bucket"` and `"db"` are accepted for the database; `"params"` are refused, named). The
+//! `"bucket"` and `"db"` are accepted for the database; `"params"` hold named values for
+//! `$name` placeholders). The
 //! token comes in the `authorization` metadata (`Bearer …` or `Token …`), checked with the
 //! same scopes, database limits and read-only rules as `/api/v3/query_sql`; the query runs
 //! with the same timeout and streams batch by batch. Errors become gRPC codes in
@@ -19,7 +20,7 @@
 //! schema and a ticket; `DoGet` with that ticket runs the query. `GetCatalogs`,
 //! `GetDbSchemas`, `GetTables` (with the tables' schemas when asked) and `GetTableTypes` list
 //! what the token may read, from `information_schema` through the same scoped planning (ADBC's
-//! `get_objects`). Prepared statements and SQL info are not served yet (`Unimplemented`).
+//! `get_objects`). Prepared statements with parameters and `GetSqlInfo` are in [`prepared`].
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -28,9 +29,13 @@ use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_server::FlightService;
 use arrow_flight::sql::server::FlightSqlService;
+use arrow_flight::sql::server::PeekableFlightDataStream;
 use arrow_flight::sql::{
-    CommandGetCatalogs, CommandGetDbSchemas, CommandGetTableTypes, CommandGetTables,
-    CommandStatementQuery, ProstMessageExt, SqlInfo, TicketStatementQuery,
+    ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest,
+    ActionCreatePreparedStatementResult, CommandGetCatalogs, CommandGetDbSchemas,
+    CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables, CommandPreparedStatementQuery,
+    CommandStatementQuery, DoPutPreparedStatementResult, ProstMessageExt, SqlInfo,
+    TicketStatementQuery,
 };
 use arrow_flight::{
     Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightEndpoint, FlightInfo,
@@ -41,6 +46,8 @@ use axum::http::StatusCode;
 use futures::{Stream, TryStreamExt};
 use prost::Message as _;
 use tonic::{Request, Response, Status, Streaming};
+
+mod prepared;
 
 use super::AppState;
 use super::auth::Scope;
@@ -64,6 +71,9 @@ struct InfluxTicket {
     query_type: Option<String>,
     #[serde(default)]
     params: Option<serde_json::Value>,
+    /// A prepared statement's bound parameters (Arrow IPC, hex; `prepared`).
+    #[serde(default)]
+    params_ipc: Option<String>,
 }
 
 /// An HTTP error as the gRPC status a Flight client expects (the one place this is decided).
@@ -131,11 +141,7 @@ impl Flight {
                 )));
             }
         }
-        if ticket.params.as_ref().is_some_and(|p| !p.is_null()) {
-            return Err(Status::invalid_argument(
-                "query parameters (\"params\") are not supported in tickets yet; put the values in the SQL",
-            ));
-        }
+        let params = prepared::ticket_params(ticket.params.as_ref(), ticket.params_ipc.as_deref())?;
         let db = ticket.database.unwrap_or_else(|| "main".to_string());
         let admitted = state
             .admit(headers, None, Scope::Read, &db, peer)
@@ -143,8 +149,12 @@ impl Flight {
         if ticket.sql_query.trim().is_empty() {
             return Err(Status::invalid_argument("the ticket's sql_query is empty"));
         }
+        let options = crate::query::PlanOptions {
+            postgres: None,
+            params: params.as_ref(),
+        };
         let running = admitted
-            .run(&ticket.sql_query, Default::default())
+            .run(&ticket.sql_query, options)
             .await
             .map_err(status)?;
         let schema = running.schema;
@@ -352,6 +362,91 @@ impl FlightSqlService for Flight {
         one_batch(builder.build())
     }
 
+    async fn get_flight_info_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let info = prepared::sql_info()?;
+        let schema = query.clone().into_builder(&info).schema();
+        metadata_info(query.as_any(), &schema, request)
+    }
+
+    async fn do_get_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        _request: Request<Ticket>,
+    ) -> Result<Response<BoxStream<FlightData>>, Status> {
+        let info = prepared::sql_info()?;
+        one_batch(query.into_builder(&info).build())
+    }
+
+    async fn do_action_create_prepared_statement(
+        &self,
+        query: ActionCreatePreparedStatementRequest,
+        request: Request<Action>,
+    ) -> Result<ActionCreatePreparedStatementResult, Status> {
+        self.prepare(query, &request).await
+    }
+
+    async fn do_put_prepared_statement_query(
+        &self,
+        query: CommandPreparedStatementQuery,
+        request: Request<PeekableFlightDataStream>,
+    ) -> Result<DoPutPreparedStatementResult, Status> {
+        let handle = self.bind(&query.prepared_statement_handle, request).await?;
+        Ok(DoPutPreparedStatementResult {
+            prepared_statement_handle: Some(handle),
+        })
+    }
+
+    async fn get_flight_info_prepared_statement(
+        &self,
+        query: CommandPreparedStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let ticket: InfluxTicket = serde_json::from_slice(&query.prepared_statement_handle)
+            .map_err(|e| {
+                Status::invalid_argument(format!("not a Rivulet prepared statement handle: {e}"))
+            })?;
+        let df = self
+            .access(&request)?
+            .plan(&ticket.sql_query, Default::default())
+            .await
+            .map_err(status)?;
+        let schema = hydrated(df.schema().as_arrow());
+        let endpoint =
+            FlightEndpoint::new().with_ticket(Ticket::new(query.as_any().encode_to_vec()));
+        let info = FlightInfo::new()
+            .try_with_schema(&schema)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .with_endpoint(endpoint)
+            .with_descriptor(request.into_inner());
+        Ok(Response::new(info))
+    }
+
+    async fn do_get_prepared_statement(
+        &self,
+        query: CommandPreparedStatementQuery,
+        request: Request<Ticket>,
+    ) -> Result<Response<BoxStream<FlightData>>, Status> {
+        let peer = peer_of(&request)?;
+        let headers = request.metadata().clone().into_headers();
+        let stream = self
+            .query(&headers, peer, &query.prepared_statement_handle)
+            .await?;
+        Ok(Response::new(stream))
+    }
+
+    async fn do_action_close_prepared_statement(
+        &self,
+        _query: ActionClosePreparedStatementRequest,
+        _request: Request<Action>,
+    ) -> Result<(), Status> {
+        // Handles hold the whole statement: nothing to free.
+        Ok(())
+    }
+
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
 }
 
@@ -554,11 +649,11 @@ impl FlightService for Front {
 
     async fn do_put(
         &self,
-        _request: Request<Streaming<FlightData>>,
+        request: Request<Streaming<FlightData>>,
     ) -> Result<Response<Self::DoPutStream>, Status> {
-        Err(unimplemented(
-            "DoPut (write with line protocol or Arrow over HTTP)",
-        ))
+        // Flight SQL's: binding a prepared statement's parameters. Writes go to the HTTP
+        // write endpoints (line protocol) for now.
+        FlightService::do_put(self.0.as_ref(), request).await
     }
 
     async fn do_exchange(
@@ -577,8 +672,8 @@ impl FlightService for Front {
 
     async fn list_actions(
         &self,
-        _request: Request<Empty>,
+        request: Request<Empty>,
     ) -> Result<Response<Self::ListActionsStream>, Status> {
-        Ok(Response::new(Box::pin(futures::stream::empty())))
+        FlightService::list_actions(self.0.as_ref(), request).await
     }
 }

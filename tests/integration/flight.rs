@@ -262,3 +262,136 @@ fn flight_sql_statement_queries_take_the_database_from_a_header() {
         s.stop().await;
     });
 }
+
+#[test]
+fn flight_sql_prepared_statements_take_parameters_and_sql_info_describes_the_server() {
+    rt().block_on(async {
+        let s =
+            scoped_server("cpu,host=a usage=1 1\ncpu,host=b usage=2 2\ncpu,host=a usage=3 3").await;
+        let channel = tonic::transport::Channel::from_shared(s.url(""))
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect");
+        let mut sql = arrow_flight::sql::client::FlightSqlServiceClient::new(channel);
+        sql.set_header("authorization", "Bearer main-reader-0123456789");
+        sql.set_header("database", "main");
+        async fn run(
+            sql: &mut arrow_flight::sql::client::FlightSqlServiceClient<tonic::transport::Channel>,
+            info: arrow_flight::FlightInfo,
+        ) -> Vec<RecordBatch> {
+            let mut out = Vec::new();
+            for endpoint in info.endpoint {
+                let batches: Vec<RecordBatch> = sql
+                    .do_get(endpoint.ticket.expect("ticket"))
+                    .await
+                    .expect("do_get")
+                    .try_collect()
+                    .await
+                    .expect("batches");
+                out.extend(batches);
+            }
+            out
+        }
+
+        let mut stmt = sql
+            .prepare(
+                "SELECT host, usage FROM cpu WHERE host = $1 AND usage > $2 ORDER BY time"
+                    .to_string(),
+                None,
+            )
+            .await
+            .expect("prepare");
+        // The parameters' types come from the plan.
+        let params = stmt.parameter_schema().expect("parameter schema").clone();
+        assert_eq!(params.fields().len(), 2, "{params:?}");
+        assert_eq!(
+            params.field(1).data_type(),
+            &arrow::datatypes::DataType::Float64
+        );
+        assert_eq!(
+            stmt.dataset_schema().expect("schema").field(0).name(),
+            "host"
+        );
+        let bind = |host: &str, above: f64| {
+            RecordBatch::try_new(
+                std::sync::Arc::new(arrow::datatypes::Schema::new(vec![
+                    arrow::datatypes::Field::new("$1", arrow::datatypes::DataType::Utf8, false),
+                    arrow::datatypes::Field::new("$2", arrow::datatypes::DataType::Float64, false),
+                ])),
+                vec![
+                    std::sync::Arc::new(arrow::array::StringArray::from(vec![host])),
+                    std::sync::Arc::new(arrow::array::Float64Array::from(vec![above])),
+                ],
+            )
+            .expect("batch")
+        };
+        stmt.set_parameters(bind("a", 0.5)).expect("bind");
+        let info = stmt.execute().await.expect("execute");
+        let rows = pretty(&run(&mut sql, info).await);
+        assert!(
+            rows.contains("| a    | 1.0   |") && rows.contains("| a    | 3.0   |"),
+            "{rows}"
+        );
+        assert!(!rows.contains("| b "), "{rows}");
+        // Again with other values.
+        stmt.set_parameters(bind("a", 2.0)).expect("bind");
+        let info = stmt.execute().await.expect("execute");
+        let rows = run(&mut sql, info).await;
+        assert_eq!(rows.iter().map(|b| b.num_rows()).sum::<usize>(), 1);
+        // A value of the wrong type is the caller's error.
+        let wrong = RecordBatch::try_new(
+            std::sync::Arc::new(arrow::datatypes::Schema::new(vec![
+                arrow::datatypes::Field::new("$1", arrow::datatypes::DataType::Utf8, false),
+                arrow::datatypes::Field::new("$2", arrow::datatypes::DataType::Utf8, false),
+            ])),
+            vec![
+                std::sync::Arc::new(arrow::array::StringArray::from(vec!["a"])),
+                std::sync::Arc::new(arrow::array::StringArray::from(vec!["high"])),
+            ],
+        )
+        .expect("batch");
+        stmt.set_parameters(wrong).expect("bind");
+        let e = match stmt.execute().await {
+            Ok(info) => {
+                let ticket = info.endpoint[0].ticket.clone().expect("ticket");
+                match sql.do_get(ticket).await {
+                    Ok(stream) => stream
+                        .try_collect::<Vec<RecordBatch>>()
+                        .await
+                        .expect_err("wrong type"),
+                    Err(e) => e,
+                }
+            }
+            Err(e) => e,
+        };
+        assert_eq!(status(e).code(), Code::InvalidArgument);
+        stmt.close().await.expect("close");
+
+        // GetSqlInfo: who the server is and what it takes.
+        let info = sql
+            .get_sql_info(vec![
+                arrow_flight::sql::SqlInfo::FlightSqlServerName,
+                arrow_flight::sql::SqlInfo::FlightSqlServerReadOnly,
+            ])
+            .await
+            .expect("sql info");
+        let rows = pretty(&run(&mut sql, info).await);
+        assert!(rows.contains("Rivulet"), "{rows}");
+
+        // InfluxDB 3 tickets carry named parameters.
+        let mut c = client(&s, Some("main-reader-0123456789")).await;
+        let t = Ticket::new(
+            serde_json::json!({
+                "database": "main",
+                "sql_query": "SELECT count(*) AS n FROM cpu WHERE host = $host",
+                "query_type": "sql",
+                "params": {"host": "a"},
+            })
+            .to_string(),
+        );
+        let rows = pretty(&get(&mut c, t).await.expect("named params"));
+        assert!(rows.contains("| 2 |"), "{rows}");
+        s.stop().await;
+    });
+}
