@@ -169,6 +169,35 @@ impl Flight {
     }
 }
 
+impl Flight {
+    /// Runs the JSON ticket `ticket` for the caller of `request`.
+    async fn query_ticket(
+        &self,
+        request: &Request<Ticket>,
+        ticket: &[u8],
+    ) -> Result<Response<BoxStream<FlightData>>, Status> {
+        let peer = peer_of(request)?;
+        let headers = request.metadata().clone().into_headers();
+        Ok(Response::new(self.query(&headers, peer, ticket).await?))
+    }
+}
+
+/// The `FlightInfo` of a planned statement: the schema its batches arrive in and one endpoint
+/// with `ticket`.
+fn statement_info(
+    df: &datafusion::dataframe::DataFrame,
+    ticket: Vec<u8>,
+    request: Request<FlightDescriptor>,
+) -> Result<Response<FlightInfo>, Status> {
+    let schema = hydrated(df.schema().as_arrow());
+    let info = FlightInfo::new()
+        .try_with_schema(&schema)
+        .map_err(|e| Status::internal(e.to_string()))?
+        .with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(ticket)))
+        .with_descriptor(request.into_inner());
+    Ok(Response::new(info))
+}
+
 fn peer_of<T>(request: &Request<T>) -> Result<SocketAddr, Status> {
     request
         .extensions()
@@ -237,20 +266,12 @@ impl FlightSqlService for Flight {
             .plan(&query.query, Default::default())
             .await
             .map_err(status)?;
-        let schema = hydrated(df.schema().as_arrow());
         let handle =
             serde_json::json!({"database": db, "sql_query": query.query, "query_type": "sql"});
         let ticket = TicketStatementQuery {
             statement_handle: handle.to_string().into_bytes().into(),
         };
-        let endpoint =
-            FlightEndpoint::new().with_ticket(Ticket::new(ticket.as_any().encode_to_vec()));
-        let info = FlightInfo::new()
-            .try_with_schema(&schema)
-            .map_err(|e| Status::internal(e.to_string()))?
-            .with_endpoint(endpoint)
-            .with_descriptor(request.into_inner());
-        Ok(Response::new(info))
+        statement_info(&df, ticket.as_any().encode_to_vec(), request)
     }
 
     async fn do_get_statement(
@@ -258,10 +279,7 @@ impl FlightSqlService for Flight {
         ticket: TicketStatementQuery,
         request: Request<Ticket>,
     ) -> Result<Response<BoxStream<FlightData>>, Status> {
-        let peer = peer_of(&request)?;
-        let headers = request.metadata().clone().into_headers();
-        let stream = self.query(&headers, peer, &ticket.statement_handle).await?;
-        Ok(Response::new(stream))
+        self.query_ticket(&request, &ticket.statement_handle).await
     }
 
     async fn get_flight_info_catalogs(
@@ -414,15 +432,7 @@ impl FlightSqlService for Flight {
             .plan(&ticket.sql_query, Default::default())
             .await
             .map_err(status)?;
-        let schema = hydrated(df.schema().as_arrow());
-        let endpoint =
-            FlightEndpoint::new().with_ticket(Ticket::new(query.as_any().encode_to_vec()));
-        let info = FlightInfo::new()
-            .try_with_schema(&schema)
-            .map_err(|e| Status::internal(e.to_string()))?
-            .with_endpoint(endpoint)
-            .with_descriptor(request.into_inner());
-        Ok(Response::new(info))
+        statement_info(&df, query.as_any().encode_to_vec(), request)
     }
 
     async fn do_get_prepared_statement(
@@ -430,12 +440,8 @@ impl FlightSqlService for Flight {
         query: CommandPreparedStatementQuery,
         request: Request<Ticket>,
     ) -> Result<Response<BoxStream<FlightData>>, Status> {
-        let peer = peer_of(&request)?;
-        let headers = request.metadata().clone().into_headers();
-        let stream = self
-            .query(&headers, peer, &query.prepared_statement_handle)
-            .await?;
-        Ok(Response::new(stream))
+        self.query_ticket(&request, &query.prepared_statement_handle)
+            .await
     }
 
     async fn do_action_close_prepared_statement(

@@ -43,6 +43,25 @@ fn status(e: arrow_flight::error::FlightError) -> tonic::Status {
     }
 }
 
+/// Every endpoint's batches of `info`, as a table.
+async fn rows_of(
+    sql: &mut arrow_flight::sql::client::FlightSqlServiceClient<tonic::transport::Channel>,
+    info: arrow_flight::FlightInfo,
+) -> String {
+    let mut out = Vec::new();
+    for endpoint in info.endpoint {
+        let batches: Vec<RecordBatch> = sql
+            .do_get(endpoint.ticket.expect("ticket"))
+            .await
+            .expect("do_get")
+            .try_collect()
+            .await
+            .expect("batches");
+        out.extend(batches);
+    }
+    pretty(&out)
+}
+
 #[test]
 fn influxdb3_tickets_query_over_flight_on_the_http_port() {
     rt().block_on(async {
@@ -206,23 +225,6 @@ fn flight_sql_statement_queries_take_the_database_from_a_header() {
         assert!(table.contains("| a    | 1.0   |"), "{table}");
         assert!(table.contains("| b    | 2.0   |"), "{table}");
         // Catalog calls list what the token may read (ADBC's get_objects, Grafana's pickers).
-        async fn rows_of(
-            sql: &mut arrow_flight::sql::client::FlightSqlServiceClient<tonic::transport::Channel>,
-            info: arrow_flight::FlightInfo,
-        ) -> String {
-            let mut out = Vec::new();
-            for endpoint in info.endpoint {
-                let batches: Vec<RecordBatch> = sql
-                    .do_get(endpoint.ticket.expect("ticket"))
-                    .await
-                    .expect("do_get")
-                    .try_collect()
-                    .await
-                    .expect("batches");
-                out.extend(batches);
-            }
-            pretty(&out)
-        }
         let info = sql.get_catalogs().await.expect("catalogs");
         assert!(rows_of(&mut sql, info).await.contains("rivulet"));
         let info = sql
@@ -276,24 +278,6 @@ fn flight_sql_prepared_statements_take_parameters_and_sql_info_describes_the_ser
         let mut sql = arrow_flight::sql::client::FlightSqlServiceClient::new(channel);
         sql.set_header("authorization", "Bearer main-reader-0123456789");
         sql.set_header("database", "main");
-        async fn run(
-            sql: &mut arrow_flight::sql::client::FlightSqlServiceClient<tonic::transport::Channel>,
-            info: arrow_flight::FlightInfo,
-        ) -> Vec<RecordBatch> {
-            let mut out = Vec::new();
-            for endpoint in info.endpoint {
-                let batches: Vec<RecordBatch> = sql
-                    .do_get(endpoint.ticket.expect("ticket"))
-                    .await
-                    .expect("do_get")
-                    .try_collect()
-                    .await
-                    .expect("batches");
-                out.extend(batches);
-            }
-            out
-        }
-
         let mut stmt = sql
             .prepare(
                 "SELECT host, usage FROM cpu WHERE host = $1 AND usage > $2 ORDER BY time"
@@ -328,7 +312,7 @@ fn flight_sql_prepared_statements_take_parameters_and_sql_info_describes_the_ser
         };
         stmt.set_parameters(bind("a", 0.5)).expect("bind");
         let info = stmt.execute().await.expect("execute");
-        let rows = pretty(&run(&mut sql, info).await);
+        let rows = rows_of(&mut sql, info).await;
         assert!(
             rows.contains("| a    | 1.0   |") && rows.contains("| a    | 3.0   |"),
             "{rows}"
@@ -337,8 +321,12 @@ fn flight_sql_prepared_statements_take_parameters_and_sql_info_describes_the_ser
         // Again with other values.
         stmt.set_parameters(bind("a", 2.0)).expect("bind");
         let info = stmt.execute().await.expect("execute");
-        let rows = run(&mut sql, info).await;
-        assert_eq!(rows.iter().map(|b| b.num_rows()).sum::<usize>(), 1);
+        let rows = rows_of(&mut sql, info).await;
+        assert_eq!(
+            rows.lines().filter(|l| l.starts_with("| a")).count(),
+            1,
+            "{rows}"
+        );
         // A value of the wrong type is the caller's error.
         let wrong = RecordBatch::try_new(
             std::sync::Arc::new(arrow::datatypes::Schema::new(vec![
@@ -376,7 +364,7 @@ fn flight_sql_prepared_statements_take_parameters_and_sql_info_describes_the_ser
             ])
             .await
             .expect("sql info");
-        let rows = pretty(&run(&mut sql, info).await);
+        let rows = rows_of(&mut sql, info).await;
         assert!(rows.contains("Rivulet"), "{rows}");
 
         // InfluxDB 3 tickets carry named parameters.
