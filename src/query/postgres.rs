@@ -55,7 +55,11 @@ pub(crate) struct PgSession {
 impl PgCompat {
     /// Builds the shared parts over the engine's session `template`.
     pub(crate) fn new(template: &SessionState) -> Result<PgCompat, DataFusionError> {
-        let ctx = SessionContext::new_with_state(template.clone());
+        // A catalog list of its own: the template's is shared by every query's session.
+        let state = datafusion::execution::SessionStateBuilder::new_from_existing(template.clone())
+            .with_catalog_list(Arc::new(MemoryCatalogProviderList::new()))
+            .build();
+        let ctx = SessionContext::new_with_state(state);
         ctx.register_catalog(SETUP_CATALOG, Arc::new(MemoryCatalogProvider::new()));
         setup_pg_catalog(&ctx, SETUP_CATALOG, EmptyContextProvider).map_err(|e| *e)?;
         Ok(PgCompat {

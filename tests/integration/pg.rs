@@ -203,6 +203,15 @@ fn postgres_clients_query_with_parameters_binary_results_and_sqlstate_errors() {
             ]),
             "{attrs:?}"
         );
+        // Other protocols' sessions do not see the Postgres catalog.
+        let leaked =
+            s.db.query(
+                "main",
+                "SELECT * FROM information_schema.tables WHERE table_schema = 'pg_catalog'",
+            )
+            .await
+            .expect("information_schema");
+        assert_eq!(leaked.iter().map(|b| b.num_rows()).sum::<usize>(), 0);
         s.stop().await;
     });
 }
