@@ -175,6 +175,11 @@ pub async fn serve_postgres(
                 }
             },
         };
+        // Small responses (gRPC frames, Postgres rows, events) go out at once: with Nagle's
+        // algorithm they waited for the client's delayed ACK (~40 ms a query over Flight).
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
+        }
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             tracing::warn!(%peer, "connection limit reached; closing the new Postgres connection");
             drop(stream);
@@ -420,6 +425,11 @@ pub async fn serve_with(
                 }
             },
         };
+        // Small responses (gRPC frames, Postgres rows, events) go out at once: with Nagle's
+        // algorithm they waited for the client's delayed ACK (~40 ms a query over Flight).
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
+        }
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             tracing::warn!(%peer, "connection limit reached; closing the new connection");
             drop(stream);
