@@ -328,19 +328,41 @@ impl StartupHandler for Startup {
     }
 }
 
-/// Statements that change something: planned with the token checked for admin scope (as
-/// `/api/v1/sql`), every other statement is a read-only query.
-fn is_write(sql: &str) -> bool {
-    let first = sql
-        .trim_start_matches(|c: char| c.is_whitespace() || c == '(')
+/// The first keyword of `sql`, lowercased.
+fn first_word(sql: &str) -> String {
+    sql.trim_start_matches(|c: char| c.is_whitespace() || c == '(')
         .split(|c: char| !c.is_ascii_alphabetic())
         .next()
         .unwrap_or("")
-        .to_ascii_lowercase();
+        .to_ascii_lowercase()
+}
+
+/// Statements that change something: planned with the token checked for admin scope (as
+/// `/api/v1/sql`), every other statement is a read-only query.
+fn is_write(sql: &str) -> bool {
     matches!(
-        first.as_str(),
+        first_word(sql).as_str(),
         "insert" | "create" | "drop" | "alter" | "delete" | "update" | "refresh" | "truncate"
     )
+}
+
+/// The front door for one statement of `session`: its token checked for the scope `sql`
+/// needs.
+fn admit(state: &AppState, session: &Session, sql: &str) -> PgWireResult<Admitted> {
+    let scope = if is_write(sql) {
+        Scope::Admin
+    } else {
+        Scope::Read
+    };
+    state
+        .admit(
+            &HeaderMap::new(),
+            session.password.as_deref(),
+            scope,
+            &session.db,
+            session.peer,
+        )
+        .map_err(pg_error)
 }
 
 struct Queries {
@@ -349,22 +371,8 @@ struct Queries {
 }
 
 impl Queries {
-    /// The front door for one statement of `session`.
     fn admit(&self, session: &Session, sql: &str) -> PgWireResult<Admitted> {
-        let scope = if is_write(sql) {
-            Scope::Admin
-        } else {
-            Scope::Read
-        };
-        self.state
-            .admit(
-                &HeaderMap::new(),
-                session.password.as_deref(),
-                scope,
-                &session.db,
-                session.peer,
-            )
-            .map_err(pg_error)
+        admit(&self.state, session, sql)
     }
 
     /// Runs one query or statement and answers with its rows (or its command tag).
@@ -394,7 +402,7 @@ impl Queries {
             format,
             Some(format_options),
         )?);
-        if is_write(sql) && sql.trim_start().to_ascii_lowercase().starts_with("insert") {
+        if first_word(sql) == "insert" {
             let mut rows = 0u64;
             let mut batches = running.batches;
             while let Some(batch) = batches.next().await {

@@ -19,7 +19,7 @@ use pgwire::messages::PgWireBackendMessage;
 
 use super::settings::control;
 use super::subscribe::{self, Subscribe};
-use super::{AppState, Queries, is_write, pg_error, session, user_error};
+use super::{AppState, Queries, admit, is_write, pg_error, session, user_error};
 use crate::query::{PgStatement, PlanOptions};
 
 /// A statement prepared with `Parse`.
@@ -93,11 +93,7 @@ impl QueryParser for Parser {
             }));
         };
         let session = session(client)?;
-        let queries = Queries {
-            state: (*state).clone(),
-            parser: Arc::new(Parser),
-        };
-        let admitted = queries.admit(&session, text)?;
+        let admitted = admit(&state, &session, text)?;
         let df = admitted
             .plan(
                 text,
